@@ -1,0 +1,93 @@
+"""clinik-local: clinik Tasks in a local SQLite file, synced through a transactional outbox.
+
+Everything a user may touch is exported here; every other name is private.
+
+>>> from clinik_local import TaskStore
+>>> with TaskStore.open(":memory:") as store:
+...     task = store.tasks.create({"status": "requested", "intent": "order"}).data
+...     store.tasks.get(task.id).data.status.value
+'requested'
+"""
+
+from __future__ import annotations
+
+from .codec import MAX_LIST_ITEMS, TEXT_LIMITS, decode_task, encode_task
+from .errors import (
+    AuthError,
+    ClinikError,
+    ConflictError,
+    CorruptStoreError,
+    FieldError,
+    ForeignFileError,
+    IllegalTransitionError,
+    NewerSchemaError,
+    NotFoundError,
+    ReadOnlyStoreError,
+    StorageError,
+    StoreFullError,
+    StoreLockedError,
+    SyncError,
+    TaskExistsError,
+    TransportError,
+    ValidationError,
+    VersionConflictError,
+)
+from .ids import new_task_id
+from .lifecycle import TERMINAL, TRANSITIONS, can_transition, transition_problem
+from .model import (
+    ApiResponse,
+    Period,
+    Restriction,
+    Task,
+    TaskInputOutput,
+    TaskIntent,
+    TaskPriority,
+    TaskStatus,
+    ValueKind,
+)
+from .store import TaskStore
+from .tasks import TasksResource
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MAX_LIST_ITEMS",
+    "TERMINAL",
+    "TEXT_LIMITS",
+    "TRANSITIONS",
+    "ApiResponse",
+    "AuthError",
+    "ClinikError",
+    "ConflictError",
+    "CorruptStoreError",
+    "FieldError",
+    "ForeignFileError",
+    "IllegalTransitionError",
+    "NewerSchemaError",
+    "NotFoundError",
+    "Period",
+    "ReadOnlyStoreError",
+    "Restriction",
+    "StorageError",
+    "StoreFullError",
+    "StoreLockedError",
+    "SyncError",
+    "Task",
+    "TaskExistsError",
+    "TaskInputOutput",
+    "TaskIntent",
+    "TaskPriority",
+    "TaskStatus",
+    "TaskStore",
+    "TasksResource",
+    "TransportError",
+    "ValidationError",
+    "ValueKind",
+    "VersionConflictError",
+    "__version__",
+    "can_transition",
+    "decode_task",
+    "encode_task",
+    "new_task_id",
+    "transition_problem",
+]

@@ -1,0 +1,600 @@
+"""The wire codec: camelCase request mappings <-> :class:`~clinik_local.model.Task`.
+
+One cattrs converter, owned by this module (never the global one), renames fields
+snake_case <-> camelCase, forbids unknown keys, and structures through strict leaf
+hooks: no silent coercion (``"priority": 3`` is an error, not ``"3"``). All problems of
+one request are collected (cattrs detailed validation) and reported together in one
+:class:`~clinik_local.errors.ValidationError` whose items carry wire paths
+(``executionPeriod.end``, ``input[1].valueString``).
+
+Documented normalisation, so that ``encode(decode(request))`` equals the request
+after it:
+
+* date-times become UTC ``YYYY-MM-DDTHH:MM:SS.sssZ`` (sub-millisecond digits dropped);
+* ``authoredOn`` is set to now when absent;
+* absent optional fields, ``null`` fields and empty lists are omitted;
+* ``restriction.recipient``, ``basedOn`` ... are lists on the wire, tuples in Python.
+
+Size limits (characters, items) are in :data:`TEXT_LIMITS` and :data:`MAX_LIST_ITEMS`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+
+from .errors import FieldError, ValidationError, _shorten
+from .ids import ID_PATTERN, is_valid_id
+from .model import (
+    Period,
+    Restriction,
+    Task,
+    TaskInputOutput,
+    TaskIntent,
+    TaskPriority,
+    TaskStatus,
+    ValueKind,
+)
+from .timestamps import InstantError, now, parse_instant
+
+__all__ = [
+    "MAX_LIST_ITEMS",
+    "TEXT_LIMITS",
+    "converter",
+    "decode_task",
+    "encode_task",
+    "task_from_stored",
+    "wire_name",
+]
+
+#: Longest accepted text, in characters, per wire field.
+TEXT_LIMITS: Mapping[str, int] = {
+    "statusReason": 1024,
+    "businessStatus": 1024,
+    "code": 256,
+    "description": 16384,
+    "reasonCode": 1024,
+    "note": 16384,
+    "type": 256,
+    "valueString": 16384,
+    "valueCode": 256,
+}
+#: Most items accepted in any list field (basedOn, partOf, input, output, recipient).
+MAX_LIST_ITEMS = 100
+#: valueInteger is a FHIR integer: signed 32-bit.
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
+
+_T = TypeVar("_T")
+
+
+class _Invalid(Exception):
+    """Problems found by a leaf hook: (relative path, message, value, allowed) each."""
+
+    def __init__(self, problems: list[tuple[str, str, object, str | None]]) -> None:
+        super().__init__(problems)
+        self.problems = problems
+
+
+def _invalid(message: str, value: object, allowed: str | None = None) -> _Invalid:
+    return _Invalid([("", message, value, allowed)])
+
+
+def wire_name(attribute: str) -> str:
+    """The camelCase wire name of a snake_case attribute."""
+    head, *rest = attribute.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+# --- leaf checks (return the accepted value or raise _Invalid) -------------------------
+
+
+def _check_text(value: object, limit: int) -> str:
+    if type(value) is not str:
+        if not isinstance(value, str):
+            raise _invalid(f"expected a string, not {type(value).__name__}", value, "text")
+        value = str.__str__(value)
+    if len(value) > limit:
+        raise _invalid(f"is {len(value)} characters long", value, f"at most {limit} characters")
+    if "\x00" in value:
+        raise _invalid("contains a NUL character", value, "text without NUL")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _invalid(
+                "is not valid Unicode (lone surrogate)", value, "valid Unicode"
+            ) from None
+    return value
+
+
+def _check_id(value: object) -> str:
+    if type(value) is not str:
+        if not isinstance(value, str):
+            raise _invalid(f"expected an id string, not {type(value).__name__}", value, ID_PATTERN)
+        value = str.__str__(value)
+    if not is_valid_id(value):
+        raise _invalid("is not a well-formed id", value, ID_PATTERN)
+    return value
+
+
+def _check_instant(value: object) -> str:
+    try:
+        return parse_instant(value)
+    except InstantError as exc:
+        raise _invalid(str(exc), value, "ISO-8601 date-time with timezone") from None
+
+
+def _check_enum(enum_type: type[_T], choices: str) -> Callable[[object, Any], _T]:
+    members: dict[str, _T] = {m.value: m for m in enum_type}  # type: ignore[attr-defined]
+
+    def check(value: object, _: Any) -> _T:
+        if isinstance(value, str):
+            member = members.get(value)
+            if member is not None:
+                return member
+            raise _invalid("is not an allowed value", value, choices)
+        raise _invalid(f"expected a string, not {type(value).__name__}", value, choices)
+
+    return check
+
+
+def _optional(check: Callable[[object], _T]) -> Callable[[object, Any], _T | None]:
+    def hook(value: object, _: Any) -> _T | None:
+        return None if value is None else check(value)
+
+    return hook
+
+
+def _required(check: Callable[[object], _T]) -> Callable[[object, Any], _T]:
+    def hook(value: object, _: Any) -> _T:
+        if value is None:
+            raise _invalid("is required and cannot be null", value)
+        return check(value)
+
+    return hook
+
+
+def _check_list(value: object, item: Callable[[object], _T], what: str) -> tuple[_T, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise _invalid(f"expected a list, not {type(value).__name__}", value, f"a list of {what}")
+    if len(value) > MAX_LIST_ITEMS:
+        raise _invalid(f"has {len(value)} items", "[...]", f"at most {MAX_LIST_ITEMS} items")
+    out: list[_T] = []
+    problems: list[tuple[str, str, object, str | None]] = []
+    for index, element in enumerate(value):
+        try:
+            out.append(item(element))
+        except _Invalid as exc:
+            problems.extend((f"[{index}]{p}", m, v, a) for p, m, v, a in exc.problems)
+    if problems:
+        raise _Invalid(problems)
+    return tuple(out)
+
+
+def _id_list(value: object, _: Any) -> tuple[str, ...]:
+    return _check_list(value, _check_id, "ids")
+
+
+def _check_period(value: object) -> Period:
+    if not isinstance(value, Mapping):
+        raise _invalid(f"expected an object, not {type(value).__name__}", value, "{start?, end?}")
+    problems: list[tuple[str, str, object, str | None]] = []
+    got: dict[str, str | None] = {"start": None, "end": None}
+    for key, raw in value.items():
+        if key not in got:
+            problems.append((f".{key}", "unknown field", raw, "start, end"))
+            continue
+        if raw is None:
+            continue
+        try:
+            got[key] = _check_instant(raw)
+        except _Invalid as exc:
+            problems.extend((f".{key}{p}", m, v, a) for p, m, v, a in exc.problems)
+    start, end = got["start"], got["end"]
+    if start is not None and end is not None and start > end:
+        problems.append((".end", "is before start", end, f"an instant at or after {start}"))
+    if problems:
+        raise _Invalid(problems)
+    return Period(start, end)
+
+
+_TYPE_LIMIT = TEXT_LIMITS["type"]
+_VALUE_KEYS = {kind.wire_key: kind for kind in ValueKind}
+_VALUE_KEYS_TEXT = ", ".join(_VALUE_KEYS)
+
+
+def _check_value(kind: ValueKind, value: object) -> str | bool | int | float:
+    if kind is ValueKind.STRING:
+        return _check_text(value, TEXT_LIMITS["valueString"])
+    if kind is ValueKind.CODE:
+        code = _check_text(value, TEXT_LIMITS["valueCode"])
+        if not code.strip():
+            raise _invalid("is blank", value, "a non-empty code")
+        return code
+    if kind is ValueKind.REFERENCE:
+        return _check_id(value)
+    if kind is ValueKind.DATETIME:
+        return _check_instant(value)
+    if kind is ValueKind.BOOLEAN:
+        if type(value) is not bool:
+            raise _invalid(f"expected true or false, not {type(value).__name__}", value, "boolean")
+        return value
+    if kind is ValueKind.INTEGER:
+        if type(value) is not int:
+            raise _invalid(f"expected an integer, not {type(value).__name__}", value, "integer")
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise _invalid("is out of range", value, f"{_INT_MIN}..{_INT_MAX}")
+        return value
+    # DECIMAL: a JSON number, kept as given (int or float); never bool, NaN or infinity.
+    if type(value) not in (int, float):
+        raise _invalid(f"expected a number, not {type(value).__name__}", value, "decimal number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _invalid("is not a finite number", value, "finite decimal number")
+    if isinstance(value, int) and abs(value) > 2**53:
+        raise _invalid("is too large to keep exactly", value, "|value| <= 2**53")
+    return value  # type: ignore[return-value]
+
+
+def _check_input_output(value: object) -> TaskInputOutput:
+    if not isinstance(value, Mapping):
+        raise _invalid(f"expected an object, not {type(value).__name__}", value, "{type, value[x]}")
+    problems: list[tuple[str, str, object, str | None]] = []
+    type_: str | None = None
+    found: list[tuple[ValueKind, object]] = []
+    for key, raw in value.items():
+        if key == "type":
+            try:
+                if raw is None:
+                    raise _invalid("is required and cannot be null", raw)
+                type_ = _check_text(raw, _TYPE_LIMIT)
+            except _Invalid as exc:
+                problems.extend((".type" + p, m, v, a) for p, m, v, a in exc.problems)
+        elif key in _VALUE_KEYS:
+            found.append((_VALUE_KEYS[key], raw))
+        else:
+            problems.append((f".{key}", "unknown field", raw, "type, " + _VALUE_KEYS_TEXT))
+    if "type" not in value:
+        problems.append((".type", "is required", None, "a type code"))
+    result: str | bool | int | float | None = None
+    kind = ValueKind.STRING
+    if len(found) != 1:
+        given = ", ".join(k.wire_key for k, _ in found) or "none"
+        problems.append(("", f"needs exactly one value[x], found {given}", None, _VALUE_KEYS_TEXT))
+    else:
+        kind, raw = found[0]
+        try:
+            result = _check_value(kind, raw)
+        except _Invalid as exc:
+            problems.extend(("." + kind.wire_key + p, m, v, a) for p, m, v, a in exc.problems)
+    if problems:
+        raise _Invalid(problems)
+    assert type_ is not None
+    assert result is not None
+    return TaskInputOutput(type_, result, kind)
+
+
+def _io_list(value: object, _: Any) -> tuple[TaskInputOutput, ...]:
+    return _check_list(value, _check_input_output, "{type, value[x]} objects")
+
+
+def _check_restriction(value: object) -> Restriction:
+    if not isinstance(value, Mapping):
+        raise _invalid(
+            f"expected an object, not {type(value).__name__}",
+            value,
+            "{repetitions?, period?, recipient?}",
+        )
+    problems: list[tuple[str, str, object, str | None]] = []
+    repetitions: int | None = None
+    period: Period | None = None
+    recipient: tuple[str, ...] = ()
+    for key, raw in value.items():
+        try:
+            if key == "repetitions":
+                if raw is not None:
+                    if type(raw) is not int:
+                        raise _invalid(
+                            f"expected an integer, not {type(raw).__name__}", raw, "integer >= 1"
+                        )
+                    if not 1 <= raw <= _INT_MAX:
+                        raise _invalid("must be at least 1", raw, f"1..{_INT_MAX}")
+                    repetitions = raw
+            elif key == "period":
+                period = None if raw is None else _check_period(raw)
+            elif key == "recipient":
+                recipient = _id_list(raw, None)
+            else:
+                raise _Invalid([("", "unknown field", raw, "repetitions, period, recipient")])
+        except _Invalid as exc:
+            problems.extend((f".{key}{p}", m, v, a) for p, m, v, a in exc.problems)
+    if problems:
+        raise _Invalid(problems)
+    return Restriction(repetitions, period, recipient)
+
+
+# --- the converter ---------------------------------------------------------------------
+
+converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+"""The library's one cattrs converter. Use :func:`decode_task` / :func:`encode_task`."""
+
+_ID_FIELDS = ("id", "focus_id", "patient_id", "encounter_id", "requester_id", "owner_id")
+_TEXT_FIELDS = ("status_reason", "business_status", "code", "description", "reason_code", "note")
+_INSTANT_FIELDS = ("last_modified",)
+
+
+def _text_hook(name: str) -> Callable[[object, Any], str | None]:
+    limit = TEXT_LIMITS[wire_name(name)]
+
+    def hook(value: object, _: Any) -> str | None:
+        return None if value is None else _check_text(value, limit)
+
+    return hook
+
+
+def _version_hook(value: object, _: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > 64:
+        raise _invalid("expected a version string", value, "1-64 characters")
+    return value
+
+
+_STATUS_CHOICES = ", ".join(s.value for s in TaskStatus)
+_INTENT_CHOICES = ", ".join(s.value for s in TaskIntent)
+_PRIORITY_CHOICES = ", ".join(s.value for s in TaskPriority)
+_status_hook = _check_enum(TaskStatus, _STATUS_CHOICES)
+_intent_hook = _check_enum(TaskIntent, _INTENT_CHOICES)
+_priority_enum_hook = _check_enum(TaskPriority, _PRIORITY_CHOICES)
+
+
+def _required_enum(hook: Callable[[object, Any], _T]) -> Callable[[object, Any], _T]:
+    def check(value: object, t: Any) -> _T:
+        if value is None:
+            raise _invalid("is required and cannot be null", value)
+        return hook(value, t)
+
+    return check
+
+
+def _optional_enum(hook: Callable[[object, Any], _T]) -> Callable[[object, Any], _T | None]:
+    def check(value: object, t: Any) -> _T | None:
+        return None if value is None else hook(value, t)
+
+    return check
+
+
+_overrides: dict[str, Any] = {
+    "status": override(rename="status", struct_hook=_required_enum(_status_hook)),
+    "intent": override(rename="intent", struct_hook=_required_enum(_intent_hook)),
+    "priority": override(struct_hook=_optional_enum(_priority_enum_hook)),
+    "authored_on": override(
+        rename="authoredOn", struct_hook=_required(_check_instant), omit_if_default=False
+    ),
+    "version_id": override(rename="versionId", struct_hook=_version_hook),
+    "execution_period": override(rename="executionPeriod", struct_hook=_optional(_check_period)),
+    "based_on": override(rename="basedOn", struct_hook=_id_list),
+    "part_of": override(rename="partOf", struct_hook=_id_list),
+    "input": override(struct_hook=_io_list),
+    "output": override(struct_hook=_io_list),
+    "restriction": override(struct_hook=_optional(_check_restriction)),
+}
+for _name in _ID_FIELDS:
+    _overrides[_name] = override(rename=wire_name(_name), struct_hook=_optional(_check_id))
+for _name in _TEXT_FIELDS:
+    _overrides[_name] = override(rename=wire_name(_name), struct_hook=_text_hook(_name))
+for _name in _INSTANT_FIELDS:
+    _overrides[_name] = override(rename=wire_name(_name), struct_hook=_optional(_check_instant))
+
+_structure_task_fields = make_dict_structure_fn(Task, converter, **_overrides)
+
+
+def _unstructure_io(io: TaskInputOutput) -> dict[str, object]:
+    return {"type": io.type, io.kind.wire_key: io.value}
+
+
+def _unstructure_period(period: Period) -> dict[str, object]:
+    out: dict[str, object] = {}
+    if period.start is not None:
+        out["start"] = period.start
+    if period.end is not None:
+        out["end"] = period.end
+    return out
+
+
+def _unstructure_restriction(r: Restriction) -> dict[str, object]:
+    out: dict[str, object] = {}
+    if r.repetitions is not None:
+        out["repetitions"] = r.repetitions
+    if r.period is not None:
+        out["period"] = _unstructure_period(r.period)
+    if r.recipient:
+        out["recipient"] = list(r.recipient)
+    return out
+
+
+converter.register_unstructure_hook(TaskInputOutput, _unstructure_io)
+converter.register_unstructure_hook(Period, _unstructure_period)
+converter.register_unstructure_hook(Restriction, _unstructure_restriction)
+
+
+def _unstructure_ios(items: tuple[TaskInputOutput, ...]) -> list[dict[str, object]]:
+    return [_unstructure_io(i) for i in items]
+
+
+def _enum_value(member: TaskStatus | TaskIntent | TaskPriority) -> str:
+    return str(member.value)
+
+
+_unstruct_hooks: dict[str, Callable[[Any], Any]] = {
+    "status": _enum_value,
+    "intent": _enum_value,
+    "priority": _enum_value,
+    "based_on": list,
+    "part_of": list,
+    "input": _unstructure_ios,
+    "output": _unstructure_ios,
+}
+_unstructure_overrides: dict[str, Any] = {
+    name: override(
+        rename=ov.rename,
+        omit_if_default=ov.omit_if_default,
+        unstruct_hook=_unstruct_hooks.get(name),
+    )
+    for name, ov in _overrides.items()
+}
+_unstructure_task = make_dict_unstructure_fn(
+    Task, converter, _cattrs_omit_if_default=True, **_unstructure_overrides
+)
+converter.register_unstructure_hook(Task, _unstructure_task)
+
+
+# --- errors: cattrs' exception tree -> FieldErrors with wire paths ------------------------
+
+
+def _collect(exc: BaseException, path: str, out: list[FieldError]) -> None:
+    if isinstance(exc, ClassValidationError):
+        for sub in exc.exceptions:
+            notes = [n for n in getattr(sub, "__notes__", []) if hasattr(n, "name")]
+            if notes:
+                _collect(sub, _join(path, wire_name(notes[-1].name)), out)
+            else:
+                _collect(sub, path, out)
+    elif isinstance(exc, ForbiddenExtraKeysError):
+        for key in sorted(map(str, exc.extra_fields)):
+            out.append(FieldError(_join(path, key), "unknown field", None, _TOP_FIELDS))
+    elif isinstance(exc, _Invalid):
+        for rel, message, value, allowed in exc.problems:
+            shown = None if value is None else _shorten(value)
+            out.append(FieldError(path + rel, message, shown, allowed))
+    elif isinstance(exc, KeyError):
+        out.append(FieldError(path, "is required", None, _REQUIRED_ALLOWED.get(path)))
+    else:
+        out.append(FieldError(path or "$", f"is invalid: {exc}", None, None))
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+_TOP_FIELDS = ", ".join(sorted(wire_name(a.name) for a in attrs.fields(Task)))
+_REQUIRED_ALLOWED = {"status": _STATUS_CHOICES, "intent": _INTENT_CHOICES}
+
+
+# --- public entry points -----------------------------------------------------------------
+
+
+def decode_task(request: Mapping[str, object]) -> Task:
+    """Validate a wire-form request mapping and return the Task it describes.
+
+    Raises :class:`ValidationError` listing every problem (wire paths), including the
+    invariants that span fields: a task is not ``partOf`` itself and ``lastModified``
+    is not before ``authoredOn``.
+    """
+    if not isinstance(request, Mapping):
+        raise ValidationError.single(
+            "$", f"a task request must be a mapping, not {type(request).__name__}", request
+        )
+    if "authoredOn" not in request:
+        request = {**request, "authoredOn": now()}
+    try:
+        task: Task = _structure_task_fields(request, Task)
+    except (ClassValidationError, _Invalid) as exc:
+        problems: list[FieldError] = []
+        _collect(exc, "", problems)
+        raise ValidationError(problems) from None
+    problems = _invariant_problems(task)
+    if problems:
+        raise ValidationError(problems)
+    return task
+
+
+def _invariant_problems(task: Task) -> list[FieldError]:
+    problems: list[FieldError] = []
+    if task.id is not None and task.id in task.part_of:
+        index = task.part_of.index(task.id)
+        problems.append(
+            FieldError(f"partOf[{index}]", "a task cannot be part of itself", _shorten(task.id))
+        )
+    if task.last_modified is not None and task.last_modified < task.authored_on:
+        problems.append(
+            FieldError(
+                "lastModified",
+                "is before authoredOn",
+                _shorten(task.last_modified),
+                f"an instant at or after {task.authored_on}",
+            )
+        )
+    return problems
+
+
+def encode_task(task: Task) -> dict[str, Any]:
+    """The wire (camelCase) mapping of a task; absent and empty fields are omitted."""
+    out: dict[str, Any] = _unstructure_task(task)
+    return out
+
+
+_STATUS_BY_VALUE = {m.value: m for m in TaskStatus}
+_INTENT_BY_VALUE = {m.value: m for m in TaskIntent}
+_PRIORITY_BY_VALUE = {m.value: m for m in TaskPriority}
+
+
+def _io_from_stored(item: dict[str, Any]) -> TaskInputOutput:
+    for key, value in item.items():
+        if key != "type":
+            return TaskInputOutput(item["type"], value, _VALUE_KEYS[key])
+    raise AssertionError("stored input/output without a value")  # pragma: no cover
+
+
+def _period_from_stored(d: dict[str, Any] | None) -> Period | None:
+    return None if d is None else Period(d.get("start"), d.get("end"))
+
+
+def task_from_stored(d: dict[str, Any]) -> Task:
+    """Rebuild a Task from wire JSON that this library validated and stored itself.
+
+    Skips validation: every stored body went through :func:`decode_task` on its way
+    in, and checking it again would double the cost of every read.
+    """
+    priority = d.get("priority")
+    restriction = d.get("restriction")
+    g = d.get
+    return Task(
+        status=_STATUS_BY_VALUE[d["status"]],
+        intent=_INTENT_BY_VALUE[d["intent"]],
+        authored_on=d["authoredOn"],
+        id=g("id"),
+        version_id=g("versionId"),
+        last_modified=g("lastModified"),
+        status_reason=g("statusReason"),
+        business_status=g("businessStatus"),
+        priority=None if priority is None else _PRIORITY_BY_VALUE[priority],
+        code=g("code"),
+        description=g("description"),
+        focus_id=g("focusId"),
+        patient_id=g("patientId"),
+        encounter_id=g("encounterId"),
+        execution_period=_period_from_stored(g("executionPeriod")),
+        requester_id=g("requesterId"),
+        owner_id=g("ownerId"),
+        reason_code=g("reasonCode"),
+        note=g("note"),
+        based_on=tuple(g("basedOn", ())),
+        part_of=tuple(g("partOf", ())),
+        input=tuple(_io_from_stored(i) for i in g("input", ())),
+        output=tuple(_io_from_stored(i) for i in g("output", ())),
+        restriction=None
+        if restriction is None
+        else Restriction(
+            restriction.get("repetitions"),
+            _period_from_stored(restriction.get("period")),
+            tuple(restriction.get("recipient", ())),
+        ),
+    )

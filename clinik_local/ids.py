@@ -1,0 +1,67 @@
+"""Ids as the remote service has them, and generation of new task ids.
+
+An id is 1-64 characters of ``[A-Za-z0-9_.-]`` (wider than FHIR's id alphabet, which
+has no ``_``). New task ids are ``task_`` followed by a 26-character ULID: 48 bits of
+millisecond time then 80 random bits, Crockford base32. They sort by creation time,
+and 80 bits from the OS's CSPRNG make a collision between devices negligible; within
+one process ids are strictly increasing even inside one millisecond.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+
+__all__ = ["ID_PATTERN", "MAX_ID_LENGTH", "is_valid_id", "new_task_id"]
+
+MAX_ID_LENGTH = 64
+ID_PATTERN = "[A-Za-z0-9_.-]{1,64}"
+_ID = re.compile(ID_PATTERN)
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_RANDOM_MASK = (1 << 80) - 1
+
+_lock = threading.Lock()
+_last_ms = -1
+_last_random = 0
+
+
+def is_valid_id(value: str) -> bool:
+    """Whether ``value`` is a well-formed remote-service id."""
+    return _ID.fullmatch(value) is not None
+
+
+def _encode(number: int, length: int) -> str:
+    chars = []
+    for _ in range(length):
+        chars.append(_ALPHABET[number & 31])
+        number >>= 5
+    return "".join(reversed(chars))
+
+
+def new_task_id() -> str:
+    """A new, time-ordered, collision-free task id (``task_`` + ULID)."""
+    global _last_ms, _last_random
+    ms = time.time_ns() // 1_000_000
+    with _lock:
+        if ms <= _last_ms:
+            # Same (or a stepped-back) clock: keep order by counting on from the last id.
+            ms = _last_ms
+            rnd = (_last_random + 1) & _RANDOM_MASK
+            if rnd == 0:
+                ms += 1
+        else:
+            rnd = int.from_bytes(os.urandom(10), "big")
+        _last_ms, _last_random = ms, rnd
+    return "task_" + _encode(ms, 10) + _encode(rnd, 16)
+
+
+def _reset_after_fork() -> None:
+    # A forked child must not continue its parent's sequence (it would repeat ids).
+    global _last_ms, _last_random, _lock
+    _lock = threading.Lock()
+    _last_ms, _last_random = -1, 0
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

@@ -1,0 +1,53 @@
+"""Schema identity and numbered, forward-only migrations.
+
+A new store runs ``schema.sql`` (shipped in the wheel; read with
+:mod:`importlib.resources`) and is stamped with :data:`SCHEMA_VERSION` in
+``PRAGMA user_version`` and :data:`APPLICATION_ID` in ``PRAGMA application_id``.
+A file at an older version is brought forward by running, in order, each entry of
+:data:`MIGRATIONS` above its version, all in one transaction. There are no downgrades:
+a file from a newer clinik-local is refused untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+
+__all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_VERSION", "schema_sql"]
+
+#: ``PRAGMA application_id`` of every clinik-local store: ASCII "Clnk".
+APPLICATION_ID = 0x436C6E6B
+#: The schema version this release writes and fully understands.
+SCHEMA_VERSION = 1
+#: SQL that upgrades a store *to* each version from the one before it.
+MIGRATIONS: Mapping[int, str] = {}
+
+
+@functools.cache
+def schema_sql() -> str:
+    """The text of ``schema.sql``: from the installed package, or the source checkout.
+
+    A wheel carries it as ``clinik_local/schema.sql``; an editable install or a plain
+    source checkout has it once, at the top of the repository.
+    """
+    packaged = resources.files("clinik_local").joinpath("schema.sql")
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    checkout = Path(__file__).resolve().parent.parent / "schema.sql"
+    if checkout.is_file():
+        return checkout.read_text(encoding="utf-8")
+    raise FileNotFoundError(
+        "schema.sql is missing from the clinik_local installation; reinstall clinik-local"
+    )
+
+
+def _check_migrations() -> None:
+    # Forward-only, gap-free: each version from 2 to SCHEMA_VERSION has exactly one step.
+    expected = set(range(2, SCHEMA_VERSION + 1))
+    if set(MIGRATIONS) != expected:
+        raise AssertionError(f"migrations must cover versions {sorted(expected)}")
+
+
+_check_migrations()

@@ -1,0 +1,111 @@
+-- clinik-local store schema: the one source of truth for storage.
+--
+-- Shipped inside the wheel as clinik_local/schema.sql and run once, inside one
+-- transaction, when a new store file is created. The store records
+-- PRAGMA user_version = SCHEMA_VERSION (clinik_local/migrations.py) and
+-- PRAGMA application_id = 0x436C6E6B ('Clnk'), so a file of another program or of a
+-- newer clinik-local is recognised and refused before anything writes to it.
+-- Older files are brought forward by the numbered migrations in migrations.py.
+--
+-- Conventions: instants are fixed-width UTC text YYYY-MM-DDTHH:MM:SS.sssZ, so text
+-- order is time order and range scans on them use indexes. Every search index ends
+-- with (authored_on, id): the default sort (newest authoredOn first, then id) is read
+-- straight off the index, backwards, so a filtered page never builds a temp b-tree,
+-- and keyset cursors seek to (authored_on, id) in O(log n) at any depth.
+
+-- tasks: the current version of every live task. Searchable fields are real columns;
+-- body is the whole task in its wire (camelCase JSON) form, returned by get/search.
+CREATE TABLE tasks (
+    seq           INTEGER PRIMARY KEY,   -- rowid: stable integer key (FTS5 content rowid)
+    id            TEXT NOT NULL UNIQUE,  -- the task id shared with the remote service
+    version       INTEGER NOT NULL,      -- local version counter: versionId on the wire
+    status        TEXT NOT NULL,
+    intent        TEXT NOT NULL,
+    priority      TEXT,
+    priority_rank INTEGER NOT NULL,      -- 0 stat, 1 asap, 2 urgent, 3 routine, 4 none
+    code          TEXT,
+    patient_id    TEXT,
+    owner_id      TEXT,
+    requester_id  TEXT,
+    encounter_id  TEXT,
+    focus_id      TEXT,
+    business_status TEXT,
+    authored_on   TEXT NOT NULL,
+    last_modified TEXT NOT NULL,
+    period_start  TEXT,
+    period_end    TEXT,
+    body          TEXT NOT NULL
+);
+
+-- One index per exact filter, each followed by the default sort key.
+CREATE INDEX tasks_by_authored    ON tasks (authored_on, id);
+CREATE INDEX tasks_by_patient     ON tasks (patient_id, authored_on, id);
+CREATE INDEX tasks_by_owner       ON tasks (owner_id, authored_on, id);
+CREATE INDEX tasks_by_requester   ON tasks (requester_id, authored_on, id);
+CREATE INDEX tasks_by_status      ON tasks (status, authored_on, id);
+CREATE INDEX tasks_by_priority    ON tasks (priority, authored_on, id);
+CREATE INDEX tasks_by_code        ON tasks (code, authored_on, id);
+
+-- task_history: every version of every task, including the deletion, for audit and
+-- conflict resolution. override_reason is set when an update bypassed the lifecycle
+-- check (an administrative correction) and says why.
+CREATE TABLE task_history (
+    task_id         TEXT NOT NULL,
+    version         INTEGER NOT NULL,
+    op              TEXT NOT NULL CHECK (op IN ('create', 'update', 'delete')),
+    body            TEXT NOT NULL,       -- wire JSON of this version (the last one for a delete)
+    changed_at      TEXT NOT NULL,
+    override_reason TEXT,
+    PRIMARY KEY (task_id, version)
+) WITHOUT ROWID;
+
+-- outbox: one row per local change, written in the same transaction as the change.
+-- change_id is the Idempotency-Key sent with every attempt of that change, so a retry
+-- after a crash cannot apply it twice. seq (AUTOINCREMENT: never reused) orders the
+-- changes of one task. state: pending (to send, at next_attempt_at or at once when
+-- NULL), in_flight (being sent), dead (parked: the server will never take it as
+-- sent), conflict (the server's task changed meanwhile; see sync_conflicts).
+-- Delivered rows are removed; task_history keeps the record of the change.
+CREATE TABLE outbox (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    change_id       TEXT NOT NULL UNIQUE,
+    task_id         TEXT NOT NULL,
+    op              TEXT NOT NULL CHECK (op IN ('create', 'update', 'delete')),
+    payload         TEXT,                -- wire JSON for create/update; NULL for delete
+    base_version    INTEGER,             -- local version the change was made on; NULL for create
+    created_at      TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at TEXT,
+    state           TEXT NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'in_flight', 'dead', 'conflict')),
+    last_error      TEXT,
+    last_status     INTEGER,             -- HTTP status of the last answer, if any
+    last_body       TEXT                 -- server's body of the last answer (dead letters)
+);
+CREATE INDEX outbox_by_task  ON outbox (task_id, seq);
+CREATE INDEX outbox_by_state ON outbox (state, seq);
+
+-- task_sync: what the remote service last said about each task; outlives local
+-- deletion so the DELETE can carry If-Match.
+CREATE TABLE task_sync (
+    task_id         TEXT PRIMARY KEY,
+    server_version  TEXT,                -- versionId from the server: the next If-Match
+    server_modified TEXT,
+    synced_at       TEXT
+) WITHOUT ROWID;
+
+-- sync_conflicts: tasks whose change the server refused with 412 because its version
+-- had moved on; both sides are kept until store.sync.resolve() decides.
+CREATE TABLE sync_conflicts (
+    task_id       TEXT PRIMARY KEY,
+    change_id     TEXT NOT NULL,
+    local_body    TEXT,                  -- NULL when the local change was a delete
+    server_body   TEXT,                  -- NULL when the server no longer has the task
+    detected_at   TEXT NOT NULL
+) WITHOUT ROWID;
+
+-- meta: small key/value facts about the store (created_at, store_id, sync cursors).
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;

@@ -20,6 +20,7 @@ Size limits (characters, items) are in :data:`TEXT_LIMITS` and :data:`MAX_LIST_I
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -50,6 +51,7 @@ __all__ = [
     "decode_task",
     "encode_task",
     "task_from_stored",
+    "tasks_from_bodies",
     "wire_name",
 ]
 
@@ -598,3 +600,10 @@ def task_from_stored(d: dict[str, Any]) -> Task:
             tuple(restriction.get("recipient", ())),
         ),
     )
+
+
+def tasks_from_bodies(bodies: list[str]) -> list[Task]:
+    """Tasks from many stored wire-JSON bodies, parsed in one ``json.loads`` call."""
+    if not bodies:
+        return []
+    return [task_from_stored(d) for d in json.loads("[" + ",".join(bodies) + "]")]

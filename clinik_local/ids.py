@@ -9,6 +9,7 @@ one process ids are strictly increasing even inside one millisecond.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import threading
@@ -32,12 +33,30 @@ def is_valid_id(value: str) -> bool:
     return _ID.fullmatch(value) is not None
 
 
-def _encode(number: int, length: int) -> str:
+_FROM_RFC4648 = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET.encode())
+_time_cache: tuple[int, str] = (-1, "")
+
+
+def _encode_time(ms: int) -> str:
+    global _time_cache
+    cached_ms, text = _time_cache
+    if cached_ms != ms:
+        text = _encode_slow(ms, 10)
+        _time_cache = (ms, text)  # ids made in the same millisecond share this prefix
+    return text
+
+
+def _encode_slow(number: int, length: int) -> str:
     chars = []
     for _ in range(length):
         chars.append(_ALPHABET[number & 31])
         number >>= 5
     return "".join(reversed(chars))
+
+
+def _encode_random(number: int) -> str:
+    # 80 bits are exactly 16 base32 characters: RFC 4648 then Crockford's alphabet.
+    return base64.b32encode(number.to_bytes(10, "big")).translate(_FROM_RFC4648).decode()
 
 
 def new_task_id() -> str:
@@ -54,7 +73,7 @@ def new_task_id() -> str:
         else:
             rnd = int.from_bytes(os.urandom(10), "big")
         _last_ms, _last_random = ms, rnd
-    return "task_" + _encode(ms, 10) + _encode(rnd, 16)
+    return "task_" + _encode_time(ms) + _encode_random(rnd)
 
 
 def _reset_after_fork() -> None:

@@ -13,7 +13,7 @@ from typing import Literal
 
 import apsw
 
-__all__ = ["Op", "SyncState", "enqueue", "sync_state_of"]
+__all__ = ["Op", "SyncState", "enqueue", "enqueue_many", "sync_state_of"]
 
 Op = Literal["create", "update", "delete"]
 SyncState = Literal["pending", "synced", "conflict", "rejected"]
@@ -28,7 +28,12 @@ _SYNC_STATE = """
 SELECT min(CASE state WHEN 'conflict' THEN 0 WHEN 'dead' THEN 1 ELSE 2 END)
 FROM outbox WHERE task_id = ?
 """
-_STATE_BY_RANK: dict[int | None, SyncState] = {
+#: The same rank as a scalar subquery, for reads that fetch a task and its state at once.
+SYNC_RANK_SUBQUERY = (
+    "(SELECT min(CASE state WHEN 'conflict' THEN 0 WHEN 'dead' THEN 1 ELSE 2 END) "
+    "FROM outbox WHERE outbox.task_id = tasks.id)"
+)
+STATE_BY_RANK: dict[int | None, SyncState] = {
     0: "conflict",
     1: "rejected",
     2: "pending",
@@ -55,7 +60,15 @@ def enqueue(
     return change_id
 
 
+def enqueue_many(
+    conn: apsw.Connection,
+    changes: list[tuple[str, Op, str | None, int | None, str]],
+) -> None:
+    """Append many changes ``(task_id, op, payload, base_version, created_at)`` at once."""
+    conn.executemany(_INSERT_CHANGE, [(new_change_id(), *change) for change in changes])
+
+
 def sync_state_of(conn: apsw.Connection, task_id: str) -> SyncState:
     """pending | synced | conflict | rejected, derived from the task's open changes."""
     rank: int | None = conn.execute(_SYNC_STATE, (task_id,)).fetchall()[0][0]  # type: ignore[assignment]
-    return _STATE_BY_RANK[rank]
+    return STATE_BY_RANK[rank]

@@ -317,6 +317,7 @@ class TaskStore:
             self._closed = True
             for box in list(self._readers):
                 box.close()
+            self._local = threading.local()
             with contextlib.suppress(apsw.Error):
                 if not self._is_memory:
                     self._conn.pragma("optimize")
@@ -397,22 +398,33 @@ class TaskStore:
         """A connection for reading. File stores: this thread's own reader, never
         blocked by writers (WAL). Memory stores: the one connection, under the lock.
         """
-        self._check_open()
+        if self._closed:
+            raise StorageError("the store is closed")
         if self._is_memory:
-            with self._lock, translated(self.path):
-                yield self._conn
-            return
-        box: _ReaderBox | None = getattr(self._local, "reader", None)
-        if box is None or box.conn is None:
-            with translated(self.path):
-                conn = _open_connection(self.path, self.durability, self._busy_ms, is_writer=False)
-            box = _ReaderBox(conn)
-            self._local.reader = box
             with self._lock:
-                self._readers.add(box)
-        assert box.conn is not None
+                try:
+                    yield self._conn
+                except apsw.Error as exc:
+                    raise storage_error(exc, self.path) from exc
+            return
+        try:
+            conn = self._local.conn
+        except AttributeError:
+            conn = self._new_reader()
+        try:
+            yield conn
+        except apsw.Error as exc:
+            raise storage_error(exc, self.path) from exc
+
+    def _new_reader(self) -> apsw.Connection:
         with translated(self.path):
-            yield box.conn
+            conn = _open_connection(self.path, self.durability, self._busy_ms, is_writer=False)
+        box = _ReaderBox(conn)
+        self._local.box = box  # closed with the thread's locals, or by close()
+        self._local.conn = conn
+        with self._lock:
+            self._readers.add(box)
+        return conn
 
     def optimize(self) -> None:
         """Refresh the query planner's statistics (``PRAGMA optimize``).

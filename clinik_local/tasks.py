@@ -15,7 +15,7 @@ import apsw
 import attrs
 
 from . import timestamps
-from .codec import decode_task, encode_task, task_from_stored
+from .codec import decode_task, encode_task, task_from_stored, tasks_from_bodies
 from .errors import (
     FieldError,
     IllegalTransitionError,
@@ -27,7 +27,7 @@ from .errors import (
 from .ids import ID_PATTERN, is_valid_id, new_task_id
 from .lifecycle import transition_problem
 from .model import ApiResponse, Task
-from .outbox import enqueue, sync_state_of
+from .outbox import STATE_BY_RANK, SYNC_RANK_SUBQUERY, enqueue, enqueue_many, sync_state_of
 from .search import compile_search, next_cursor, normalise_filters
 from .store import fetch_all
 
@@ -50,6 +50,7 @@ UPDATE tasks SET version = ?, status = ?, intent = ?, priority = ?, priority_ran
 WHERE id = ?
 """
 _SELECT_CURRENT = "SELECT body, version FROM tasks WHERE id = ?"
+_SELECT_WITH_STATE = f"SELECT body, {SYNC_RANK_SUBQUERY} FROM tasks WHERE id = ?"
 _DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
 _INSERT_HISTORY = """
 INSERT INTO task_history (task_id, version, op, body, changed_at, override_reason)
@@ -149,15 +150,22 @@ def _join(prefix: str, path: str) -> str:
     return f"{prefix}{path}" if path.startswith("[") else f"{prefix}.{path}"
 
 
+_set = object.__setattr__
+
+
 def _stamp(task: Task, version: int, now: str) -> Task:
-    # lastModified never precedes authoredOn, even for a task authored "in the future"
-    # (a device with a fast clock): the invariant lastModified >= authoredOn holds.
-    return attrs.evolve(
-        task,
-        id=task.id or new_task_id(),
-        version_id=str(version),
-        last_modified=max(now, task.authored_on),
-    )
+    """Set the bookkeeping fields of a task *this module just decoded*.
+
+    lastModified never precedes authoredOn, even for a task authored "in the future"
+    (a device with a fast clock), so the invariant lastModified >= authoredOn holds.
+    The task is fresh from decode_task and not yet shared, so it is completed in place,
+    as attrs' own __init__ does for frozen classes; attrs.evolve would copy every field
+    and cost more than the rest of the stamping together.
+    """
+    _set(task, "id", task.id or new_task_id())
+    _set(task, "version_id", str(version))
+    _set(task, "last_modified", max(now, task.authored_on))
+    return task
 
 
 class TasksResource:
@@ -237,9 +245,10 @@ class TasksResource:
                     for t, b in zip(tasks, bodies, strict=True)
                 ],
             )
-            for t, b in zip(tasks, bodies, strict=True):
-                assert t.id is not None
-                enqueue(conn, t.id, "create", b, None, now)
+            enqueue_many(
+                conn,
+                [(t.id or "", "create", b, None, now) for t, b in zip(tasks, bodies, strict=True)],
+            )
         if len(tasks) >= _OPTIMIZE_AFTER:
             self._store.optimize()  # a bulk import shifts the statistics the planner uses
         if tasks:
@@ -360,11 +369,11 @@ class TasksResource:
         """The task with this id; NotFoundError if there is none."""
         task_id = _check_task_id(task_id)
         with self._store.read() as conn:
-            rows = fetch_all(conn, _SELECT_CURRENT, (task_id,))
-            if not rows:
-                raise NotFoundError(f"no task with id {task_id!r}")
-            state = sync_state_of(conn, task_id)
-        return ApiResponse(task_from_stored(json.loads(rows[0][0])), {"syncState": state})
+            rows = fetch_all(conn, _SELECT_WITH_STATE, (task_id,))
+        if not rows:
+            raise NotFoundError(f"no task with id {task_id!r}")
+        body, rank = rows[0]
+        return ApiResponse(task_from_stored(json.loads(body)), {"syncState": STATE_BY_RANK[rank]})
 
     def search(
         self,
@@ -383,7 +392,7 @@ class TasksResource:
             rows = fetch_all(conn, compiled.page_sql, compiled.page_params)
         has_more = len(rows) > compiled.limit
         rows = rows[: compiled.limit]
-        tasks = [task_from_stored(json.loads(r[0])) for r in rows]
+        tasks = tasks_from_bodies([r[0] for r in rows])
         cursor = next_cursor(compiled, rows[-1]) if has_more else None
         return ApiResponse(tasks, {"nextCursor": cursor, "hasMore": has_more})
 

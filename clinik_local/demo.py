@@ -1,0 +1,237 @@
+"""``clinik-local demo``: the seed's lab order, N realistic tasks, each search, a deep page.
+
+What it shows a new user in one run: the library answers in microseconds from a local
+SQLite store, every change left an outbox entry for sync, and paging stays cheap at
+any depth.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any, TextIO
+
+from .model import TaskIntent, TaskPriority, TaskStatus
+from .progress import Progress
+from .store import TaskStore
+
+__all__ = ["SEED_LAB_ORDER", "generate_requests", "run_demo"]
+
+#: The example request of the remote API reference (seed-api.md), as a wire mapping.
+SEED_LAB_ORDER: dict[str, Any] = {
+    "status": "requested",
+    "intent": "order",
+    "priority": "urgent",
+    "code": "lab-order",
+    "description": "Order CBC and CMP for pre-operative assessment",
+    "patientId": "pt_abc123",
+    "encounterId": "enc_xyz789",
+    "requesterId": "prac_def456",
+    "ownerId": "prac_lab_tech",
+    "executionPeriod": {"start": "2025-02-01T08:00:00Z", "end": "2025-02-01T17:00:00Z"},
+    "input": [
+        {"type": "lab-panel", "valueString": "CBC"},
+        {"type": "lab-panel", "valueString": "CMP"},
+    ],
+    "note": "Patient is NPO after midnight. Draw labs before 10am.",
+}
+
+_CODES = {
+    "lab-order": (
+        "Order {panel} for {why}",
+        "lab-panel",
+        ["CBC", "CMP", "HbA1c", "Lipid panel", "TSH"],
+    ),
+    "imaging-order": (
+        "{panel} imaging for {why}",
+        "modality",
+        ["X-ray", "CT", "MRI", "Ultrasound"],
+    ),
+    "referral-follow-up": (
+        "Follow up referral to {panel} for {why}",
+        "specialty",
+        ["cardiology", "dermatology", "orthopedics", "neurology"],
+    ),
+    "medication-review": (
+        "Review {panel} dosing for {why}",
+        "medication",
+        ["metformin", "warfarin", "lisinopril", "insulin"],
+    ),
+    "care-coordination": (
+        "Coordinate {panel} for {why}",
+        "service",
+        ["home care", "transport", "social work", "physio"],
+    ),
+    "vaccination": (
+        "Administer {panel} vaccine for {why}",
+        "vaccine",
+        ["influenza", "tetanus", "hepatitis B", "pneumococcal"],
+    ),
+}
+_WHY = [
+    "pre-operative assessment",
+    "annual check-up",
+    "chronic disease monitoring",
+    "post-discharge follow-up",
+    "new symptoms",
+    "screening",
+]
+_NOTES = [
+    "Patient is NPO after midnight.",
+    "Interpreter needed.",
+    "Call before visit.",
+    "Wheelchair access.",
+    "Fasting required.",
+    None,
+    None,
+]
+
+
+def generate_requests(count: int, seed: int = 7) -> Iterator[dict[str, Any]]:
+    """``count`` realistic, valid wire requests: many patients, owners and codes, every
+    status and priority, authored over the last year. Deterministic for a seed.
+    """
+    rng = random.Random(seed)
+    statuses = [s.value for s in TaskStatus]
+    intents = [i.value for i in TaskIntent]
+    priorities = [p.value for p in TaskPriority] + [None]
+    patients = max(count // 20, 1)
+    base = datetime(2025, 1, 1, tzinfo=UTC)
+    for n in range(count):
+        code = rng.choice(list(_CODES))
+        template, io_type, values = _CODES[code]
+        panel = rng.choice(values)
+        authored = base + timedelta(seconds=rng.randrange(365 * 86400))
+        start = authored + timedelta(hours=rng.randrange(1, 72))
+        request: dict[str, Any] = {
+            "status": rng.choice(statuses),
+            "intent": rng.choice(intents),
+            "code": code,
+            "description": template.format(panel=panel, why=rng.choice(_WHY)),
+            "patientId": f"pt_{rng.randrange(patients):06d}",
+            "requesterId": f"prac_{rng.randrange(300):03d}",
+            "authoredOn": authored.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+            "executionPeriod": {
+                "start": start.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+                "end": (start + timedelta(hours=rng.randrange(1, 240))).strftime(
+                    "%Y-%m-%dT%H:%M:%S.000Z"
+                ),
+            },
+            "input": [{"type": io_type, "valueString": panel}],
+        }
+        priority = rng.choice(priorities)
+        if priority is not None:
+            request["priority"] = priority
+        if rng.random() < 0.85:
+            request["ownerId"] = f"prac_{rng.randrange(200):03d}"
+        if rng.random() < 0.6:
+            request["encounterId"] = f"enc_{n:07d}"
+        note = rng.choice(_NOTES)
+        if note is not None:
+            request["note"] = note
+        yield request
+
+
+def _timed(fn: Callable[[], object], repeat: int = 1) -> tuple[float, object]:
+    best = float("inf")
+    result: object = None
+    for _ in range(repeat):
+        started = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - started)
+    return best, result
+
+
+def _cursor_at_depth(store: TaskStore, depth: int) -> str | None:
+    """The cursor that resumes the default order after ``depth`` tasks."""
+    cursor: str | None = None
+    seen = 0
+    while seen < depth:
+        page = store.tasks.search(limit=min(1000, depth - seen), cursor=cursor)
+        seen += len(page.data)
+        next_cursor = page.meta["nextCursor"]
+        if not isinstance(next_cursor, str):
+            return None
+        cursor = next_cursor
+    return cursor
+
+
+def run_demo(
+    db: str = ":memory:", tasks: int = 100_000, seed: int = 7, out: TextIO | None = None
+) -> int:
+    """Run the demo and print its report to ``out``; returns the exit code (0)."""
+    import sys
+
+    out = out if out is not None else sys.stdout
+    rows: list[tuple[str, str, float]] = []
+    started = time.perf_counter()
+    with TaskStore.open(db) as store:
+        seconds, response = _timed(lambda: store.tasks.create(SEED_LAB_ORDER))
+        lab_order = response.data  # type: ignore[attr-defined]
+        rows.append(("create the seed's lab order", f"id {lab_order.id}", seconds))
+        seconds, _ = _timed(lambda: store.tasks.get(lab_order.id), repeat=5)
+        rows.append(("get it back by id", "1 task", seconds))
+
+        chunk = 5_000
+        generated = generate_requests(tasks, seed)
+        t0 = time.perf_counter()
+        with Progress("creating tasks", tasks) as bar:
+            done = 0
+            while done < tasks:
+                batch = [next(generated) for _ in range(min(chunk, tasks - done))]
+                store.tasks.create_many(batch)
+                done += len(batch)
+                bar.advance(len(batch))
+        bulk = time.perf_counter() - t0
+        rows.append(
+            (f"bulk create {tasks:,} tasks", f"{tasks / max(bulk, 1e-9):,.0f} tasks/s", bulk)
+        )
+
+        searches: list[tuple[str, dict[str, object]]] = [
+            ("patientId", {"patientId": "pt_000042"}),
+            ("ownerId", {"ownerId": "prac_007"}),
+            ("requesterId", {"requesterId": "prac_123"}),
+            ("status", {"status": "in-progress"}),
+            ("priority", {"priority": "stat"}),
+            ("code", {"code": "lab-order"}),
+        ]
+        for name, filters in searches:
+            search = functools.partial(store.tasks.search, filters, limit=50)
+            seconds, page = _timed(search, repeat=5)
+            found = len(page.data)  # type: ignore[attr-defined]
+            total = store.tasks.count(filters).data
+            rows.append((f"search {name}, first page of 50", f"{found} of {total:,}", seconds))
+
+        # A deep page: walk the default order with keyset cursors to the far end, then
+        # time one page of 50 there beside the first page of 50.
+        first_seconds, _ = _timed(lambda: store.tasks.search(limit=50), repeat=5)
+        rows.append(("first page of 50 (newest first)", "50 tasks", first_seconds))
+        cursor = _cursor_at_depth(store, max(tasks - 100, 0))
+        if cursor is not None:
+            deep_seconds, _ = _timed(lambda: store.tasks.search(limit=50, cursor=cursor), repeat=5)
+            rows.append(
+                (f"page of 50 at depth {max(tasks - 100, 0):,}", "via keyset cursor", deep_seconds)
+            )
+
+        counts = store.table_counts()
+    total_elapsed = time.perf_counter() - started
+
+    print(
+        f"clinik-local demo: store {db!r}, {tasks:,} generated tasks + the seed lab order\n",
+        file=out,
+    )
+    width = max(len(r[0]) for r in rows)
+    print(f"{'step':<{width}}  {'result':<24} {'time':>12}", file=out)
+    print(f"{'-' * width}  {'-' * 24} {'-' * 12}", file=out)
+    for step, result, seconds in rows:
+        shown = f"{seconds * 1e6:,.0f} µs" if seconds < 0.01 else f"{seconds * 1e3:,.1f} ms"
+        print(f"{step:<{width}}  {result:<24} {shown:>12}", file=out)
+    print(
+        f"\ntasks {counts['tasks']:,} · history rows {counts['task_history']:,} · "
+        f"outbox entries waiting for sync {counts['outbox']:,} · total {total_elapsed:.1f} s",
+        file=out,
+    )
+    return 0

@@ -1,24 +1,182 @@
-"""The ``clinik-local`` command line."""
+"""The ``clinik-local`` command line: demo, tasks, check (and sync, serve, export, import).
+
+Exit codes: 0 success; 1 ``check`` found problems; 2 bad usage or bad input
+(ValidationError); 3 not found; 4 storage error (locked, corrupt, foreign, newer,
+read-only, full); 5 sync error; 130 interrupted. Errors go to stderr as one readable
+line (``--json`` prints them as JSON there too), results to stdout.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
 
-from .errors import ClinikError
+from .codec import encode_task
+from .errors import (
+    ClinikError,
+    ConflictError,
+    NotFoundError,
+    StorageError,
+    SyncError,
+    ValidationError,
+)
+from .model import ApiResponse, Task
+from .store import TaskStore
 
 __all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_PROBLEMS = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_STORAGE = 4
+EXIT_SYNC = 5
+
+_EPILOG = """\
+examples:
+  clinik-local demo                                  # 100,000 tasks in memory
+  clinik-local demo --db clinic.db --tasks 20000
+  echo '{"status":"requested","intent":"order"}' | clinik-local tasks create --db clinic.db
+  clinik-local tasks get task_01J... --db clinic.db --json
+  clinik-local tasks search --db clinic.db status=requested,received ownerId=prac_lab_tech
+  clinik-local check --db clinic.db
+"""
+
+
+def _json_out(value: object, out: TextIO) -> None:
+    out.write(json.dumps(value, ensure_ascii=False, indent=None, separators=(",", ":")) + "\n")
+
+
+def _task_out(task: Task) -> dict[str, Any]:
+    return encode_task(task)
+
+
+def _parse_filters(pairs: Sequence[str]) -> dict[str, object]:
+    filters: dict[str, object] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ValidationError.single(
+                "filter", "expected NAME=VALUE (commas mean any of)", pair, "e.g. status=requested"
+            )
+        filters[name] = None if value == "" else value
+    return filters
+
+
+def _read_request(data: str | None) -> object:
+    text = data if data is not None else sys.stdin.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValidationError.single("request", f"is not valid JSON: {exc}", text) from None
+
+
+def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+    from .demo import run_demo
+
+    return run_demo(db=args.db, tasks=args.tasks, seed=args.seed, out=out)
+
+
+def _cmd_tasks_create(args: argparse.Namespace, out: TextIO) -> int:
+    request = _read_request(args.data)
+    with TaskStore.open(args.db) as store:
+        if isinstance(request, list):
+            many = store.tasks.create_many(request)
+            if args.json:
+                _json_out({"data": [_task_out(t) for t in many.data], "meta": many.meta}, out)
+            else:
+                for task in many.data:
+                    print(task.id, file=out)
+            return EXIT_OK
+        if not isinstance(request, dict):
+            raise ValidationError.single("request", "expected a JSON object or array", request)
+        response = store.tasks.create(request)
+    _print_task_response(response, args.json, out)
+    return EXIT_OK
+
+
+def _print_task_response(response: ApiResponse[Task], as_json: bool, out: TextIO) -> None:
+    if as_json:
+        _json_out({"data": _task_out(response.data), "meta": response.meta}, out)
+    else:
+        print(json.dumps(_task_out(response.data), ensure_ascii=False, indent=2), file=out)
+        print(f"# syncState: {response.meta.get('syncState')}", file=out)
+
+
+def _cmd_tasks_get(args: argparse.Namespace, out: TextIO) -> int:
+    with TaskStore.open(args.db) as store:
+        response = store.tasks.get(args.id)
+    _print_task_response(response, args.json, out)
+    return EXIT_OK
+
+
+def _cmd_tasks_search(args: argparse.Namespace, out: TextIO) -> int:
+    filters = _parse_filters(args.filters)
+    with TaskStore.open(args.db) as store:
+        page = store.tasks.search(
+            filters, limit=args.limit, **({"cursor": args.cursor} if args.cursor else {})
+        )
+    if args.json:
+        _json_out({"data": [_task_out(t) for t in page.data], "meta": page.meta}, out)
+        return EXIT_OK
+    for task in page.data:
+        print(
+            f"{task.id}  {task.status.value:<12} {(task.priority or '-')!s:<8} "
+            f"{task.authored_on}  {task.code or '-':<20} {task.patient_id or '-'}",
+            file=out,
+        )
+    if page.meta.get("hasMore"):
+        print(f"# more: --cursor {page.meta['nextCursor']}", file=out)
+    return EXIT_OK
+
+
+def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
+    with TaskStore.open(args.db) as store:
+        problems = store.integrity_check()
+        counts = store.table_counts()
+        version = store.schema_version()
+        with store.read() as conn:
+            outbox = {
+                str(state): int(n)
+                for state, n in conn.execute(
+                    "SELECT state, count(*) FROM outbox GROUP BY state"
+                ).fetchall()
+            }
+            oldest = conn.execute("SELECT min(created_at) FROM outbox").fetchall()[0][0]
+    report = {
+        "integrity": problems if problems else "ok",
+        "schemaVersion": version,
+        "tables": counts,
+        "outbox": {"byState": outbox, "oldestChangeAt": oldest},
+    }
+    if args.json:
+        _json_out(report, out)
+    else:
+        print(f"integrity      {'ok' if not problems else '; '.join(problems)}", file=out)
+        print(f"schema version {version}", file=out)
+        print("tables         " + ", ".join(f"{k} {v:,}" for k, v in counts.items()), file=out)
+        states = ", ".join(f"{k} {v:,}" for k, v in sorted(outbox.items())) or "empty"
+        print(f"outbox         {states}; oldest change {oldest or '-'}", file=out)
+    return EXIT_OK if not problems else EXIT_PROBLEMS
+
+
+def _add_db(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--db", required=required, help="the store file")
+    parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clinik-local",
-        description="Local clinik Tasks store: demo, inspection and sync tools.",
+        description="Local clinik Tasks store: demo, inspection, sync and FHIR tools.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  clinik-local demo\n  clinik-local demo --db clinic.db --tasks 20000\n",
+        epilog=_EPILOG,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     demo = sub.add_parser(
         "demo",
         help="create the seed's lab order and N realistic tasks, then search them",
@@ -30,23 +188,71 @@ def _build_parser() -> argparse.ArgumentParser:
         "--tasks", type=int, default=100_000, help="tasks to generate (default 100000)"
     )
     demo.add_argument("--seed", type=int, default=7, help="random seed for generated tasks")
+    demo.set_defaults(run=_cmd_demo)
+
+    tasks = sub.add_parser("tasks", help="create, get and search tasks (JSON in and out)")
+    tasks_sub = tasks.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = tasks_sub.add_parser(
+        "create",
+        help="create a task (or a JSON array of tasks) from --data or stdin",
+        epilog='example: echo \'{"status":"requested","intent":"order"}\' | '
+        "clinik-local tasks create --db clinic.db",
+    )
+    _add_db(create)
+    create.add_argument("--data", help="the wire-form request JSON (default: read stdin)")
+    create.set_defaults(run=_cmd_tasks_create)
+    get = tasks_sub.add_parser("get", help="print one task")
+    get.add_argument("id")
+    _add_db(get)
+    get.set_defaults(run=_cmd_tasks_get)
+    search = tasks_sub.add_parser(
+        "search",
+        help="search with the API's filter names: NAME=VALUE (commas mean any of)",
+        epilog="example: clinik-local tasks search --db clinic.db status=requested,received",
+    )
+    search.add_argument("filters", nargs="*", metavar="NAME=VALUE")
+    search.add_argument("--limit", type=int, default=20)
+    search.add_argument("--cursor", help="nextCursor of the previous page")
+    _add_db(search)
+    search.set_defaults(run=_cmd_tasks_search)
+
+    check = sub.add_parser(
+        "check", help="integrity check, schema version, table sizes and outbox health"
+    )
+    _add_db(check)
+    check.set_defaults(run=_cmd_check)
     return parser
+
+
+_EXIT_FOR: tuple[tuple[type[ClinikError], int], ...] = (
+    (ValidationError, EXIT_USAGE),
+    (NotFoundError, EXIT_NOT_FOUND),
+    (ConflictError, EXIT_USAGE),
+    (StorageError, EXIT_STORAGE),
+    (SyncError, EXIT_SYNC),
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     args = _build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace, TextIO], int] = args.run
     try:
-        if args.command == "demo":
-            from .demo import run_demo
-
-            return run_demo(db=args.db, tasks=args.tasks, seed=args.seed, out=sys.stdout)
+        return run(args, sys.stdout)
     except ClinikError as exc:
-        print(f"clinik-local: error: {exc}", file=sys.stderr)
-        return 2
+        code = next((c for kind, c in _EXIT_FOR if isinstance(exc, kind)), EXIT_USAGE)
+        if getattr(args, "json", False):
+            error: dict[str, object] = {"error": type(exc).__name__, "message": str(exc)}
+            if isinstance(exc, ValidationError):
+                error["fields"] = [
+                    {"path": e.path, "message": e.message, "allowed": e.allowed} for e in exc.errors
+                ]
+            print(json.dumps(error), file=sys.stderr)
+        else:
+            print(f"clinik-local: error: {exc}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         return 130
-    return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,7 +24,7 @@ from .errors import (
     ValidationError,
 )
 from .model import ApiResponse, Task
-from .store import TaskStore
+from .store import TaskStore, fetch_all
 
 __all__ = ["main"]
 
@@ -141,11 +141,9 @@ def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
         with store.read() as conn:
             outbox = {
                 str(state): int(n)
-                for state, n in conn.execute(
-                    "SELECT state, count(*) FROM outbox GROUP BY state"
-                ).fetchall()
+                for state, n in fetch_all(conn, "SELECT state, count(*) FROM outbox GROUP BY state")
             }
-            oldest = conn.execute("SELECT min(created_at) FROM outbox").fetchall()[0][0]
+            oldest = fetch_all(conn, "SELECT min(created_at) FROM outbox")[0][0]
     report = {
         "integrity": problems if problems else "ok",
         "schemaVersion": version,

@@ -42,7 +42,7 @@ from .model import (
     TaskStatus,
     ValueKind,
 )
-from .timestamps import InstantError, now, parse_instant
+from .timestamps import InstantError, parse_instant
 
 __all__ = [
     "MAX_LIST_ITEMS",
@@ -185,7 +185,21 @@ def _id_list(value: object, _: Any) -> tuple[str, ...]:
     return _check_list(value, _check_id, "ids")
 
 
+_PERIOD_KEYS = frozenset({"start", "end"})
+
+
 def _check_period(value: object) -> Period:
+    if type(value) is dict and value.keys() <= _PERIOD_KEYS:
+        # Fast path for the common shape; on any problem the full check below reports it.
+        start, end = value.get("start"), value.get("end")
+        try:
+            start = None if start is None else parse_instant(start)
+            end = None if end is None else parse_instant(end)
+        except InstantError:
+            pass
+        else:
+            if start is None or end is None or start <= end:
+                return Period(start, end)
     if not isinstance(value, Mapping):
         raise _invalid(f"expected an object, not {type(value).__name__}", value, "{start?, end?}")
     problems: list[tuple[str, str, object, str | None]] = []
@@ -246,6 +260,18 @@ def _check_value(kind: ValueKind, value: object) -> str | bool | int | float:
 
 
 def _check_input_output(value: object) -> TaskInputOutput:
+    if type(value) is dict and len(value) == 2 and "type" in value:
+        # Fast path for the common, well-formed shape; any problem falls through to the
+        # full check below, which reports every error with its path.
+        for key, raw in value.items():
+            kind = _VALUE_KEYS.get(key)
+            if kind is not None:
+                try:
+                    return TaskInputOutput(
+                        _check_text(value["type"], _TYPE_LIMIT), _check_value(kind, raw), kind
+                    )
+                except _Invalid:
+                    break
     if not isinstance(value, Mapping):
         raise _invalid(f"expected an object, not {type(value).__name__}", value, "{type, value[x]}")
     problems: list[tuple[str, str, object, str | None]] = []
@@ -504,8 +530,6 @@ def decode_task(request: Mapping[str, object]) -> Task:
         raise ValidationError.single(
             "$", f"a task request must be a mapping, not {type(request).__name__}", request
         )
-    if "authoredOn" not in request:
-        request = {**request, "authoredOn": now()}
     try:
         task: Task = _structure_task_fields(request, Task)
     except (ClassValidationError, _Invalid) as exc:

@@ -13,6 +13,8 @@ from typing import Generic, TypeVar
 
 import attrs
 
+from .timestamps import now
+
 __all__ = [
     "ApiResponse",
     "Period",
@@ -134,11 +136,12 @@ class Task:
 
     ``id``, ``version_id`` and ``last_modified`` are bookkeeping set by the store;
     they are ``None`` only on a task that was decoded but never stored.
+    ``authored_on`` defaults to now.
     """
 
     status: TaskStatus
     intent: TaskIntent
-    authored_on: str
+    authored_on: str = attrs.field(factory=now)
     id: str | None = None
     version_id: str | None = None
     last_modified: str | None = None

@@ -176,6 +176,71 @@ def _create_private_file(path: Path) -> None:
     os.close(fd)
 
 
+class _Checkpointer:
+    """Runs WAL checkpoints on a background thread, off the commit path.
+
+    SQLite's automatic checkpoint runs inside whichever commit crosses the threshold,
+    and (with synchronous=NORMAL) syncs the file: that one commit then takes
+    milliseconds instead of microseconds. A WAL hook on the writer connection
+    (which replaces the automatic checkpoint) wakes this thread instead; its PASSIVE
+    checkpoint blocks neither writers nor readers. Should the WAL still grow far past
+    the threshold (a reader pinning old pages), the writer checkpoints itself, so the
+    file stays bounded.
+    """
+
+    THRESHOLD_PAGES = 1000
+    WRITER_FALLBACK_PAGES = 20 * THRESHOLD_PAGES
+
+    def __init__(self, path: str, busy_timeout_ms: int) -> None:
+        self._path = path
+        self._busy_ms = busy_timeout_ms
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def wal_hook(self, conn: apsw.Connection, name: str, pages: int) -> int:
+        if pages >= self.WRITER_FALLBACK_PAGES:
+            with contextlib.suppress(apsw.Error):
+                conn.wal_checkpoint(name, apsw.SQLITE_CHECKPOINT_PASSIVE)
+        elif pages >= self.THRESHOLD_PAGES:
+            self._ensure_thread()
+            self._wake.set()
+        return int(apsw.SQLITE_OK)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None and not self._stopping:
+                    self._thread = threading.Thread(
+                        target=self._run, name="clinik-local-checkpoint", daemon=True
+                    )
+                    self._thread.start()
+
+    def _run(self) -> None:
+        conn = apsw.Connection(self._path)
+        conn.set_busy_timeout(self._busy_ms)
+        try:
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                if self._stopping:
+                    return
+                # A failed checkpoint (e.g. disk full) is retried at the next wake-up;
+                # committed data is safe in the WAL meanwhile.
+                with contextlib.suppress(apsw.Error):
+                    conn.wal_checkpoint(None, apsw.SQLITE_CHECKPOINT_PASSIVE)
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join()
+
+
 _memory_image: bytes | None = None
 _memory_image_lock = threading.Lock()
 
@@ -271,6 +336,10 @@ class TaskStore:
                     raise StorageError(f"cannot create the store file {path}: {exc}") from exc
         with translated(path):
             self._conn = _open_connection(path, durability, self._busy_ms, is_writer=True)
+        self._checkpointer: _Checkpointer | None = None
+        if not self._is_memory:
+            self._checkpointer = _Checkpointer(path, self._busy_ms)
+            self._conn.set_wal_hook(self._checkpointer.wal_hook)
         self._lock = threading.RLock()
         self._local = threading.local()
         self._readers: weakref.WeakSet[_ReaderBox] = weakref.WeakSet()
@@ -313,6 +382,8 @@ class TaskStore:
             return
         if self._sync is not None:
             self._sync.stop()
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         with self._lock:
             self._closed = True
             for box in list(self._readers):

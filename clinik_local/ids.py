@@ -15,7 +15,7 @@ import re
 import threading
 import time
 
-__all__ = ["ID_PATTERN", "MAX_ID_LENGTH", "is_valid_id", "new_task_id"]
+__all__ = ["ID_PATTERN", "MAX_ID_LENGTH", "is_valid_id", "new_change_id", "new_task_id"]
 
 MAX_ID_LENGTH = 64
 ID_PATTERN = "[A-Za-z0-9_.-]{1,64}"
@@ -61,6 +61,19 @@ def _encode_random(number: int) -> str:
 
 def new_task_id() -> str:
     """A new, time-ordered, collision-free task id (``task_`` + ULID)."""
+    return "task_" + _ulid()
+
+
+def new_change_id() -> str:
+    """A new idempotency key for one local change (``chg_`` + ULID).
+
+    Time-ordered, so the outbox's unique index on it grows at one end instead of
+    touching a random page with every write.
+    """
+    return "chg_" + _ulid()
+
+
+def _ulid() -> str:
     global _last_ms, _last_random
     ms = time.time_ns() // 1_000_000
     with _lock:
@@ -73,7 +86,7 @@ def new_task_id() -> str:
         else:
             rnd = int.from_bytes(os.urandom(10), "big")
         _last_ms, _last_random = ms, rnd
-    return "task_" + _encode_time(ms) + _encode_random(rnd)
+    return _encode_time(ms) + _encode_random(rnd)
 
 
 def _reset_after_fork() -> None:

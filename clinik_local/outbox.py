@@ -8,10 +8,11 @@ delivery attempt of that change carries (see ``sync.py``).
 
 from __future__ import annotations
 
-import uuid
 from typing import Literal
 
 import apsw
+
+from .ids import new_change_id
 
 __all__ = ["Op", "SyncState", "enqueue", "enqueue_many", "sync_state_of"]
 
@@ -39,11 +40,6 @@ STATE_BY_RANK: dict[int | None, SyncState] = {
     2: "pending",
     None: "synced",
 }
-
-
-def new_change_id() -> str:
-    """A new idempotency key: a random UUID, unique across devices."""
-    return str(uuid.uuid4())
 
 
 def enqueue(

@@ -583,15 +583,23 @@ def _period_from_stored(d: dict[str, Any] | None) -> Period | None:
     return None if d is None else Period(d.get("start"), d.get("end"))
 
 
+_EMPTY: tuple[Any, ...] = ()
+
+
 def task_from_stored(d: dict[str, Any]) -> Task:
     """Rebuild a Task from wire JSON that this library validated and stored itself.
 
     Skips validation: every stored body went through :func:`decode_task` on its way
     in, and checking it again would double the cost of every read.
     """
-    priority = d.get("priority")
-    restriction = d.get("restriction")
     g = d.get
+    priority = g("priority")
+    period = g("executionPeriod")
+    based_on = g("basedOn")
+    part_of = g("partOf")
+    inputs = g("input")
+    outputs = g("output")
+    restriction = g("restriction")
     return Task(
         status=_STATUS_BY_VALUE[d["status"]],
         intent=_INTENT_BY_VALUE[d["intent"]],
@@ -607,15 +615,15 @@ def task_from_stored(d: dict[str, Any]) -> Task:
         focus_id=g("focusId"),
         patient_id=g("patientId"),
         encounter_id=g("encounterId"),
-        execution_period=_period_from_stored(g("executionPeriod")),
+        execution_period=None if period is None else Period(period.get("start"), period.get("end")),
         requester_id=g("requesterId"),
         owner_id=g("ownerId"),
         reason_code=g("reasonCode"),
         note=g("note"),
-        based_on=tuple(g("basedOn", ())),
-        part_of=tuple(g("partOf", ())),
-        input=tuple(_io_from_stored(i) for i in g("input", ())),
-        output=tuple(_io_from_stored(i) for i in g("output", ())),
+        based_on=tuple(based_on) if based_on else _EMPTY,
+        part_of=tuple(part_of) if part_of else _EMPTY,
+        input=tuple([_io_from_stored(i) for i in inputs]) if inputs else _EMPTY,
+        output=tuple([_io_from_stored(i) for i in outputs]) if outputs else _EMPTY,
         restriction=None
         if restriction is None
         else Restriction(

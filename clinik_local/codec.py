@@ -458,7 +458,8 @@ def _unstructure_ios(items: tuple[TaskInputOutput, ...]) -> list[dict[str, objec
 
 
 def _enum_value(member: TaskStatus | TaskIntent | TaskPriority) -> str:
-    return str(member.value)
+    value: str = member._value_  # the plain wire string (faster than the .value property)
+    return value
 
 
 _unstruct_hooks: dict[str, Callable[[Any], Any]] = {

@@ -224,11 +224,11 @@ def run_demo(
         file=out,
     )
     width = max(len(r[0]) for r in rows)
-    print(f"{'step':<{width}}  {'result':<24} {'time':>12}", file=out)
-    print(f"{'-' * width}  {'-' * 24} {'-' * 12}", file=out)
+    print(f"{'step':<{width}}  {'result':<34} {'time':>12}", file=out)
+    print(f"{'-' * width}  {'-' * 34} {'-' * 12}", file=out)
     for step, result, seconds in rows:
         shown = f"{seconds * 1e6:,.0f} µs" if seconds < 0.01 else f"{seconds * 1e3:,.1f} ms"
-        print(f"{step:<{width}}  {result:<24} {shown:>12}", file=out)
+        print(f"{step:<{width}}  {result:<34} {shown:>12}", file=out)
     print(
         f"\ntasks {counts['tasks']:,} · history rows {counts['task_history']:,} · "
         f"outbox entries waiting for sync {counts['outbox']:,} · total {total_elapsed:.1f} s",

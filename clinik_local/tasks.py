@@ -26,7 +26,7 @@ from .errors import (
 )
 from .ids import ID_PATTERN, is_valid_id, new_task_id
 from .lifecycle import transition_problem
-from .model import ApiResponse, Task
+from .model import ApiResponse, Task, TaskPriority
 from .outbox import STATE_BY_RANK, SYNC_RANK_SUBQUERY, enqueue, enqueue_many, sync_state_of
 from .search import compile_search, next_cursor, normalise_filters
 from .store import fetch_all
@@ -76,16 +76,20 @@ def _dumps(wire: Mapping[str, Any]) -> str:
     return json.dumps(wire, ensure_ascii=False, separators=(",", ":"))
 
 
+_PRIORITY_RANK = {p: p.rank for p in TaskPriority}
+
+
 def _row(task: Task, version: int, body: str) -> tuple[object, ...]:
+    # Enum members are str subclasses: apsw binds them as their wire text.
     period = task.execution_period
     priority = task.priority
     return (
         task.id,
         version,
-        task.status.value,
-        task.intent.value,
-        None if priority is None else priority.value,
-        _NO_PRIORITY_RANK if priority is None else priority.rank,
+        task.status,
+        task.intent,
+        priority,
+        _NO_PRIORITY_RANK if priority is None else _PRIORITY_RANK[priority],
         task.code,
         task.patient_id,
         task.owner_id,

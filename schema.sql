@@ -65,7 +65,9 @@ CREATE TABLE task_history (
 -- changes of one task. state: pending (to send, at next_attempt_at or at once when
 -- NULL), in_flight (being sent), dead (parked: the server will never take it as
 -- sent), conflict (the server's task changed meanwhile; see sync_conflicts).
--- Delivered rows are removed; task_history keeps the record of the change.
+-- For a dead row next_attempt_at holds when it was parked (it is never due again
+-- until store.sync.retry()). Delivered rows are removed; task_history keeps the
+-- record of the change.
 CREATE TABLE outbox (
     seq             INTEGER PRIMARY KEY AUTOINCREMENT,
     change_id       TEXT NOT NULL UNIQUE,

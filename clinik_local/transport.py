@@ -1,0 +1,152 @@
+"""The HTTP transport of the sync engine: one pooled keep-alive httpx client.
+
+Why httpx: a well-kept client with connection pooling, keep-alive, per-phase timeouts
+and TLS verification on by default. This module adds the rules of the contract:
+
+- TLS verification is always on (a custom CA bundle may be given, never "off").
+- Plain ``http://`` only to a loopback host, unless ``allow_insecure_http=True``.
+- The bearer token comes from the user's provider; it is kept in memory only, asked
+  again on a 401 (:meth:`Transport.refresh_token`), and never appears in a log line,
+  a database row or an exception message.
+- Network failures come out as :class:`~clinik_local.errors.TransportError` (the httpx
+  exception as ``__cause__``), never as httpx exceptions.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+from collections.abc import Callable, Mapping
+
+import attrs
+import httpx
+
+from .errors import AuthError, TransportError, ValidationError
+
+__all__ = ["Response", "Transport", "check_base_url"]
+
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
+
+
+@attrs.frozen
+class Response:
+    """An HTTP answer: status, headers we use, and the body text."""
+
+    status: int
+    body: str
+    retry_after: str | None = None
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_base_url(base_url: object, allow_insecure_http: bool) -> str:
+    """The base URL without a trailing slash; ValidationError if it is not allowed."""
+    if not isinstance(base_url, str) or not base_url:
+        raise ValidationError.single("base_url", "expected an http(s) URL", base_url)
+    try:
+        url = httpx.URL(base_url)
+    except (httpx.InvalidURL, TypeError):
+        raise ValidationError.single("base_url", "is not a URL", base_url) from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValidationError.single(
+            "base_url", "expected an http(s) URL with a host", base_url, "https://host/api/v1"
+        )
+    if url.scheme == "http" and not allow_insecure_http and not _is_loopback(url.host):
+        raise ValidationError.single(
+            "base_url",
+            "plain http is allowed only to a loopback host; use https, or pass "
+            "allow_insecure_http=True if you really mean it",
+            base_url,
+        )
+    return base_url.rstrip("/")
+
+
+class Transport:
+    """Sends requests to the remote service over one pooled keep-alive connection."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token_provider: Callable[[], str],
+        *,
+        timeout: float,
+        allow_insecure_http: bool = False,
+        ca_bundle: str | None = None,
+    ) -> None:
+        self._base = check_base_url(base_url, allow_insecure_http)
+        self._provider = token_provider
+        self._token: str | None = None
+        verify: ssl.SSLContext | bool = True
+        if ca_bundle is not None:
+            verify = ssl.create_default_context(cafile=ca_bundle)
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=4, max_keepalive_connections=4),
+            verify=verify,
+            headers={"Content-Type": "application/json", "Accept": "application/json"},
+            follow_redirects=False,
+        )
+
+    def __repr__(self) -> str:  # no token here, ever
+        return f"<Transport {self._base}>"
+
+    def _current_token(self) -> str:
+        if self._token is None:
+            self.refresh_token()
+        assert self._token is not None
+        return self._token
+
+    def refresh_token(self) -> None:
+        """Ask the provider for a token (again). AuthError if it fails or gives nothing."""
+        try:
+            token = self._provider()
+        except Exception as exc:
+            self._token = None
+            raise AuthError(f"the token provider failed ({type(exc).__name__})") from None
+        if not isinstance(token, str) or not token:
+            self._token = None
+            raise AuthError("the token provider returned no token")
+        self._token = token
+
+    def forget_token(self) -> None:
+        """Drop the in-memory token; the next request asks the provider."""
+        self._token = None
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Response:
+        """Send one request; TransportError on network failure (connect, read, timeout)."""
+        all_headers = {"Authorization": f"Bearer {self._current_token()}"}
+        if headers:
+            all_headers.update(headers)
+        try:
+            answer = self._client.request(
+                method, self._base + path, content=body, headers=all_headers
+            )
+        except httpx.ConnectError as exc:
+            raise _ConnectFailed(f"cannot connect to {self._base}: {type(exc).__name__}") from exc
+        except httpx.TimeoutException as exc:
+            raise TransportError(f"{method} {path} timed out ({type(exc).__name__})") from exc
+        except (httpx.HTTPError, OSError) as exc:
+            raise TransportError(f"{method} {path} failed: {type(exc).__name__}") from exc
+        return Response(answer.status_code, answer.text, answer.headers.get("Retry-After"))
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self._client.close()
+
+
+class _ConnectFailed(TransportError):
+    """The service could not be reached at all (refused, unreachable, DNS, TLS)."""

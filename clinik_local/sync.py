@@ -489,7 +489,9 @@ class SyncEngine:
             for r in rows
         ]
 
-    def resolve(self, task_id: str, keep: str | Mapping[str, object]) -> None:
+    def resolve(
+        self, task_id: str, keep: Literal["local", "remote"] | Mapping[str, object]
+    ) -> None:
         """Settle a conflict; the result is based on the server's current version.
 
         ``keep="local"``: the local task (as it is now) goes to the server as a new

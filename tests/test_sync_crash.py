@@ -114,7 +114,7 @@ def test_sigkilled_syncing_child_loses_nothing_and_applies_nothing_twice(tmp_pat
             local = _local(store)
             history = store.table_counts()["task_history"]
             status = store.sync.status()
-        assert (status.pending, status.in_flight, status.dead) == (0, 0, 0)
+        assert (status.pending, status.in_flight, status.dead, status.conflicts) == (0, 0, 0, 0)
         assert {k: _strip(v) for k, v in server.tasks().items()} == local
         counts = server.applied_counts()
         assert set(counts.values()) == {1}

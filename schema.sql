@@ -37,14 +37,127 @@ CREATE TABLE tasks (
     body          TEXT NOT NULL
 );
 
--- One index per exact filter, each followed by the default sort key.
+-- Index strategy (clinik_local/search.py compiles every search to use these):
+-- * One index per equality filter, each followed by the default sort key
+--   (authored_on, id): `field = ?` seeks, and the page is read in order, backwards,
+--   with no temp b-tree. An any-of (a list, None for "unassigned", or an enum's
+--   {"not": [...]}, which becomes the complement list) is compiled to one
+--   `SELECT ... UNION ALL SELECT ...` arm per value: SQLite merges the ordered arms
+--   (MERGE (UNION ALL)), so "mine or unassigned" is still index-ordered.
+-- * priority is filtered and sorted on priority_rank (0 stat .. 3 routine, 4 none), so
+--   tasks_by_priority serves both `priority=` and the work-list sort
+--   `-priority,authoredOn` (forward scan).
+-- * tasks_worklist serves the lab technician's work list: ownerId any-of (me, or
+--   unassigned) sorted -priority,authoredOn; status exclusions are residual checks.
+-- * Date filters: authoredOn on tasks_by_authored (which also serves the default
+--   sort), lastModified on tasks_by_modified (also the lastModified sort),
+--   periodStart on tasks_by_period_start. periodEnd, dueBefore, overdue and the `due`
+--   sort use tasks_by_due, on ifnull(period_end, '~'): '~' sorts after every
+--   instant, so a task without a due date sorts last ascending and keyset cursors never
+--   compare NULLs.
+-- * Sorts not listed (e.g. `status` alone, mixed directions, a range filter on
+--   another date than authoredOn) may sort the matching rows in a temp b-tree; the
+--   filter itself is still index-served (see search.py's docstring).
+-- Statistics: store.optimize() (PRAGMA optimize) runs after bulk imports and at close.
 CREATE INDEX tasks_by_authored    ON tasks (authored_on, id);
+CREATE INDEX tasks_by_modified    ON tasks (last_modified, id);
+CREATE INDEX tasks_by_period_start ON tasks (period_start, id);
+CREATE INDEX tasks_by_due         ON tasks (ifnull(period_end, '~'), id);
 CREATE INDEX tasks_by_patient     ON tasks (patient_id, authored_on, id);
 CREATE INDEX tasks_by_owner       ON tasks (owner_id, authored_on, id);
+CREATE INDEX tasks_worklist       ON tasks (owner_id, priority_rank, authored_on, id);
 CREATE INDEX tasks_by_requester   ON tasks (requester_id, authored_on, id);
 CREATE INDEX tasks_by_status      ON tasks (status, authored_on, id);
-CREATE INDEX tasks_by_priority    ON tasks (priority, authored_on, id);
+CREATE INDEX tasks_by_priority    ON tasks (priority_rank, authored_on, id);
 CREATE INDEX tasks_by_code        ON tasks (code, authored_on, id);
+CREATE INDEX tasks_by_intent      ON tasks (intent, authored_on, id);
+CREATE INDEX tasks_by_business_status ON tasks (business_status, authored_on, id);
+CREATE INDEX tasks_by_encounter   ON tasks (encounter_id, authored_on, id);
+CREATE INDEX tasks_by_focus       ON tasks (focus_id, authored_on, id);
+
+-- Derived search data, kept in step with tasks by the triggers below: they run inside
+-- the same transaction as every write, deriving everything from the wire JSON in
+-- tasks.body, so no write path has to remember them.
+--
+-- task_refs: membership of basedOn / partOf ("tasks part of T").
+CREATE TABLE task_refs (
+    kind  TEXT NOT NULL CHECK (kind IN ('basedOn', 'partOf')),
+    ref   TEXT NOT NULL,
+    seq   INTEGER NOT NULL,               -- tasks.seq
+    PRIMARY KEY (kind, ref, seq)
+) WITHOUT ROWID;
+CREATE INDEX task_refs_by_seq ON task_refs (seq);
+
+-- task_io: one row per input / output, with its value rendered as text (booleans as
+-- true/false), for `input=type` and `input=type|value` filters.
+CREATE TABLE task_io (
+    direction TEXT NOT NULL CHECK (direction IN ('input', 'output')),
+    type      TEXT NOT NULL,
+    value     TEXT,
+    seq       INTEGER NOT NULL,           -- tasks.seq
+    pos       INTEGER NOT NULL,           -- index in the input/output list
+    PRIMARY KEY (direction, type, value, seq, pos)
+) WITHOUT ROWID;
+CREATE INDEX task_io_by_seq ON task_io (seq);
+
+-- task_text: full-text index (FTS5, contentless, rowid = tasks.seq) over description,
+-- note, businessStatus, code and the input/output values. Prefix indexes on 2 and 3
+-- characters make short prefix searches ("cb*") cheap.
+CREATE VIRTUAL TABLE task_text USING fts5 (
+    description, note, business_status, code, io_values,
+    content = '', contentless_delete = 1,
+    tokenize = 'unicode61 remove_diacritics 2', prefix = '2 3'
+);
+
+CREATE TRIGGER tasks_derive_insert AFTER INSERT ON tasks BEGIN
+    INSERT INTO task_refs (kind, ref, seq)
+        SELECT 'basedOn', value, new.seq FROM json_each(new.body, '$.basedOn')
+        UNION SELECT 'partOf', value, new.seq FROM json_each(new.body, '$.partOf');
+    INSERT INTO task_io (direction, type, value, seq, pos)
+        SELECT d.key, json_extract(i.value, '$.type'),
+               (SELECT CASE v.type WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'
+                       ELSE CAST(v.value AS TEXT) END
+                FROM json_each(i.value) AS v WHERE v.key LIKE 'value%'),
+               new.seq, i.key
+        FROM json_each(new.body) AS d, json_each(d.value) AS i
+        WHERE d.key IN ('input', 'output');
+    INSERT INTO task_text (rowid, description, note, business_status, code, io_values)
+        VALUES (
+            new.seq, json_extract(new.body, '$.description'),
+            json_extract(new.body, '$.note'), new.business_status, new.code,
+            (SELECT group_concat(value, ' ') FROM task_io WHERE seq = new.seq)
+        );
+END;
+
+CREATE TRIGGER tasks_derive_delete AFTER DELETE ON tasks BEGIN
+    DELETE FROM task_refs WHERE seq = old.seq;
+    DELETE FROM task_io WHERE seq = old.seq;
+    DELETE FROM task_text WHERE rowid = old.seq;
+END;
+
+CREATE TRIGGER tasks_derive_update AFTER UPDATE OF body ON tasks
+WHEN old.body IS NOT new.body BEGIN
+    DELETE FROM task_refs WHERE seq = old.seq;
+    DELETE FROM task_io WHERE seq = old.seq;
+    DELETE FROM task_text WHERE rowid = old.seq;
+    INSERT INTO task_refs (kind, ref, seq)
+        SELECT 'basedOn', value, new.seq FROM json_each(new.body, '$.basedOn')
+        UNION SELECT 'partOf', value, new.seq FROM json_each(new.body, '$.partOf');
+    INSERT INTO task_io (direction, type, value, seq, pos)
+        SELECT d.key, json_extract(i.value, '$.type'),
+               (SELECT CASE v.type WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'
+                       ELSE CAST(v.value AS TEXT) END
+                FROM json_each(i.value) AS v WHERE v.key LIKE 'value%'),
+               new.seq, i.key
+        FROM json_each(new.body) AS d, json_each(d.value) AS i
+        WHERE d.key IN ('input', 'output');
+    INSERT INTO task_text (rowid, description, note, business_status, code, io_values)
+        VALUES (
+            new.seq, json_extract(new.body, '$.description'),
+            json_extract(new.body, '$.note'), new.business_status, new.code,
+            (SELECT group_concat(value, ' ') FROM task_io WHERE seq = new.seq)
+        );
+END;
 
 -- task_history: every version of every task, including the deletion, for audit and
 -- conflict resolution. override_reason is set when an update bypassed the lifecycle

@@ -2,14 +2,78 @@
 
 Filter names are the wire's camelCase names (``patientId=``), with snake_case
 spellings accepted beside them (``patient_id=``). Values arrive as they would in the
-remote service's query string: a string, a comma-separated string or a list meaning
-"any of". Column names in SQL come only from the allow-list below; every value is a
-bound parameter.
+remote service's query string. Column names in SQL come only from the allow-lists
+below; every value is a bound parameter.
 
-Results are ordered newest ``authoredOn`` first, then by id (descending), and paged
-with keyset cursors: the cursor holds the (authoredOn, id) of the last row seen, so a
-page at any depth is one index seek, and tasks added between pages neither repeat nor
-push others out. A cursor carries a fingerprint of its query and is refused by any other.
+Equality filters (patientId, ownerId, requesterId, encounterId, focusId, status,
+intent, priority, code, businessStatus):
+
+* ``"a"``, ``"a,b"`` or ``["a", "b"]``: any of these values.
+* ``None`` (or ``{"missing": True}``): tasks without a value (e.g. unassigned);
+  ``{"missing": False}``: tasks with one. ``None`` may also sit in a list:
+  ``ownerId=["me", None]`` is "mine or unassigned". Every field but status and
+  intent (which every task has) accepts it.
+* ``{"not": [...]}`` (list or comma string): anything except these values; tasks
+  without a value count as "anything else", as in FHIR's ``:not``. Put ``None`` in the
+  list to exclude those too. ``{"not": ..., "missing": ...}`` combine with AND.
+
+Membership: ``basedOn="sr_1"`` / ``partOf="t_1,t_2"``: tasks listing any of these ids.
+
+Inputs and outputs: ``input="lab-panel"`` (an input of that type) or
+``input="lab-panel|CBC"`` (of that type with that value, compared as text: strings
+and codes as they are, integers in decimal, booleans as ``true``/``false``). A list
+or commas mean any of; ``{"type": "lab-panel", "value": "CBC"}`` is the mapping form.
+``output=`` is the same over outputs.
+
+Dates: ``authoredOn``, ``lastModified``, ``periodStart``, ``periodEnd``. A value is
+a FHIR date search value: optional prefix (eq, ne, lt, gt, le, ge, sa, eb; default eq)
+then a date or date-time of any precision: ``2025``, ``2025-02``, ``2025-02-01``,
+``2025-02-01T08:00``, ``2025-02-01T08:00:00``, with fractions of a second and an offset
+(UTC when none is given). A value stands for the whole range its precision implies:
+``2025-02`` is [2025-02-01T00:00Z, 2025-03-01T00:00Z). A stored instant ``t`` matches:
+
+* ``eq``: t inside the range; ``ne``: t outside it (before its start or at/after its end);
+* ``lt``: t before the range starts; ``le``: t before the range ends;
+* ``gt``: t at or after the range ends; ``ge``: t at or after the range starts;
+* ``sa`` / ``eb`` (starts after / ends before): for an instant (a range of one
+  millisecond) these equal ``gt`` / ``lt``, which is what FHIR's definitions give.
+
+A comma string or list means any of; a mapping ``{"ge": "2025-01-01", "lt":
+"2025-02-01"}`` means all of. Tasks without the date (periodStart/periodEnd) never
+match a date filter.
+
+Due: ``dueBefore="<date>"`` (executionPeriod.end before the start of that date's
+range) and ``overdue=True`` (executionPeriod.end before now); both only match tasks
+whose status is not terminal (completed, cancelled, failed, rejected).
+
+Text: ``text="cbc"`` searches description, note, businessStatus, code and the
+input/output values (FTS5). Every run of letters/digits in the text is a word; a task
+matches when each word is the start of a word in it (``"cb"`` finds "CBC"),
+case-insensitively. Words are quoted before they reach FTS5, so its query syntax in
+user text is taken literally; text with no letters or digits is refused.
+
+Sort: ``sort="-priority,authoredOn"`` (FHIR ``_sort``) or a list of keys; ``-`` is
+descending. Keys: authoredOn, lastModified, priority (clinical rank: ``-priority``
+is stat, asap, urgent, routine, then tasks without a priority; ``priority`` is the
+reverse), status (text order), due (executionPeriod.end; tasks without one count as
+due after every other task: last ascending, first with ``-due``). Ties are broken by
+id in the direction of the last key. Default: ``-authoredOn`` (newest first).
+
+Paging: ``limit`` (1-1000, default 20) and ``cursor`` (the ``nextCursor`` of the
+previous page). A cursor holds the sort key of the last row seen, and the next page
+is the rows strictly after it (a keyset predicate; no offsets), so a task that did not
+change is seen exactly once however others are inserted, updated or deleted between
+pages. Sort keys are never NULL in SQL (missing priority is rank 4, missing due is
+``'~'``), so the keyset comparison needs no NULL cases. A cursor carries a
+fingerprint of its filters and sort and is refused by any other search.
+``total=True`` adds the number of matching tasks to the page's meta.
+
+Plans: equality filters seek their index and, for the default sort (and for
+``-priority,authoredOn`` with ownerId), read rows in order with no temp b-tree; any-of
+lists become one UNION ALL arm per value, merged in order by SQLite. A temp b-tree is
+used, over the matching rows only, where no index delivers the order: membership,
+input/output and text filters (their matches come from side tables), date ranges on
+another column than the sort's, sorts not listed in schema.sql, and mixed directions.
 """
 
 from __future__ import annotations
@@ -17,49 +81,126 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
+import unicodedata
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import attrs
 
+from . import timestamps
 from .codec import TEXT_LIMITS
 from .errors import ValidationError
 from .ids import ID_PATTERN, is_valid_id
-from .model import TaskPriority, TaskStatus
+from .model import TaskIntent, TaskPriority, TaskStatus
 
-__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "CompiledSearch", "compile_search", "normalise_filters"]
+__all__ = [
+    "DEFAULT_LIMIT",
+    "MAX_LIMIT",
+    "TERMINAL_STATUSES",
+    "CompiledSearch",
+    "compile_search",
+    "next_cursor",
+    "normalise_filters",
+    "parse_date_range",
+]
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 1000
 _MAX_VALUES = 100
+_MAX_ARMS = 16
+_MAX_TEXT = 256
+_MAX_WORDS = 16
 
-_STATUS_VALUES = frozenset(s.value for s in TaskStatus)
-_PRIORITY_VALUES = frozenset(p.value for p in TaskPriority)
+#: Statuses a task never leaves (lifecycle.TERMINAL, as wire strings).
+TERMINAL_STATUSES = ("cancelled", "completed", "failed", "rejected")
+_NOT_TERMINAL = f"status NOT IN ({', '.join(repr(s) for s in TERMINAL_STATUSES)})"
+_NO_PRIORITY = 4
+_PRIORITY_RANK: dict[str | None, int] = {p.value: p.rank for p in TaskPriority}
+_PRIORITY_RANK[None] = _NO_PRIORITY
+#: The due sort key and periodEnd filter column; matches the tasks_by_due index.
+DUE_KEY = "ifnull(period_end, '~')"
 
 
 @attrs.frozen
 class _Field:
     column: str
-    kind: str  # "id" | "enum" | "text"
-    allowed: frozenset[str] = frozenset()
+    kind: str  # "id" | "enum" | "text" | "priority"
+    allowed: tuple[str, ...] = ()
+    nullable: bool = True
 
 
-#: Filter name (wire) -> column and value kind. The only column names dynamic SQL uses.
+#: Equality filters: name -> column and value kind. Order = preference for the
+#: UNION ALL expansion (most selective first).
 FILTERS: Mapping[str, _Field] = {
-    "patientId": _Field("patient_id", "id"),
     "ownerId": _Field("owner_id", "id"),
+    "patientId": _Field("patient_id", "id"),
     "requesterId": _Field("requester_id", "id"),
-    "status": _Field("status", "enum", _STATUS_VALUES),
-    "priority": _Field("priority", "enum", _PRIORITY_VALUES),
+    "encounterId": _Field("encounter_id", "id"),
+    "focusId": _Field("focus_id", "id"),
     "code": _Field("code", "text"),
+    "businessStatus": _Field("business_status", "text"),
+    "priority": _Field("priority_rank", "priority", tuple(p.value for p in TaskPriority)),
+    "intent": _Field("intent", "enum", tuple(i.value for i in TaskIntent), nullable=False),
+    "status": _Field("status", "enum", tuple(s.value for s in TaskStatus), nullable=False),
 }
-_ALIASES = {"patient_id": "patientId", "owner_id": "ownerId", "requester_id": "requesterId"}
-_PAGING_KEYS = ("limit", "cursor")
+#: Date filters: name -> SQL expression.
+DATE_FILTERS: Mapping[str, str] = {
+    "authoredOn": "authored_on",
+    "lastModified": "last_modified",
+    "periodStart": "period_start",
+    "periodEnd": DUE_KEY,
+}
+_REFS = ("basedOn", "partOf")
+_IO = ("input", "output")
+_OTHER = ("dueBefore", "overdue", "text", "sort", "total", "limit", "cursor")
+_ALL_NAMES = (*FILTERS, *DATE_FILTERS, *_REFS, *_IO, *_OTHER)
+_ALIASES = {
+    "patient_id": "patientId",
+    "owner_id": "ownerId",
+    "requester_id": "requesterId",
+    "encounter_id": "encounterId",
+    "focus_id": "focusId",
+    "business_status": "businessStatus",
+    "based_on": "basedOn",
+    "part_of": "partOf",
+    "authored_on": "authoredOn",
+    "last_modified": "lastModified",
+    "period_start": "periodStart",
+    "period_end": "periodEnd",
+    "due_before": "dueBefore",
+}
+
+
+@attrs.frozen
+class _SortKey:
+    expr: str
+    is_int: bool = False
+    inverted: bool = False  # ascending in the wire sense is descending in SQL
+
+
+SORT_KEYS: Mapping[str, _SortKey] = {
+    "authoredOn": _SortKey("authored_on"),
+    "lastModified": _SortKey("last_modified"),
+    "priority": _SortKey("priority_rank", is_int=True, inverted=True),
+    "status": _SortKey("status"),
+    "due": _SortKey(DUE_KEY),
+}
+#: Which equality columns have an index (column, *sort columns, id): the sort
+#: columns (without id) -> columns. Drives the UNION ALL expansion.
+_ORDERED_INDEXES: Mapping[tuple[str, ...], frozenset[str]] = {
+    ("authored_on",): frozenset(f.column for f in FILTERS.values()),
+    ("priority_rank", "authored_on"): frozenset({"owner_id"}),
+}
 
 
 @attrs.frozen
 class CompiledSearch:
-    """A page query, the count query over the same filters, and their parameters."""
+    """A page query, the count query over the same filters, and their parameters.
+
+    Page rows are ``(body, *sort keys, id)``.
+    """
 
     page_sql: str
     page_params: tuple[object, ...]
@@ -67,6 +208,8 @@ class CompiledSearch:
     count_params: tuple[object, ...]
     limit: int
     fingerprint: str
+    total: bool = False
+    key_count: int = 1
 
 
 def normalise_filters(
@@ -87,9 +230,17 @@ def normalise_filters(
     return merged
 
 
-def _values(name: str, spec: _Field, raw: object) -> list[str]:
+# --- value parsing ------------------------------------------------------------------
+
+
+def _split(name: str, raw: object, *, allow_none: bool) -> list[Any]:
+    """A list of values from a string (commas), a list, or None."""
+    if raw is None:
+        if not allow_none:
+            raise ValidationError.single(name, "every task has one; None matches nothing", raw)
+        return [None]
     if isinstance(raw, str):
-        values = raw.split(",")
+        values: list[Any] = raw.split(",")
     elif isinstance(raw, (list, tuple, set, frozenset)):
         values = list(raw)
     else:
@@ -102,29 +253,419 @@ def _values(name: str, spec: _Field, raw: object) -> list[str]:
         raise ValidationError.single(
             name, f"has {len(values)} values", "[...]", f"at most {_MAX_VALUES}"
         )
-    out: list[str] = []
-    for value in values:
-        if not isinstance(value, str):
+    return values
+
+
+def _check_text_value(name: str, value: object, limit: int) -> str:
+    if not isinstance(value, str):
+        raise ValidationError.single(name, f"expected a string, not {type(value).__name__}", value)
+    if not value or len(value) > limit or "\x00" in value:
+        raise ValidationError.single(
+            name, "is not an acceptable value", value, f"1-{limit} characters, no NUL"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError.single(name, "is not valid Unicode", value) from None
+    return value
+
+
+def _check_value(name: str, spec: _Field, value: object) -> object:
+    """A validated filter value in its SQL form (None stays None)."""
+    if value is None:
+        if not spec.nullable:
+            raise ValidationError.single(name, "every task has one; None matches nothing", value)
+        return _NO_PRIORITY if spec.kind == "priority" else None
+    if not isinstance(value, str):
+        raise ValidationError.single(name, f"expected a string, not {type(value).__name__}", value)
+    if spec.kind == "id" and not is_valid_id(value):
+        raise ValidationError.single(name, "is not a well-formed id", value, ID_PATTERN)
+    if spec.kind in ("enum", "priority") and value not in spec.allowed:
+        raise ValidationError.single(
+            name, "is not an allowed value", value, ", ".join(sorted(spec.allowed))
+        )
+    if spec.kind == "text":
+        _check_text_value(name, value, TEXT_LIMITS.get(name, 1024))
+    if spec.kind == "priority":
+        return _PRIORITY_RANK[value]
+    return value
+
+
+def _sort_values(values: list[object]) -> list[object]:
+    return sorted(set(values), key=lambda v: (v is not None, str(v)))
+
+
+@attrs.frozen
+class _Equality:
+    """One equality filter, canonical: any-of values, excluded values, missing."""
+
+    spec: _Field
+    include: tuple[object, ...] | None
+    exclude: tuple[object, ...]
+    missing: bool | None
+
+
+def _parse_equality(name: str, spec: _Field, raw: object) -> _Equality:
+    include: list[object] | None = None
+    exclude: list[object] = []
+    missing: bool | None = None
+    if isinstance(raw, Mapping):
+        unknown = sorted(str(k) for k in raw if k not in ("not", "missing"))
+        if unknown or not raw:
             raise ValidationError.single(
-                name, f"expected a string, not {type(value).__name__}", value
+                name, f"unknown operator {', '.join(unknown) or '(none)'}", raw, "not, missing"
             )
-        if spec.kind == "id" and not is_valid_id(value):
-            raise ValidationError.single(name, "is not a well-formed id", value, ID_PATTERN)
-        if spec.kind == "enum" and value not in spec.allowed:
-            raise ValidationError.single(
-                name, "is not an allowed value", value, ", ".join(sorted(spec.allowed))
-            )
-        if spec.kind == "text":
-            if not value or len(value) > TEXT_LIMITS.get(name, 1024) or "\x00" in value:
+        if "not" in raw:
+            exclude = [
+                _check_value(name, spec, v)
+                for v in _split(f"{name}.not", raw["not"], allow_none=spec.nullable)
+            ]
+        if "missing" in raw:
+            flag = raw["missing"]
+            if isinstance(flag, str) and flag in ("true", "false"):
+                flag = flag == "true"
+            if not isinstance(flag, bool):
                 raise ValidationError.single(
-                    name, "is not an acceptable value", value, "1-256 characters, no NUL"
+                    f"{name}.missing", "expected true or false", flag, "true, false"
                 )
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ValidationError.single(name, "is not valid Unicode", value) from None
-        out.append(value)
-    return sorted(set(out))
+            if not spec.nullable and flag:
+                raise ValidationError.single(
+                    f"{name}.missing", "every task has one; true matches nothing", flag
+                )
+            missing = flag
+    else:
+        include = [_check_value(name, spec, v) for v in _split(name, raw, allow_none=True)]
+    if spec.kind in ("enum", "priority") and exclude and missing is None:
+        # A finite domain: "not these" is "any of the others", which seeks the index.
+        domain: list[object] = (
+            list(spec.allowed) if spec.kind == "enum" else list(range(_NO_PRIORITY + 1))
+        )
+        include = [v for v in domain if v not in exclude]
+        exclude = []
+        if not include:
+            raise ValidationError.single(name, "excludes every value: matches nothing", raw)
+    return _Equality(
+        spec,
+        None if include is None else tuple(_sort_values(include)),
+        tuple(_sort_values(exclude)),
+        missing,
+    )
+
+
+def _equality_arms(eq: _Equality) -> list[tuple[str, list[object]]]:
+    """The any-of part as alternative (sql, params) arms; [] when there is none."""
+    if eq.include is None:
+        return []
+    col = eq.spec.column
+    arms: list[tuple[str, list[object]]] = []
+    for value in eq.include:
+        if value is None:
+            arms.append((f"{col} IS NULL", []))
+        else:
+            arms.append((f"{col} = ?", [value]))
+    return arms
+
+
+def _equality_rest(eq: _Equality) -> list[tuple[str, list[object]]]:
+    """The not/missing parts as AND-ed (sql, params) terms."""
+    col = eq.spec.column
+    is_priority = eq.spec.kind == "priority"
+    null_test = f"{col} = {_NO_PRIORITY}" if is_priority else f"{col} IS NULL"
+    not_null_test = f"{col} <> {_NO_PRIORITY}" if is_priority else f"{col} IS NOT NULL"
+    terms: list[tuple[str, list[object]]] = []
+    if eq.exclude:
+        values = [v for v in eq.exclude if v is not None]
+        excludes_null = len(values) < len(eq.exclude)
+        if values:
+            marks = ", ".join("?" * len(values))
+            if eq.spec.nullable and not excludes_null and not is_priority:
+                terms.append((f"({col} IS NULL OR {col} NOT IN ({marks}))", list(values)))
+            else:
+                terms.append((f"{col} NOT IN ({marks})", list(values)))
+        if excludes_null and not is_priority:
+            terms.append((not_null_test, []))
+    if eq.missing is not None:
+        terms.append((null_test if eq.missing else not_null_test, []))
+    return terms
+
+
+_DATE_RE = re.compile(
+    r"(\d{4})(?:-(\d\d)(?:-(\d\d)(?:T(\d\d):(\d\d)(?::(\d\d)(\.\d+)?)?"
+    r"(Z|[+-]\d\d:\d\d)?)?)?)?"
+)
+_PREFIXES = ("eq", "ne", "lt", "gt", "le", "ge", "sa", "eb")
+_END_OF_TIME = "~"
+
+
+def _instant(value: datetime) -> str:
+    return timestamps.format_instant(value)
+
+
+def parse_date_range(name: str, text: str) -> tuple[str, str]:
+    """The [start, end) range of a FHIR date search value, as stored-instant text."""
+    m = _DATE_RE.fullmatch(text)
+    if m is None:
+        raise ValidationError.single(
+            name,
+            "is not a date or date-time",
+            text,
+            "YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm[:ss[.sss]][Z|+hh:mm]",
+        )
+    year, month, day, hour, minute, second, fraction, zone = m.groups()
+    tz = UTC
+    if zone and zone != "Z":
+        sign = 1 if zone[0] == "+" else -1
+        hours, minutes = int(zone[1:3]), int(zone[4:6])
+        if hours > 23 or minutes > 59:
+            raise ValidationError.single(name, "has an impossible offset", text)
+        tz = timezone(sign * timedelta(hours=hours, minutes=minutes))
+    try:
+        start = datetime(
+            int(year),
+            int(month or 1),
+            int(day or 1),
+            int(hour or 0),
+            int(minute or 0),
+            int(second or 0),
+            int((fraction or ".0")[1:4].ljust(3, "0")) * 1000,
+            tzinfo=tz,
+        )
+    except ValueError:
+        raise ValidationError.single(name, "is not a real calendar date", text) from None
+    try:
+        if month is None:
+            end = start.replace(year=start.year + 1)
+        elif day is None:
+            end = (
+                start.replace(year=start.year + 1, month=1)
+                if start.month == 12
+                else start.replace(month=start.month + 1)
+            )
+        else:
+            if hour is None:
+                end = start + timedelta(days=1)
+            elif second is None:
+                end = start + timedelta(minutes=1)
+            elif fraction is None:
+                end = start + timedelta(seconds=1)
+            else:
+                end = start + timedelta(milliseconds=1)
+        end_text = _instant(end)
+    except (ValueError, OverflowError):
+        end_text = _END_OF_TIME
+    try:
+        start_text = _instant(start)
+    except (ValueError, OverflowError):
+        raise ValidationError.single(name, "is out of range", text) from None
+    return start_text, end_text
+
+
+def _split_prefix(name: str, text: str) -> tuple[str, str]:
+    if len(text) >= 2 and text[:2].isalpha():
+        prefix = text[:2]
+        if prefix not in _PREFIXES:
+            raise ValidationError.single(
+                name, f"has an unknown prefix {prefix!r}", text, ", ".join(_PREFIXES)
+            )
+        return prefix, text[2:]
+    return "eq", text
+
+
+def _date_term(column: str, prefix: str, lo: str, hi: str) -> tuple[str, list[object]]:
+    # NULL never compares true; only the due key turns a missing end into '~'.
+    due_guard = "period_end IS NOT NULL AND " if column == DUE_KEY else ""
+    if prefix == "eq":
+        return f"({column} >= ? AND {column} < ?)", [lo, hi]
+    if prefix == "ne":
+        return f"({due_guard}({column} < ? OR {column} >= ?))", [lo, hi]
+    if prefix in ("lt", "eb"):
+        return f"{column} < ?", [lo]
+    if prefix == "le":
+        return f"{column} < ?", [hi]
+    if prefix in ("gt", "sa"):
+        return f"({due_guard}{column} >= ?)", [hi]
+    return f"({due_guard}{column} >= ?)", [lo]  # ge
+
+
+def _parse_date(name: str, column: str, raw: object) -> tuple[str, list[object], object]:
+    """(sql, params, canonical form) of one date filter."""
+    if isinstance(raw, datetime):
+        raw = _instant_of(name, raw)
+    if isinstance(raw, Mapping):
+        if not raw:
+            raise ValidationError.single(name, "an empty mapping matches everything", raw)
+        parts: list[str] = []
+        params: list[object] = []
+        canonical: list[list[str]] = []
+        for prefix, value in raw.items():
+            if prefix not in _PREFIXES:
+                raise ValidationError.single(
+                    name, f"has an unknown prefix {prefix!r}", raw, ", ".join(_PREFIXES)
+                )
+            if isinstance(value, datetime):
+                value = _instant_of(name, value)
+            if not isinstance(value, str):
+                raise ValidationError.single(
+                    f"{name}.{prefix}", "expected a date string", value, "e.g. 2025-02-01"
+                )
+            lo, hi = parse_date_range(f"{name}.{prefix}", value)
+            sql, p = _date_term(column, prefix, lo, hi)
+            parts.append(sql)
+            params.extend(p)
+            canonical.append([prefix, lo, hi])
+        return " AND ".join(parts), params, sorted(canonical)
+    alternatives: list[tuple[str, list[object]]] = []
+    canonical = []
+    for item in _split(name, raw, allow_none=False):
+        if isinstance(item, datetime):
+            item = _instant_of(name, item)
+        if not isinstance(item, str):
+            raise ValidationError.single(
+                name, f"expected a date string, not {type(item).__name__}", item
+            )
+        prefix, text = _split_prefix(name, item.strip())
+        lo, hi = parse_date_range(name, text)
+        alternatives.append(_date_term(column, prefix, lo, hi))
+        canonical.append([prefix, lo, hi])
+    if len(alternatives) == 1:
+        return alternatives[0][0], alternatives[0][1], canonical
+    sql = "(" + " OR ".join(a for a, _ in alternatives) + ")"
+    return sql, [p for _, ps in alternatives for p in ps], sorted(canonical)
+
+
+def _instant_of(name: str, value: datetime) -> str:
+    try:
+        return timestamps.format_instant(value)
+    except ValueError as exc:
+        raise ValidationError.single(name, str(exc), value) from None
+
+
+def _parse_refs(name: str, raw: object) -> tuple[str, list[object], list[str]]:
+    values: list[str] = []
+    for v in _split(name, raw, allow_none=False):
+        if not isinstance(v, str) or not is_valid_id(v):
+            raise ValidationError.single(name, "is not a well-formed id", v, ID_PATTERN)
+        values.append(v)
+    values = sorted(set(values))
+    marks = ", ".join("?" * len(values))
+    sql = f"seq IN (SELECT seq FROM task_refs WHERE kind = '{name}' AND ref IN ({marks}))"
+    return sql, list(values), values
+
+
+def _parse_io(name: str, raw: object) -> tuple[str, list[object], list[list[str | None]]]:
+    items: list[Any] = [raw] if isinstance(raw, Mapping) else _split(name, raw, allow_none=False)
+    pairs: set[tuple[str, str | None]] = set()
+    for item in items:
+        if isinstance(item, Mapping):
+            unknown = sorted(str(k) for k in item if k not in ("type", "value"))
+            if unknown or "type" not in item:
+                raise ValidationError.single(
+                    name, "expected {'type': ..., 'value': ...}", item, "type, value"
+                )
+            kind, value = item["type"], item.get("value")
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            elif isinstance(value, int):
+                value = str(value)
+        elif isinstance(item, str):
+            kind, sep, rest = item.partition("|")
+            value = rest if sep else None
+        else:
+            raise ValidationError.single(
+                name, f"expected 'type' or 'type|value', not {type(item).__name__}", item
+            )
+        kind = _check_text_value(f"{name}.type", kind, TEXT_LIMITS["type"])
+        if value is not None:
+            value = _check_text_value(f"{name}.value", value, TEXT_LIMITS["valueString"])
+        pairs.add((kind, value))
+    ordered = sorted(pairs, key=lambda p: (p[0], p[1] is not None, p[1] or ""))
+    alternatives: list[str] = []
+    params: list[object] = []
+    for kind, value in ordered:
+        if value is None:
+            alternatives.append("type = ?")
+            params.append(kind)
+        else:
+            alternatives.append("(type = ? AND value = ?)")
+            params.extend((kind, value))
+    sql = (
+        f"seq IN (SELECT seq FROM task_io WHERE direction = '{name}' AND "
+        f"({' OR '.join(alternatives)}))"
+    )
+    return sql, params, [[k, v] for k, v in ordered]
+
+
+def _is_word_char(ch: str) -> bool:
+    return unicodedata.category(ch)[0] in "LNM" or unicodedata.category(ch) == "Co"
+
+
+def text_words(text: str) -> list[str]:
+    """The words of a text search: runs of letters, digits and marks."""
+    words: list[str] = []
+    current: list[str] = []
+    for ch in text:
+        if _is_word_char(ch):
+            current.append(ch)
+        elif current:
+            words.append("".join(current))
+            current = []
+    if current:
+        words.append("".join(current))
+    return words
+
+
+def _parse_text(raw: object) -> tuple[str, list[object], list[str]]:
+    text = _check_text_value("text", raw, _MAX_TEXT)
+    words = text_words(text)
+    if not words:
+        raise ValidationError.single(
+            "text", "has no letters or digits to search for", text, "one or more words"
+        )
+    if len(words) > _MAX_WORDS:
+        raise ValidationError.single(
+            "text", f"has {len(words)} words", text, f"at most {_MAX_WORDS}"
+        )
+    # Each word becomes a quoted prefix phrase: FTS5 syntax in user text is literal.
+    query = " ".join('"' + w.replace('"', '""') + '"*' for w in words)
+    sql = "seq IN (SELECT rowid FROM task_text WHERE task_text MATCH ?)"
+    return sql, [query], [w.casefold() for w in words]
+
+
+def _parse_flag(name: str, raw: object) -> bool:
+    if isinstance(raw, str) and raw in ("true", "false"):
+        raw = raw == "true"
+    if not isinstance(raw, bool):
+        raise ValidationError.single(name, "expected true or false", raw, "true, false")
+    return raw
+
+
+def _parse_sort(raw: object) -> list[tuple[str, bool]]:
+    """[(wire key, descending)] from "-a,b" or ["-a", "b"]."""
+    if isinstance(raw, str):
+        items: list[Any] = raw.split(",")
+    elif isinstance(raw, (list, tuple)):
+        items = list(raw)
+    else:
+        raise ValidationError.single(
+            "sort", "expected 'key,-key' or a list of keys", raw, ", ".join(SORT_KEYS)
+        )
+    keys: list[tuple[str, bool]] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValidationError.single("sort", "expected a sort key string", item)
+        item = item.strip()
+        descending = item.startswith("-")
+        key = item[1:] if descending else item
+        if key not in SORT_KEYS:
+            raise ValidationError.single(
+                "sort", f"unknown sort key {key!r}", raw, ", ".join(SORT_KEYS)
+            )
+        if any(k == key for k, _ in keys):
+            raise ValidationError.single("sort", f"sort key {key!r} is given twice", raw)
+        keys.append((key, descending))
+    if not keys:
+        raise ValidationError.single("sort", "is empty", raw, ", ".join(SORT_KEYS))
+    return keys
 
 
 def _limit(raw: object) -> int:
@@ -139,92 +680,218 @@ def _limit(raw: object) -> int:
     return raw
 
 
-def _encode_cursor(fingerprint: str, key: tuple[str, str]) -> str:
-    raw = json.dumps({"q": fingerprint, "k": list(key)}, separators=(",", ":"))
+# --- cursors ------------------------------------------------------------------------
+
+
+def _encode_cursor(fingerprint: str, key: list[object]) -> str:
+    raw = json.dumps({"q": fingerprint, "k": key}, separators=(",", ":"))
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: object, fingerprint: str) -> tuple[str, str]:
-    if not isinstance(cursor, str) or len(cursor) > 512:
+def _decode_cursor(cursor: object, fingerprint: str, kinds: list[bool]) -> list[object]:
+    """The key of the last row seen; ``kinds`` says which parts are ints (then the id)."""
+    if not isinstance(cursor, str) or len(cursor) > 4096:
         raise ValidationError.single("cursor", "is not a cursor from this search", cursor)
     try:
         data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        key = data["k"]
-        if not (
-            isinstance(data, dict)
-            and isinstance(key, list)
-            and len(key) == 2
-            and all(isinstance(k, str) for k in key)
-        ):
+        if not isinstance(data, dict):
             raise ValueError("bad cursor shape")
+        fp, key = data["q"], data["k"]
     except (ValueError, KeyError, TypeError):
         raise ValidationError.single(
             "cursor", "is not a cursor issued by this store", cursor
         ) from None
-    if data.get("q") != fingerprint:
+    if fp != fingerprint:
         raise ValidationError.single(
             "cursor",
             "belongs to a different search (other filters or sort)",
             cursor,
             "the nextCursor of a page of this same search",
         )
-    return key[0], key[1]
+    expected = [*kinds, False]
+    if not (
+        isinstance(key, list)
+        and len(key) == len(expected)
+        and all(
+            (type(k) is int) if is_int else isinstance(k, str)
+            for k, is_int in zip(key, expected, strict=True)
+        )
+    ):
+        raise ValidationError.single("cursor", "is not a cursor issued by this store", cursor)
+    return list(key)
+
+
+def _keyset(exprs: list[str], sql_desc: list[bool], key: list[object]) -> tuple[str, list[object]]:
+    """Rows strictly after ``key`` in the order (exprs, directions)."""
+    if all(sql_desc) or not any(sql_desc):
+        op = "<" if sql_desc[0] else ">"
+        marks = ", ".join("?" * len(exprs))
+        return f"({', '.join(exprs)}) {op} ({marks})", list(key)
+    # Mixed directions: a leading bound the index can seek, then the exact predicate.
+    ors: list[str] = []
+    params: list[object] = []
+    for i, expr in enumerate(exprs):
+        eqs = [f"{e} = ?" for e in exprs[:i]]
+        op = "<" if sql_desc[i] else ">"
+        ors.append("(" + " AND ".join([*eqs, f"{expr} {op} ?"]) + ")")
+        params.extend(key[: i + 1])
+    lead = "<=" if sql_desc[0] else ">="
+    return f"{exprs[0]} {lead} ? AND ({' OR '.join(ors)})", [key[0], *params]
+
+
+# --- compiler -----------------------------------------------------------------------
+
+
+def _record(
+    canonical: dict[str, object], name: str, parsed: tuple[str, list[object], object]
+) -> tuple[str, list[object]]:
+    canonical[name] = parsed[2]
+    return parsed[0], parsed[1]
 
 
 def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | None]:
-    """Compile wire-form filters (plus ``limit`` and ``cursor``) into SQL.
+    """Compile wire-form filters (plus sort, paging and total) into SQL.
 
     Returns the compiled query and the cursor to resume after (``None`` on page one).
     Unknown names and bad values raise :class:`ValidationError` naming them.
     """
-    where: list[str] = []
-    params: list[object] = []
-    canonical: dict[str, list[str]] = {}
+    terms: list[tuple[str, list[object]]] = []
+    equalities: dict[str, _Equality] = {}
+    canonical: dict[str, object] = {}
     limit = DEFAULT_LIMIT
     cursor: object = None
+    total = False
+    sort = [("authoredOn", True)]
     for name, raw in merged.items():
         if name == "limit":
             limit = _limit(raw)
-            continue
-        if name == "cursor":
+        elif name == "cursor":
             cursor = raw
-            continue
-        spec = FILTERS.get(name)
-        if spec is None:
-            raise ValidationError.single(
-                name,
-                "is not a search filter",
-                raw,
-                ", ".join([*FILTERS, *_PAGING_KEYS]),
-            )
-        values = _values(name, spec, raw)
-        canonical[name] = values
-        if len(values) == 1:
-            where.append(f"{spec.column} = ?")
+        elif name == "total":
+            total = _parse_flag("total", raw)
+        elif name == "sort":
+            sort = _parse_sort(raw)
+        elif name in FILTERS:
+            eq = _parse_equality(name, FILTERS[name], raw)
+            equalities[name] = eq
+            canonical[name] = [eq.include, eq.exclude, eq.missing]
+        elif name in DATE_FILTERS:
+            terms.append(_record(canonical, name, _parse_date(name, DATE_FILTERS[name], raw)))
+        elif name in _REFS:
+            terms.append(_record(canonical, name, _parse_refs(name, raw)))
+        elif name in _IO:
+            terms.append(_record(canonical, name, _parse_io(name, raw)))
+        elif name == "text":
+            terms.append(_record(canonical, name, _parse_text(raw)))
+        elif name == "dueBefore":
+            if isinstance(raw, datetime):
+                raw = _instant_of(name, raw)
+            if not isinstance(raw, str):
+                raise ValidationError.single(name, "expected a date or date-time", raw)
+            lo, _ = parse_date_range(name, raw)
+            terms.append((f"{DUE_KEY} < ? AND {_NOT_TERMINAL}", [lo]))
+            canonical[name] = lo
+        elif name == "overdue":
+            if not _parse_flag(name, raw):
+                raise ValidationError.single(
+                    name, "only overdue=true is a filter", raw, "true (or leave it out)"
+                )
+            terms.append((f"{DUE_KEY} < ? AND {_NOT_TERMINAL}", [timestamps.now()]))
+            canonical[name] = True
         else:
-            where.append(f"{spec.column} IN ({', '.join('?' * len(values))})")
-        params.extend(values)
+            raise ValidationError.single(name, "is not a search filter", raw, ", ".join(_ALL_NAMES))
 
-    fingerprint = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()[:16]
-    count_where = " AND ".join(where) if where else "1"
-    count_sql = f"SELECT count(*) FROM tasks WHERE {count_where}"
-    count_params = tuple(params)
+    # Sort: SQL expressions and directions, then the id tie-breaker.
+    exprs = [SORT_KEYS[k].expr for k, _ in sort]
+    sql_desc = [desc != SORT_KEYS[k].inverted for k, desc in sort]
+    kinds = [SORT_KEYS[k].is_int for k, _ in sort]
+    exprs.append("id")
+    sql_desc.append(sql_desc[-1])
+    canonical["sort"] = [[k, d] for k, d in sort]
+    fingerprint = hashlib.sha256(
+        json.dumps(canonical, sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+
+    # Equality filters: one any-of may become UNION ALL arms (ordered index merge).
+    uniform = all(sql_desc) or not any(sql_desc)
+    served = _ORDERED_INDEXES.get(tuple(exprs[:-1]), frozenset()) if uniform else frozenset()
+    expand: str | None = None
+    for name, eq in equalities.items():
+        arms = _equality_arms(eq)
+        if expand is None and len(arms) > 1 and len(arms) <= _MAX_ARMS and eq.spec.column in served:
+            expand = name
+    for name in FILTERS:  # a fixed order: the same filters give the same SQL
+        eq_or_none = equalities.get(name)
+        if eq_or_none is None:
+            continue
+        terms.extend(_equality_rest(eq_or_none))
+        if name == expand:
+            continue
+        arms = _equality_arms(eq_or_none)
+        if len(arms) == 1:
+            terms.append(arms[0])
+        elif arms:
+            non_null = [p[0] for sql, p in arms if p]
+            col = eq_or_none.spec.column
+            parts = []
+            if non_null:
+                parts.append(f"{col} IN ({', '.join('?' * len(non_null))})")
+            if len(non_null) < len(arms):
+                parts.append(f"{col} IS NULL")
+            terms.append(("(" + " OR ".join(parts) + ")", non_null))
+    arm_list: list[tuple[str, list[object]]] = (
+        _equality_arms(equalities[expand]) if expand is not None else []
+    )
+
+    where = [t for t, _ in terms]
+    params: list[object] = [p for _, ps in terms for p in ps]
+    count_where = list(where)
+    count_params = list(params)
+    if arm_list:
+        count_where.append("(" + " OR ".join(a for a, _ in arm_list) + ")")
+        count_params.extend(p for _, ps in arm_list for p in ps)
+    count_sql = f"SELECT count(*) FROM tasks WHERE {' AND '.join(count_where) or '1'}"
+
     after: str | None = None
     if cursor is not None:
-        authored_on, task_id = _decode_cursor(cursor, fingerprint)
-        where.append("(authored_on, id) < (?, ?)")
-        params.extend((authored_on, task_id))
-        after = task_id
-    page_where = " AND ".join(where) if where else "1"
-    page_sql = (
-        f"SELECT body, authored_on, id FROM tasks WHERE {page_where} "
-        "ORDER BY authored_on DESC, id DESC LIMIT ?"
+        key = _decode_cursor(cursor, fingerprint, kinds)
+        keyset_sql, keyset_params = _keyset(exprs, sql_desc, key)
+        where.append(keyset_sql)
+        params.extend(keyset_params)
+        after = str(key[-1])
+
+    columns = ", ".join(["body", *exprs])
+    if not arm_list:
+        order = ", ".join(
+            f"{e} {'DESC' if d else 'ASC'}" for e, d in zip(exprs, sql_desc, strict=True)
+        )
+        page_sql = (
+            f"SELECT {columns} FROM tasks WHERE {' AND '.join(where) or '1'} "
+            f"ORDER BY {order} LIMIT ?"
+        )
+        page_params = [*params, limit + 1]
+    else:
+        selects = []
+        page_params = []
+        for arm_sql, arm_params in arm_list:
+            selects.append(f"SELECT {columns} FROM tasks WHERE {' AND '.join([arm_sql, *where])}")
+            page_params.extend([*arm_params, *params])
+        order = ", ".join(f"{i + 2} {'DESC' if d else 'ASC'}" for i, d in enumerate(sql_desc))
+        page_sql = f"{' UNION ALL '.join(selects)} ORDER BY {order} LIMIT ?"
+        page_params.append(limit + 1)
+    compiled = CompiledSearch(
+        page_sql,
+        tuple(page_params),
+        count_sql,
+        tuple(count_params),
+        limit,
+        fingerprint,
+        total,
+        len(exprs),
     )
-    params.append(limit + 1)
-    compiled = CompiledSearch(page_sql, tuple(params), count_sql, count_params, limit, fingerprint)
     return compiled, after
 
 
 def next_cursor(compiled: CompiledSearch, last_row: tuple[Any, ...]) -> str:
     """The opaque cursor that resumes ``compiled`` after ``last_row``."""
-    return _encode_cursor(compiled.fingerprint, (last_row[1], last_row[2]))
+    return _encode_cursor(compiled.fingerprint, list(last_row[1 : 1 + compiled.key_count]))

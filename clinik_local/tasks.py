@@ -387,26 +387,37 @@ class TasksResource:
     ) -> ApiResponse[list[Task]]:
         """One page of tasks matching every filter (a list, or commas, means any of).
 
-        Filters: patientId, ownerId, requesterId, status, priority, code; paging:
-        ``limit`` (1-1000, default 20) and ``cursor`` (``meta["nextCursor"]`` of the
-        previous page). Newest ``authoredOn`` first, then id.
+        Filters, sort and their forms are listed in :mod:`clinik_local.search`
+        (equality, any-of, ``{"not": ...}``, ``None`` for missing, dates with FHIR
+        prefixes, ``dueBefore``/``overdue``, ``text``, ``basedOn``/``partOf``,
+        ``input``/``output``). Paging: ``limit`` (1-1000, default 20) and ``cursor``
+        (``meta["nextCursor"]`` of the previous page); ``sort`` (default
+        ``-authoredOn``, ties by id); ``total=True`` adds ``meta["total"]``.
         """
         compiled, _ = compile_search(normalise_filters(filters, keywords))
         with self._store.read() as conn:
             rows = fetch_all(conn, compiled.page_sql, compiled.page_params)
+            total = (
+                fetch_all(conn, compiled.count_sql, compiled.count_params)[0][0]
+                if compiled.total
+                else None
+            )
         has_more = len(rows) > compiled.limit
         rows = rows[: compiled.limit]
         tasks = tasks_from_bodies([r[0] for r in rows])
         cursor = next_cursor(compiled, rows[-1]) if has_more else None
-        return ApiResponse(tasks, {"nextCursor": cursor, "hasMore": has_more})
+        meta: dict[str, object] = {"nextCursor": cursor, "hasMore": has_more}
+        if total is not None:
+            meta["total"] = int(total)
+        return ApiResponse(tasks, meta)
 
     def count(
         self, filters: Mapping[str, object] | None = None, /, **keywords: object
     ) -> ApiResponse[int]:
         """How many tasks match the filters (same filters as :meth:`search`)."""
         merged = normalise_filters(filters, keywords)
-        merged.pop("cursor", None)
-        merged.pop("limit", None)
+        for paging in ("cursor", "limit", "sort", "total"):
+            merged.pop(paging, None)
         compiled, _ = compile_search(merged)
         with self._store.read() as conn:
             total = fetch_all(conn, compiled.count_sql, compiled.count_params)[0][0]

@@ -322,6 +322,12 @@ class _HTTPServer(ThreadingHTTPServer):
     request_queue_size = 128
     owner: ReferenceServer
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that went away mid-answer (killed, timed out) is normal here.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
 
 class ReferenceServer:
     """A real HTTP server implementing the sync contract, on ``host`` (127.0.0.1).

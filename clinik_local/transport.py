@@ -135,7 +135,7 @@ class Transport:
             answer = self._client.request(
                 method, self._base + path, content=body, headers=all_headers
             )
-        except httpx.ConnectError as exc:
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise _ConnectFailed(f"cannot connect to {self._base}: {type(exc).__name__}") from exc
         except httpx.TimeoutException as exc:
             raise TransportError(f"{method} {path} timed out ({type(exc).__name__})") from exc

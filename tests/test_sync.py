@@ -279,18 +279,19 @@ def test_token_refused_twice_pauses_with_auth_required_until_notify_online(
 
 
 def test_a_failing_token_provider_pauses_sync_without_leaking_its_message(
-    store: TaskStore, server: ReferenceServer, provider: Provider
+    tmp_path: Path, server: ReferenceServer
 ) -> None:
     def broken() -> str:
         raise RuntimeError("vault password is hunter2")
 
-    store.sync._config = make_config(server, broken)
-    store.sync._transport = None
-    store.tasks.create(REQUEST)
-    assert store.sync.flush(timeout=5) is False
-    status = store.sync.status()
+    with TaskStore.open(tmp_path / "b.db", sync=make_config(server, broken)) as st:
+        st.tasks.create(REQUEST)
+        assert st.sync.flush(timeout=5) is False
+        status = st.sync.status()
     assert status.state == "auth_required"
+    assert status.pending == 1
     assert "hunter2" not in str(status.last_error)
+    assert server.tasks() == {}
 
 
 # --- retries ---------------------------------------------------------------------------------

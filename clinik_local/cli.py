@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
@@ -43,6 +44,8 @@ examples:
   clinik-local tasks get task_01J... --db clinic.db --json
   clinik-local tasks search --db clinic.db status=requested,received ownerId=prac_lab_tech
   clinik-local check --db clinic.db
+  CLINIK_TOKEN=secret clinik-local serve --port 8080
+  CLINIK_TOKEN=secret clinik-local sync run --db clinic.db --url http://127.0.0.1:8080/api/v1
 """
 
 
@@ -161,6 +164,73 @@ def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK if not problems else EXIT_PROBLEMS
 
 
+def _cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
+    from .server import serve_forever
+
+    token = os.environ.get(args.token_env) if args.token_env else None
+    serve_forever(args.host, args.port, args.db, token)
+    return EXIT_OK
+
+
+def _sync_store(args: argparse.Namespace) -> TaskStore:
+    from .sync import SyncConfig
+
+    variable = args.token_env
+
+    def token_provider() -> str:
+        token = os.environ.get(variable)
+        if not token:
+            raise SyncError(f"no token: set the environment variable {variable}")
+        return token
+
+    config = SyncConfig(base_url=args.url, token_provider=token_provider, timeout=args.timeout)
+    return TaskStore.open(args.db, sync=config)
+
+
+def _status_dict(store: TaskStore) -> dict[str, object]:
+    import attrs
+
+    return attrs.asdict(store.sync.status())
+
+
+def _cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
+    import attrs
+
+    from .progress import Progress
+
+    with _sync_store(args) as store:
+        sync = store.sync
+        result: object
+        if args.action == "status":
+            result = _status_dict(store)
+        elif args.action == "run":
+            total = sync.status().pending
+            with Progress("syncing changes", total) as bar:
+                unsubscribe = sync.on_status_change(
+                    lambda s: bar.advance(max(total - s.pending - bar.done, 0))
+                )
+                delivered = sync.flush(timeout=args.wait)
+                unsubscribe()
+            result = {"flushed": delivered, "status": _status_dict(store)}
+        elif args.action == "dead-letters":
+            result = [attrs.asdict(d) for d in sync.dead_letters()]
+        elif args.action == "conflicts":
+            result = [attrs.asdict(c) for c in sync.conflicts()]
+        elif args.action == "retry":
+            sync.retry(args.change_id)
+            result = {"retried": args.change_id}
+        else:
+            sync.discard(args.change_id)
+            result = {"discarded": args.change_id}
+    if args.json:
+        _json_out(result, out)
+    else:
+        print(json.dumps(result, ensure_ascii=False, indent=2), file=out)
+    if args.action == "run" and isinstance(result, dict) and not result["flushed"]:
+        return EXIT_SYNC
+    return EXIT_OK
+
+
 def _add_db(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--db", required=required, help="the store file")
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
@@ -219,6 +289,54 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_db(check)
     check.set_defaults(run=_cmd_check)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the reference clinik server (the sync contract) on 127.0.0.1",
+        epilog="example: CLINIK_TOKEN=secret clinik-local serve --port 8080 --db server.db",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--db", default=":memory:", help="the server's own SQLite file")
+    serve.add_argument(
+        "--token-env",
+        default="CLINIK_TOKEN",
+        help="environment variable holding the accepted bearer token (default CLINIK_TOKEN; "
+        "unset: a random token is printed)",
+    )
+    serve.set_defaults(run=_cmd_serve)
+
+    sync = sub.add_parser(
+        "sync",
+        help="sync status, delivery, dead letters and conflicts of a store",
+        epilog="examples:\n  CLINIK_TOKEN=... clinik-local sync run --db clinic.db "
+        "--url https://clinic-host/api/v1\n  clinik-local sync dead-letters --db clinic.db "
+        "--url https://clinic-host/api/v1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sync_sub = sync.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (
+        ("status", "where sync stands: state and outbox counts"),
+        ("run", "deliver every pending change now (progress bar), then print the status"),
+        ("dead-letters", "changes the server refused for good"),
+        ("conflicts", "tasks whose server version moved on (412), both versions"),
+        ("retry", "put a dead letter back in the queue"),
+        ("discard", "drop a dead letter (the local task stays as it is)"),
+    ):
+        p = sync_sub.add_parser(action, help=text)
+        _add_db(p)
+        p.add_argument("--url", required=True, help="the service's API root")
+        p.add_argument(
+            "--token-env",
+            default="CLINIK_TOKEN",
+            help="environment variable with the bearer token (never a command-line argument)",
+        )
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
+        if action == "run":
+            p.add_argument("--wait", type=float, default=300.0, help="give up after N seconds")
+        if action in ("retry", "discard"):
+            p.add_argument("change_id")
+        p.set_defaults(run=_cmd_sync)
     return parser
 
 

@@ -80,7 +80,9 @@ def _read_request(data: str | None) -> object:
 def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     from .demo import run_demo
 
-    return run_demo(db=args.db, tasks=args.tasks, seed=args.seed, out=out)
+    return run_demo(
+        db=args.db, tasks=args.tasks, seed=args.seed, out=out, sync_changes=args.sync_changes
+    )
 
 
 def _cmd_tasks_create(args: argparse.Namespace, out: TextIO) -> int:
@@ -256,6 +258,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "--tasks", type=int, default=100_000, help="tasks to generate (default 100000)"
     )
     demo.add_argument("--seed", type=int, default=7, help="random seed for generated tasks")
+    demo.add_argument(
+        "--sync-changes",
+        type=int,
+        default=2_000,
+        help="changes made offline, then synced to a local reference server (0: skip)",
+    )
     demo.set_defaults(run=_cmd_demo)
 
     tasks = sub.add_parser("tasks", help="create, get and search tasks (JSON in and out)")

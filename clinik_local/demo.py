@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from .model import TaskIntent, TaskPriority, TaskStatus
 from .progress import Progress
+from .server import ReferenceServer
 from .store import TaskStore
 
 __all__ = ["SEED_LAB_ORDER", "generate_requests", "run_demo"]
@@ -159,8 +160,95 @@ def _cursor_at_depth(store: TaskStore, depth: int) -> str | None:
     return cursor
 
 
+def _server_task_count(server: ReferenceServer) -> int:
+    count = 0
+    query: dict[str, str] = {"limit": "1000"}
+    while True:
+        page = server.search(query)
+        data = page["data"]
+        meta = page["meta"]
+        assert isinstance(data, list)
+        assert isinstance(meta, dict)
+        count += len(data)
+        if not meta["hasMore"]:
+            return count
+        query["cursor"] = str(meta["nextCursor"])
+
+
+def _sync_demo(changes: int, seed: int, rows: list[tuple[str, str, float]]) -> None:
+    """Offline -> online: changes made with the service unreachable, then drained.
+
+    A reference server (the sync contract, on 127.0.0.1) is started on a port that
+    first refuses connections, so the store really is offline while staff work.
+    """
+    from .sync import SyncConfig
+
+    probe = ReferenceServer()
+    port = probe.port
+    probe.stop()  # the port now refuses connections: the service is "down"
+    token = "demo-token"  # noqa: S105 - the demo server's throwaway token
+    config = SyncConfig(
+        base_url=f"http://127.0.0.1:{port}/api/v1",
+        token_provider=lambda: token,
+        timeout=2.0,
+        backoff_base=0.05,
+        backoff_cap=0.5,
+    )
+    with TaskStore.open(":memory:", sync=config) as store:
+        store.sync.start()
+        t0 = time.perf_counter()
+        created = store.tasks.create_many(list(generate_requests(changes, seed + 1))).data
+        rng = random.Random(seed)
+        for task in rng.sample(created, k=len(created) // 10):
+            store.tasks.update(task.id or "", {"note": "Called the patient; confirmed time."})
+        for task in rng.sample(created, k=len(created) // 20):
+            store.tasks.delete(task.id or "")
+        offline_seconds = time.perf_counter() - t0
+        waiting = store.sync.status()
+        rows.append(
+            (
+                "offline: create/update/delete",
+                f"{waiting.pending:,} changes queued ({waiting.state})",
+                offline_seconds,
+            )
+        )
+        with ReferenceServer(port=port, token=token) as server:
+            t0 = time.perf_counter()
+            store.sync.notify_online()
+            with Progress("outbox draining", waiting.pending) as bar:
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    if store.sync.flush(timeout=0.2):
+                        bar.advance(waiting.pending - bar.done)
+                        break
+                    bar.advance(waiting.pending - store.sync.status().pending - bar.done)
+            drained = time.perf_counter() - t0
+            final = store.sync.status()
+            local = store.tasks.count().data
+            remote = _server_task_count(server)
+        rows.append(
+            (
+                "online: outbox drained",
+                f"{waiting.pending / max(drained, 1e-9):,.0f} changes/s, now {final.state}",
+                drained,
+            )
+        )
+        rows.append(
+            (
+                "final sync status",
+                f"pending {final.pending}, dead {final.dead}, conflicts {final.conflicts}",
+                0.0,
+            )
+        )
+        rows.append(("tasks: local = server", f"{local:,} = {remote:,}", 0.0))
+
+
 def run_demo(
-    db: str = ":memory:", tasks: int = 100_000, seed: int = 7, out: TextIO | None = None
+    db: str = ":memory:",
+    tasks: int = 100_000,
+    seed: int = 7,
+    out: TextIO | None = None,
+    sync_changes: int = 2_000,
 ) -> int:
     """Run the demo and print its report to ``out``; returns the exit code (0)."""
     import sys
@@ -217,6 +305,8 @@ def run_demo(
             )
 
         counts = store.table_counts()
+    if sync_changes > 0:
+        _sync_demo(sync_changes, seed, rows)
     total_elapsed = time.perf_counter() - started
 
     print(
@@ -227,7 +317,12 @@ def run_demo(
     print(f"{'step':<{width}}  {'result':<34} {'time':>12}", file=out)
     print(f"{'-' * width}  {'-' * 34} {'-' * 12}", file=out)
     for step, result, seconds in rows:
-        shown = f"{seconds * 1e6:,.0f} µs" if seconds < 0.01 else f"{seconds * 1e3:,.1f} ms"
+        if seconds == 0:
+            shown = ""
+        elif seconds < 0.01:
+            shown = f"{seconds * 1e6:,.0f} µs"
+        else:
+            shown = f"{seconds * 1e3:,.1f} ms"
         print(f"{step:<{width}}  {result:<34} {shown:>12}", file=out)
     print(
         f"\ntasks {counts['tasks']:,} · history rows {counts['task_history']:,} · "

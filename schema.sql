@@ -54,7 +54,9 @@ CREATE TABLE tasks (
 --   periodStart on tasks_by_period_start. periodEnd, dueBefore, overdue and the `due`
 --   sort use tasks_by_due, on ifnull(period_end, '~'): '~' sorts after every
 --   instant, so a task without a due date sorts last ascending and keyset cursors never
---   compare NULLs.
+--   compare NULLs. tasks_open_by_due holds only tasks not in a terminal status
+--   (search.py writes the same `status NOT IN (...)` term, so the planner matches
+--   it): overdue / dueBefore seek it, and its size is the open work, not the history.
 -- * Sorts not listed (e.g. `status` alone, mixed directions, a range filter on
 --   another date than authoredOn) may sort the matching rows in a temp b-tree; the
 --   filter itself is still index-served (see search.py's docstring).
@@ -63,6 +65,8 @@ CREATE INDEX tasks_by_authored    ON tasks (authored_on, id);
 CREATE INDEX tasks_by_modified    ON tasks (last_modified, id);
 CREATE INDEX tasks_by_period_start ON tasks (period_start, id);
 CREATE INDEX tasks_by_due         ON tasks (ifnull(period_end, '~'), id);
+CREATE INDEX tasks_open_by_due    ON tasks (ifnull(period_end, '~'), id)
+    WHERE status NOT IN ('cancelled', 'completed', 'failed', 'rejected');
 CREATE INDEX tasks_by_patient     ON tasks (patient_id, authored_on, id);
 CREATE INDEX tasks_by_owner       ON tasks (owner_id, authored_on, id);
 CREATE INDEX tasks_worklist       ON tasks (owner_id, priority_rank, authored_on, id);

@@ -806,7 +806,7 @@ def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | 
     sql_desc = [desc != SORT_KEYS[k].inverted for k, desc in sort]
     kinds = [SORT_KEYS[k].is_int for k, _ in sort]
     exprs.append("id")
-    sql_desc.append(sql_desc[-1])
+    sql_desc.append(sort[-1][1])  # ties by id, in the wire direction of the last key
     canonical["sort"] = [[k, d] for k, d in sort]
     fingerprint = hashlib.sha256(
         json.dumps(canonical, sort_keys=True, default=str).encode()

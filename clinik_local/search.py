@@ -74,6 +74,10 @@ lists become one UNION ALL arm per value, merged in order by SQLite. A temp b-tr
 used, over the matching rows only, where no index delivers the order: membership,
 input/output and text filters (their matches come from side tables), date ranges on
 another column than the sort's, sorts not listed in schema.sql, and mixed directions.
+Those pages cost time in proportion to the number of matching tasks (each is looked up
+to be sorted): well under a millisecond for a distinctive word or a task's children,
+tens of milliseconds for a word found in a third of 100 000 tasks. (An FTS5 rowid
+probe per task of the sort index was measured and is far slower, so it is not used.)
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ with the client. Reported (best of ``--repeat``):
 3. the ratio drain / bare (goal >= 0.7);
 4. single ``store.tasks.create`` calls per second on a file store without sync, with
    sync configured (worker stopped), and with the worker running against the server.
+
+``--server minimal`` swaps in a server that validates and keeps nothing (it only
+answers 201 with a versionId), so that the ratio shows the client's own overhead.
 """
 
 from __future__ import annotations
@@ -38,13 +41,40 @@ from clinik_local.sync import SyncConfig
 TOKEN = "bench-token"
 
 
+#: A minimal keep-alive server answering every write with 201 and a versionId: it does
+#: no validation and keeps nothing, so the client side's own cost shows in the ratio.
+MINIMAL_SERVER = """
+import itertools, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+counter = itertools.count(1)
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    def log_message(self, *args): pass
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = b'{"data":{"versionId":"%d","lastModified":"2025-01-01T00:00:00.000Z"}}' % next(
+            counter)
+        self.send_response(201)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+print("listening on http://127.0.0.1:%d/api/v1" % server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+SERVER_KIND = "reference"
+
+
 @contextmanager
 def server_process() -> Iterator[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clinik_local.server", "--port", "0", "--token", TOKEN],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    if SERVER_KIND == "minimal":
+        command = [sys.executable, "-c", MINIMAL_SERVER]
+    else:
+        command = [sys.executable, "-m", "clinik_local.server", "--port", "0", "--token", TOKEN]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         words = proc.stdout.readline().split()
@@ -116,16 +146,33 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, default=3000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--server",
+        choices=("reference", "minimal"),
+        default="reference",
+        help="the reference server, or a minimal one that only answers 201",
+    )
     args = parser.parse_args()
-    bare = max(bare_loop(args.count) for _ in range(args.repeat))
-    drain = max(sync_drain(args.count) for _ in range(args.repeat))
+    global SERVER_KIND
+    SERVER_KIND = args.server
+    print(f"server: {args.server}, own process; {args.count} changes, best of {args.repeat}")
+    bares: list[float] = []
+    drains: list[float] = []
+    for _ in range(args.repeat):  # interleaved, so both see the same machine load
+        bares.append(bare_loop(args.count))
+        drains.append(sync_drain(args.count))
+    bare, drain = max(bares), max(drains)
     print(f"bare httpx keep-alive loop : {bare:8.0f} requests/s")
     print(f"sync drain (flush)         : {drain:8.0f} changes/s")
     print(f"ratio drain / bare         : {drain / bare:8.2f}  (goal >= 0.70)")
-    rates = {
-        m: max(creates(args.count, m) for _ in range(args.repeat))
-        for m in ("no sync", "sync configured", "sync running")
-    }
+    if args.server == "minimal":
+        return
+    modes = ("no sync", "sync configured", "sync running")
+    runs: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(args.repeat):
+        for mode in modes:
+            runs[mode].append(creates(args.count, mode))
+    rates = {m: max(r) for m, r in runs.items()}
     for mode, rate in rates.items():
         print(f"create, {mode:<19}: {rate:8.0f} tasks/s  ({rate / rates['no sync']:.2f}x)")
 

@@ -41,7 +41,9 @@ import math
 import random
 import threading
 import time
+import zlib
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -97,6 +99,8 @@ class SyncConfig:
     ``backoff_base``/``backoff_cap`` (seconds) shape the retry delays: a full-jitter
     delay in ``[0, min(cap, base * 2**attempts))``. ``timeout`` bounds each request.
     ``batch_size`` outbox rows are read, marked and recorded per transaction.
+    ``lanes`` connections send at once; each task's changes always go through the
+    same lane, one after another, so per-task order holds.
     ``ca_bundle``: a CA file to trust instead of the system's (TLS is always verified).
     """
 
@@ -104,6 +108,7 @@ class SyncConfig:
     token_provider: Callable[[], str] = attrs.field(validator=_check_provider, repr=False)
     timeout: float = attrs.field(default=10.0, validator=_positive("timeout", 0.001, 3600))
     batch_size: int = attrs.field(default=200, validator=_positive("batch_size", 1, 10_000))
+    lanes: int = attrs.field(default=2, validator=_positive("lanes", 1, 16))
     backoff_base: float = attrs.field(default=1.0, validator=_positive("backoff_base", 0, 3600))
     backoff_cap: float = attrs.field(default=300.0, validator=_positive("backoff_cap", 0, 86_400))
     max_retry_after: float = attrs.field(
@@ -252,6 +257,7 @@ class SyncEngine:
         self._store = store
         self._config = config
         self._transport: Transport | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self._rng = random.Random(config.jitter_seed)
         self._wake = threading.Event()
         self._pass_lock = threading.Lock()
@@ -291,6 +297,9 @@ class SyncEngine:
             thread.join()
         self._thread = None
         with self._pass_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
             if self._transport is not None:
                 self._transport.close()
                 self._transport = None
@@ -625,6 +634,7 @@ class SyncEngine:
                 timeout=config.timeout,
                 allow_insecure_http=config.allow_insecure_http,
                 ca_bundle=config.ca_bundle,
+                lanes=config.lanes,
             )
         return self._transport
 
@@ -684,24 +694,52 @@ class SyncEngine:
                 "UPDATE outbox SET state = 'in_flight' WHERE seq = ? AND state = 'pending'",
                 [(row.seq,) for row in batch],
             )
+        halt = threading.Event()
+        lanes = self._config.lanes
+        self._get_transport()  # made here, once, before any lane thread asks for it
+        if lanes == 1 or len(batch) < 2 * lanes:
+            outcomes = self._send_lane(batch, blocked, halt, 0)
+        else:
+            # Each task's changes stay in one lane, in order; lanes overlap one
+            # request's round trip with another's, over their own connections.
+            parts: list[list[_Row]] = [[] for _ in range(lanes)]
+            for row in batch:
+                parts[zlib.crc32(row.task_id.encode()) % lanes].append(row)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(lanes - 1, thread_name_prefix="clinik-sync-lane")
+            futures = [
+                self._pool.submit(self._send_lane, part, blocked, halt, lane)
+                for lane, part in enumerate(parts[1:], start=1)
+            ]
+            outcomes = self._send_lane(parts[0], blocked, halt, 0)
+            for future in futures:
+                outcomes.extend(future.result())
+        stop: _StopPass | None = _StopPass() if halt.is_set() else None
+        self._record(outcomes)
+        self._emit()
+        if stop is not None:
+            raise stop
+
+    def _send_lane(
+        self, rows: list[_Row], blocked: set[str], halt: threading.Event, lane: int
+    ) -> list[_Outcome]:
+        """Send rows in order; a task that fails stops its later rows (not others')."""
         outcomes: list[_Outcome] = []
         versions: dict[str, str | None] = {}
-        stop: _StopPass | None = None
-        for index, row in enumerate(batch):
+        for index, row in enumerate(rows):
             if row.task_id in blocked:
                 outcomes.append(("unsent", row, {}))
                 continue
-            if self._stopping:
-                stop = _StopPass()
-            if stop is not None:
-                outcomes.extend(("unsent", r, {}) for r in batch[index:])
+            if self._stopping or halt.is_set():
+                halt.set()
+                outcomes.extend(("unsent", r, {}) for r in rows[index:])
                 break
             version = versions.get(row.task_id, row.server_version)
             try:
-                outcome = self._deliver(row, version)
-            except _StopPass as exc:
-                stop = exc
-                outcomes.extend(("unsent", r, {}) for r in batch[index:])
+                outcome = self._deliver(row, version, lane)
+            except _StopPass:
+                halt.set()
+                outcomes.extend(("unsent", r, {}) for r in rows[index:])
                 break
             outcomes.append(outcome)
             kind, _, extra = outcome
@@ -709,12 +747,9 @@ class SyncEngine:
                 versions[row.task_id] = extra.get("version")
             else:
                 blocked.add(row.task_id)
-        self._record(outcomes)
-        self._emit()
-        if stop is not None:
-            raise stop
+        return outcomes
 
-    def _deliver(self, row: _Row, version: str | None) -> _Outcome:
+    def _deliver(self, row: _Row, version: str | None, lane: int) -> _Outcome:
         """Send one change and classify the answer (raises _StopPass to end the pass)."""
         headers = {"Idempotency-Key": row.change_id}
         body: bytes | None = None
@@ -732,7 +767,7 @@ class SyncEngine:
             body = _wire_body(row.payload or "{}", row.task_id)
         transport = self._get_transport()
         try:
-            answer = self._send(transport, method, path, body, headers)
+            answer = self._send(transport, method, path, body, headers, lane)
         except _ConnectFailed as exc:
             self._last_error = str(exc)
             self._offline_attempts += 1
@@ -784,11 +819,12 @@ class SyncEngine:
         path: str,
         body: bytes | None,
         headers: dict[str, str],
+        lane: int,
     ) -> Response:
-        answer = transport.request(method, path, body=body, headers=headers)
+        answer = transport.request(method, path, body=body, headers=headers, lane=lane)
         if answer.status == 401:
             transport.refresh_token()  # ask the provider once more, then retry once
-            answer = transport.request(method, path, body=body, headers=headers)
+            answer = transport.request(method, path, body=body, headers=headers, lane=lane)
         return answer
 
     def _pause_for_auth(self, message: str) -> _Outcome:

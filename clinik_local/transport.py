@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
+import threading
 from collections.abc import Callable, Mapping
 
 import attrs
@@ -69,7 +70,11 @@ def check_base_url(base_url: object, allow_insecure_http: bool) -> str:
 
 
 class Transport:
-    """Sends requests to the remote service over one pooled keep-alive connection."""
+    """Sends requests to the remote service over keep-alive connections, one per lane.
+
+    Each lane is its own httpx client holding one connection, used by one thread at a
+    time; the token is shared by the lanes.
+    """
 
     def __init__(
         self,
@@ -79,41 +84,48 @@ class Transport:
         timeout: float,
         allow_insecure_http: bool = False,
         ca_bundle: str | None = None,
+        lanes: int = 1,
     ) -> None:
         self._base = check_base_url(base_url, allow_insecure_http)
         self._provider = token_provider
         self._token: str | None = None
+        self._token_lock = threading.Lock()
         verify: ssl.SSLContext | bool = True
         if ca_bundle is not None:
             verify = ssl.create_default_context(cafile=ca_bundle)
-        self._client = httpx.Client(
-            timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=4, max_keepalive_connections=4),
-            verify=verify,
-            headers={"Content-Type": "application/json", "Accept": "application/json"},
-            follow_redirects=False,
-        )
+        self._clients = [
+            httpx.Client(
+                timeout=httpx.Timeout(timeout),
+                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                verify=verify,
+                headers={"Content-Type": "application/json", "Accept": "application/json"},
+                follow_redirects=False,
+            )
+            for _ in range(lanes)
+        ]
 
     def __repr__(self) -> str:  # no token here, ever
         return f"<Transport {self._base}>"
 
     def _current_token(self) -> str:
-        if self._token is None:
-            self.refresh_token()
-        assert self._token is not None
-        return self._token
+        token = self._token
+        if token is None:
+            token = self.refresh_token()
+        return token
 
-    def refresh_token(self) -> None:
+    def refresh_token(self) -> str:
         """Ask the provider for a token (again). AuthError if it fails or gives nothing."""
-        try:
-            token = self._provider()
-        except Exception as exc:
-            self._token = None
-            raise AuthError(f"the token provider failed ({type(exc).__name__})") from None
-        if not isinstance(token, str) or not token:
-            self._token = None
-            raise AuthError("the token provider returned no token")
-        self._token = token
+        with self._token_lock:
+            try:
+                token = self._provider()
+            except Exception as exc:
+                self._token = None
+                raise AuthError(f"the token provider failed ({type(exc).__name__})") from None
+            if not isinstance(token, str) or not token:
+                self._token = None
+                raise AuthError("the token provider returned no token")
+            self._token = token
+            return token
 
     def forget_token(self) -> None:
         """Drop the in-memory token; the next request asks the provider."""
@@ -126,13 +138,14 @@ class Transport:
         *,
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
+        lane: int = 0,
     ) -> Response:
         """Send one request; TransportError on network failure (connect, read, timeout)."""
         all_headers = {"Authorization": f"Bearer {self._current_token()}"}
         if headers:
             all_headers.update(headers)
         try:
-            answer = self._client.request(
+            answer = self._clients[lane].request(
                 method, self._base + path, content=body, headers=all_headers
             )
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -144,8 +157,9 @@ class Transport:
         return Response(answer.status_code, answer.text, answer.headers.get("Retry-After"))
 
     def close(self) -> None:
-        """Close the pooled connections."""
-        self._client.close()
+        """Close every lane's connection."""
+        for client in self._clients:
+            client.close()
 
 
 class _ConnectFailed(TransportError):

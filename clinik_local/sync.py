@@ -7,10 +7,11 @@
   the server already applied (the answer was lost) is answered from the server's
   idempotency store and applied only once.
 - **No network I/O inside a transaction.** A pass reads a batch of rows (a short read),
-  marks them ``in_flight`` (a short write), sends them one by one over a keep-alive
-  connection *outside* any transaction, then records every answer of the batch in one
-  short write. Local writes never wait for the network. Rows still ``in_flight`` when
-  the process died are sent again, with the same key, by the next engine on the file.
+  marks them ``in_flight`` (a short write), sends them *outside* any transaction over
+  ``SyncConfig.lanes`` keep-alive connections (all changes of one task in the same
+  lane, one after another), then records every answer of the batch in one short
+  write. Local writes never wait for the network. Rows still ``in_flight`` when the
+  process died are sent again, with the same key, by the next engine on the file.
 - **Per-task order, no head-of-line blocking.** Changes of one task go in the order
   they were made; a task whose change is parked (dead letter, conflict) or backing off
   holds back its own later changes only, never another task's.

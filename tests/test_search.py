@@ -176,6 +176,10 @@ HOSTILE = [
     "\u202ecbc",
     "+cbc",
     "{description note}: cbc",
+    "\u0301",
+    "\U000f0000",
+    "\u0300\u0301 cbc",
+    "_",
 ]
 
 

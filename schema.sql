@@ -128,7 +128,8 @@ CREATE TRIGGER tasks_derive_insert AFTER INSERT ON tasks BEGIN
     INSERT INTO task_text (rowid, description, note, business_status, code, io_values)
         VALUES (
             new.seq, json_extract(new.body, '$.description'),
-            json_extract(new.body, '$.note'), new.business_status, new.code,
+            json_extract(new.body, '$.note'), json_extract(new.body, '$.businessStatus'),
+            json_extract(new.body, '$.code'),
             (SELECT group_concat(value, ' ') FROM task_io WHERE seq = new.seq)
         );
 END;
@@ -158,7 +159,8 @@ WHEN old.body IS NOT new.body BEGIN
     INSERT INTO task_text (rowid, description, note, business_status, code, io_values)
         VALUES (
             new.seq, json_extract(new.body, '$.description'),
-            json_extract(new.body, '$.note'), new.business_status, new.code,
+            json_extract(new.body, '$.note'), json_extract(new.body, '$.businessStatus'),
+            json_extract(new.body, '$.code'),
             (SELECT group_concat(value, ' ') FROM task_io WHERE seq = new.seq)
         );
 END;

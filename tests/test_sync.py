@@ -336,13 +336,15 @@ def test_a_backing_off_task_does_not_hold_back_other_tasks(
     store: TaskStore, server: ReferenceServer
 ) -> None:
     server.faults.retry_after = "30"
-    server.faults.script = ["rate_limit"]
-    slow = store.tasks.create({**REQUEST, "note": "first"}).data
-    others = [str(store.tasks.create(REQUEST).data.id) for _ in range(5)]
+    server.faults.script = ["rate_limit"]  # whichever change arrives first waits 30 s
+    ids = {str(store.tasks.create({**REQUEST, "note": f"n{n}"}).data.id) for n in range(6)}
     status = store.sync.run_once()
-    assert set(server.tasks()) == set(others)
+    delivered = set(server.tasks())
+    assert len(delivered) == 5
+    [waiting] = ids - delivered
     assert status.state == "backoff"
-    assert store.tasks.get(str(slow.id)).meta["syncState"] == "pending"
+    assert status.pending == 1
+    assert store.tasks.get(waiting).meta["syncState"] == "pending"
 
 
 def test_unreachable_service_reports_offline_and_notify_online_retries_at_once(

@@ -76,8 +76,12 @@ input/output and text filters (their matches come from side tables), date ranges
 another column than the sort's, sorts not listed in schema.sql, and mixed directions.
 Those pages cost time in proportion to the number of matching tasks (each is looked up
 to be sorted): well under a millisecond for a distinctive word or a task's children,
-tens of milliseconds for a word found in a third of 100 000 tasks. (An FTS5 rowid
-probe per task of the sort index was measured and is far slower, so it is not used.)
+tens of milliseconds for a word found in a third of 100 000 tasks. A membership or
+input/output filter that matches many tasks (a bounded count decides; see
+:func:`page_query`) is served the other way round: the sort index is walked and each
+task's membership is one index probe, so a common value costs about limit * n / matches
+probes instead. (For text an FTS5 rowid probe per task was measured and is far slower,
+so text always takes the first way.)
 """
 
 from __future__ import annotations
@@ -85,9 +89,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -107,6 +112,7 @@ __all__ = [
     "compile_search",
     "next_cursor",
     "normalise_filters",
+    "page_query",
     "parse_date_range",
 ]
 
@@ -214,6 +220,9 @@ class CompiledSearch:
     fingerprint: str
     total: bool = False
     key_count: int = 1
+    #: (probe sql, probe params, page sql, page params) of the membership-probing
+    #: variant, for a search with one basedOn/partOf/input/output filter.
+    dense: tuple[str, tuple[object, ...], str, tuple[object, ...]] | None = None
 
 
 def normalise_filters(
@@ -544,7 +553,7 @@ def _instant_of(name: str, value: datetime) -> str:
         raise ValidationError.single(name, str(exc), value) from None
 
 
-def _parse_refs(name: str, raw: object) -> tuple[str, list[object], list[str]]:
+def _parse_refs(name: str, raw: object) -> tuple[tuple[str, str], list[object], list[str]]:
     values: list[str] = []
     for v in _split(name, raw, allow_none=False):
         if not isinstance(v, str) or not is_valid_id(v):
@@ -552,11 +561,12 @@ def _parse_refs(name: str, raw: object) -> tuple[str, list[object], list[str]]:
         values.append(v)
     values = sorted(set(values))
     marks = ", ".join("?" * len(values))
-    sql = f"seq IN (SELECT seq FROM task_refs WHERE kind = '{name}' AND ref IN ({marks}))"
-    return sql, list(values), values
+    return ("task_refs", f"kind = '{name}' AND ref IN ({marks})"), list(values), values
 
 
-def _parse_io(name: str, raw: object) -> tuple[str, list[object], list[list[str | None]]]:
+def _parse_io(
+    name: str, raw: object
+) -> tuple[tuple[str, str], list[object], list[list[str | None]]]:
     items: list[Any] = [raw] if isinstance(raw, Mapping) else _split(name, raw, allow_none=False)
     pairs: set[tuple[str, str | None]] = set()
     for item in items:
@@ -592,11 +602,8 @@ def _parse_io(name: str, raw: object) -> tuple[str, list[object], list[list[str 
         else:
             alternatives.append("(type = ? AND value = ?)")
             params.extend((kind, value))
-    sql = (
-        f"seq IN (SELECT seq FROM task_io WHERE direction = '{name}' AND "
-        f"({' OR '.join(alternatives)}))"
-    )
-    return sql, params, [[k, v] for k, v in ordered]
+    where = f"direction = '{name}' AND ({' OR '.join(alternatives)})"
+    return ("task_io", where), params, [[k, v] for k, v in ordered]
 
 
 def _is_word_char(ch: str) -> bool:
@@ -766,6 +773,7 @@ def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | 
     cursor: object = None
     total = False
     sort = [("authoredOn", True)]
+    side: list[tuple[int, str, str, list[object]]] = []  # membership terms
     for name, raw in merged.items():
         if name == "limit":
             limit = _limit(raw)
@@ -781,10 +789,13 @@ def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | 
             canonical[name] = [eq.include, eq.exclude, eq.missing]
         elif name in DATE_FILTERS:
             terms.append(_record(canonical, name, _parse_date(name, DATE_FILTERS[name], raw)))
-        elif name in _REFS:
-            terms.append(_record(canonical, name, _parse_refs(name, raw)))
-        elif name in _IO:
-            terms.append(_record(canonical, name, _parse_io(name, raw)))
+        elif name in _REFS or name in _IO:
+            (table, side_where), side_params, canon = (
+                _parse_refs(name, raw) if name in _REFS else _parse_io(name, raw)
+            )
+            canonical[name] = canon
+            side.append((len(terms), table, side_where, side_params))
+            terms.append((f"seq IN (SELECT seq FROM {table} WHERE {side_where})", side_params))
         elif name == "text":
             terms.append(_record(canonical, name, _parse_text(raw)))
         elif name == "dueBefore":
@@ -864,36 +875,70 @@ def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | 
         params.extend(keyset_params)
         after = str(key[-1])
 
-    columns = ", ".join(["body", *exprs])
-    if not arm_list:
-        order = ", ".join(
-            f"{e} {'DESC' if d else 'ASC'}" for e, d in zip(exprs, sql_desc, strict=True)
-        )
-        page_sql = (
-            f"SELECT {columns} FROM tasks WHERE {' AND '.join(where) or '1'} "
-            f"ORDER BY {order} LIMIT ?"
-        )
-        page_params = [*params, limit + 1]
-    else:
+    def assemble(where: list[str], params: list[object]) -> tuple[str, tuple[object, ...]]:
+        columns = ", ".join(["body", *exprs])
+        if not arm_list:
+            order = ", ".join(
+                f"{e} {'DESC' if d else 'ASC'}" for e, d in zip(exprs, sql_desc, strict=True)
+            )
+            sql = (
+                f"SELECT {columns} FROM tasks WHERE {' AND '.join(where) or '1'} "
+                f"ORDER BY {order} LIMIT ?"
+            )
+            return sql, (*params, limit + 1)
         selects = []
-        page_params = []
+        page_params: list[object] = []
         for arm_sql, arm_params in arm_list:
             selects.append(f"SELECT {columns} FROM tasks WHERE {' AND '.join([arm_sql, *where])}")
             page_params.extend([*arm_params, *params])
         order = ", ".join(f"{i + 2} {'DESC' if d else 'ASC'}" for i, d in enumerate(sql_desc))
-        page_sql = f"{' UNION ALL '.join(selects)} ORDER BY {order} LIMIT ?"
-        page_params.append(limit + 1)
+        return f"{' UNION ALL '.join(selects)} ORDER BY {order} LIMIT ?", (*page_params, limit + 1)
+
+    page_sql, page_params = assemble(where, params)
+    dense: tuple[str, tuple[object, ...], str, tuple[object, ...]] | None = None
+    if len(side) == 1 and "text" not in canonical:
+        # When many tasks match, walking the sort order and probing membership per
+        # task beats looking up and sorting every match: page_query() picks.
+        index, table, side_where, side_params = side[0]
+        dense_where = list(where)
+        dense_where[index] = (
+            f"EXISTS (SELECT 1 FROM {table} AS m WHERE m.seq = tasks.seq AND {side_where})"
+        )
+        probe = f"SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {side_where} LIMIT ?)"
+        dense = (probe, tuple(side_params), *assemble(dense_where, params))
     compiled = CompiledSearch(
         page_sql,
-        tuple(page_params),
+        page_params,
         count_sql,
         tuple(count_params),
         limit,
         fingerprint,
         total,
         len(exprs),
+        dense,
     )
     return compiled, after
+
+
+#: A membership filter matching at least max(DENSE_MIN_MATCHES, isqrt(DENSE_FACTOR * n))
+#: of n tasks is served by walking the sort order (about limit * n / matches probes)
+#: rather than by sorting every match.
+DENSE_MIN_MATCHES = 256
+DENSE_FACTOR = 64
+
+
+def page_query(
+    compiled: CompiledSearch, scalar: Callable[[str, tuple[object, ...]], int]
+) -> tuple[str, tuple[object, ...]]:
+    """The page SQL and parameters to run; ``scalar`` runs a one-number query."""
+    if compiled.dense is None:
+        return compiled.page_sql, compiled.page_params
+    probe_sql, probe_params, dense_sql, dense_params = compiled.dense
+    size = scalar("SELECT ifnull(max(seq), 0) FROM tasks", ())
+    threshold = max(DENSE_MIN_MATCHES, math.isqrt(DENSE_FACTOR * size))
+    if scalar(probe_sql, (*probe_params, threshold)) >= threshold:
+        return dense_sql, dense_params
+    return compiled.page_sql, compiled.page_params
 
 
 def next_cursor(compiled: CompiledSearch, last_row: tuple[Any, ...]) -> str:

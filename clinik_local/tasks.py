@@ -28,7 +28,7 @@ from .ids import ID_PATTERN, is_valid_id, new_task_id
 from .lifecycle import transition_problem
 from .model import ApiResponse, Task, TaskPriority
 from .outbox import STATE_BY_RANK, SYNC_RANK_SUBQUERY, enqueue, enqueue_many, sync_state_of
-from .search import compile_search, next_cursor, normalise_filters
+from .search import compile_search, next_cursor, normalise_filters, page_query
 from .store import fetch_all
 
 if TYPE_CHECKING:
@@ -396,7 +396,8 @@ class TasksResource:
         """
         compiled, _ = compile_search(normalise_filters(filters, keywords))
         with self._store.read() as conn:
-            rows = fetch_all(conn, compiled.page_sql, compiled.page_params)
+            sql, params = page_query(compiled, lambda s, p: int(fetch_all(conn, s, p)[0][0]))
+            rows = fetch_all(conn, sql, params)
             total = (
                 fetch_all(conn, compiled.count_sql, compiled.count_params)[0][0]
                 if compiled.total

@@ -9,7 +9,7 @@ import pytest
 
 from clinik_local import TaskStore
 from clinik_local.errors import ClinikError, ValidationError
-from clinik_local.search import compile_search, normalise_filters, parse_date_range
+from clinik_local.search import compile_search, normalise_filters, page_query, parse_date_range
 
 
 @pytest.fixture
@@ -457,3 +457,27 @@ def test_terminal_statuses_match_the_lifecycle_and_the_partial_index() -> None:
 
     assert set(TERMINAL_STATUSES) == {s.value for s in TERMINAL}
     assert f"WHERE {_NOT_TERMINAL};" in schema_sql()
+
+
+def test_a_common_membership_filter_walks_the_sort_order_and_agrees(planned: TaskStore) -> None:
+    for filters in ({"input": "lab-panel"}, {"input": "lab-panel|CBC", "sort": "due"}):
+        compiled, _ = compile_search(normalise_filters(dict(filters, limit=1000), {}))
+        assert compiled.dense is not None
+        with planned.read() as conn:
+            sql, params = page_query(
+                compiled, lambda s, p: int(str(conn.execute(s, p).fetchall()[0][0]))
+            )
+            assert sql == compiled.dense[2]
+            lines = [str(r[3]) for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+            dense_rows = conn.execute(sql, params).fetchall()
+            sparse_rows = conn.execute(compiled.page_sql, compiled.page_params).fetchall()
+        assert not any("TEMP B-TREE" in line for line in lines), lines
+        assert not any(line == "SCAN tasks" for line in lines), lines
+        assert dense_rows == sparse_rows
+
+
+def test_a_rare_membership_filter_looks_up_its_few_matches(planned: TaskStore) -> None:
+    compiled, _ = compile_search(normalise_filters({"partOf": "t_1"}, {}))
+    with planned.read() as conn:
+        sql, _ = page_query(compiled, lambda s, p: int(str(conn.execute(s, p).fetchall()[0][0])))
+    assert sql == compiled.page_sql

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from clinik_local import TaskStore
 from clinik_local.errors import ValidationError
 from clinik_local.model import Task
+from clinik_local.search import compile_search, normalise_filters
 
 # --- task generation ------------------------------------------------------------------
 
@@ -450,6 +451,11 @@ def test_search_pages_equal_the_reference_in_order_and_count_agrees(
         sizes = iter(page_sizes * 50)
         pages = list(all_pages(store, query, lambda: next(sizes)))
         assert [i for p in pages for i in p] == expected
+        compiled, _ = compile_search(normalise_filters(dict(query, limit=1000), {}))
+        if compiled.dense is not None:  # the membership-probing variant agrees too
+            with store.read() as conn:
+                rows = conn.execute(compiled.dense[2], compiled.dense[3]).fetchall()
+            assert [r[-1] for r in rows] == expected
         assert store.tasks.count(chosen).data == len(expected)
         first = store.tasks.search(dict(query, total=True, limit=3))
         assert first.meta["total"] == len(expected)

@@ -11,6 +11,8 @@ Everything a user may touch is exported here; every other name is private.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .codec import MAX_LIST_ITEMS, TEXT_LIMITS, decode_task, encode_task
 from .errors import (
     AuthError,
@@ -48,6 +50,33 @@ from .model import (
 from .store import TaskStore
 from .tasks import TasksResource
 
+if TYPE_CHECKING:
+    from .server import Faults, ReferenceServer
+    from .sync import DeadLetter, SyncConfig, SyncConflict, SyncEngine, SyncStatus
+
+# Sync and the reference server pull in httpx and http.server; they load on first use
+# so that `import clinik_local` stays cheap for apps (and test suites) that never sync.
+_LAZY = {
+    "DeadLetter": "sync",
+    "SyncConfig": "sync",
+    "SyncConflict": "sync",
+    "SyncEngine": "sync",
+    "SyncStatus": "sync",
+    "Faults": "server",
+    "ReferenceServer": "server",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'clinik_local' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -60,6 +89,8 @@ __all__ = [
     "ClinikError",
     "ConflictError",
     "CorruptStoreError",
+    "DeadLetter",
+    "Faults",
     "FieldError",
     "ForeignFileError",
     "IllegalTransitionError",
@@ -67,11 +98,16 @@ __all__ = [
     "NotFoundError",
     "Period",
     "ReadOnlyStoreError",
+    "ReferenceServer",
     "Restriction",
     "StorageError",
     "StoreFullError",
     "StoreLockedError",
+    "SyncConfig",
+    "SyncConflict",
+    "SyncEngine",
     "SyncError",
+    "SyncStatus",
     "Task",
     "TaskExistsError",
     "TaskInputOutput",

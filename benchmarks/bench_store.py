@@ -173,7 +173,7 @@ def main() -> None:
             (body,) = raw.execute(
                 "SELECT body FROM tasks WHERE id = ?", (ids[k % len(ids)],)
             ).fetchall()[0]
-            json.loads(body)
+            json.loads(str(body))
             k += 1
 
         g_ours, g_raw = timings(ours_get, samples), timings(raw_get, samples)
@@ -198,7 +198,7 @@ def main() -> None:
             )
 
             def raw_page(s: str = sql, v: str = value) -> None:
-                [json.loads(r[0]) for r in raw.execute(s, (v,)).fetchall()]
+                [json.loads(str(r[0])) for r in raw.execute(s, (v,)).fetchall()]
 
             raw_t = timings(raw_page, n_pages)
             results.append(

@@ -901,8 +901,11 @@ def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | 
         # task beats looking up and sorting every match: page_query() picks.
         index, table, side_where, side_params = side[0]
         dense_where = list(where)
+        # A scalar subquery, not EXISTS: SQLite would turn EXISTS into a join with a
+        # Bloom filter built over every match, which is the cost this avoids.
         dense_where[index] = (
-            f"EXISTS (SELECT 1 FROM {table} AS m WHERE m.seq = tasks.seq AND {side_where})"
+            f"(SELECT 1 FROM {table} AS m WHERE m.seq = tasks.seq AND {side_where} "
+            "LIMIT 1) IS NOT NULL"
         )
         probe = f"SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {side_where} LIMIT ?)"
         dense = (probe, tuple(side_params), *assemble(dense_where, params))

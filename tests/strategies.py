@@ -3,6 +3,17 @@ single-field corruptions of them with the wire path the error must name.
 
 ``valid_requests()`` draws requests already in normalised form (canonical UTC
 instants, no empty lists), so ``encode_task(decode_task(r)) == r`` holds exactly.
+
+The API, for every test module to share:
+
+* ``valid_requests(with_id=False)``: valid wire-form create requests.
+* ``invalid_requests()``: ``(request, path)`` with exactly one field made invalid.
+* ``CORRUPTIONS`` / ``set_path(request, path, value)``: the corruptions, and the helper
+  that puts a value at a wire path (``input[1].valueString``).
+* ``names_path(paths, path)``: whether a ValidationError's paths name ``path``.
+* ``task_ids()``, ``small_ids(prefix)``, ``instants()``, ``texts()``, ``periods()``,
+  ``input_outputs()``: the building blocks.
+* ``minimal_request(**extra)``: the smallest valid request.
 """
 
 from __future__ import annotations
@@ -128,6 +139,8 @@ def valid_requests(draw: st.DrawFn, *, with_id: bool = False) -> dict[str, Any]:
 #: (wire path, bad value) pairs: putting the value at the path must fail naming it.
 CORRUPTIONS: list[tuple[str, object]] = [
     ("status", "done"),
+    ("status", None),
+    ("intent", None),
     ("status", 3),
     ("intent", "maybe"),
     ("priority", 3),
@@ -154,9 +167,42 @@ CORRUPTIONS: list[tuple[str, object]] = [
     ("input[0].valueDecimal", float("nan")),
     ("input[0].valueBoolean", "true"),
     ("input[0].type", None),
+    ("input[0].valueDateTime", "2025-02-01T08:00:00"),
+    ("output[0].valueCode", ""),
+    ("output[0].valueReference", "a b"),
     ("restriction.repetitions", 0),
+    ("restriction.repetitions", True),
+    ("restriction.period.end", "tomorrow"),
     ("restriction.recipient[0]", "no spaces allowed"),
 ]
+
+
+def invalid_requests(
+    corruptions: list[tuple[str, object]] | None = None,
+) -> st.SearchStrategy[tuple[dict[str, Any], str]]:
+    """``(request, path)``: a valid request with exactly ONE field made invalid.
+
+    The corruption is drawn from ``corruptions`` (default :data:`CORRUPTIONS`); ``path``
+    is the wire path the resulting ValidationError must name.
+    """
+    pool = CORRUPTIONS if corruptions is None else corruptions
+    return st.tuples(valid_requests(), st.sampled_from(pool)).map(
+        lambda t: (set_path(t[0], t[1][0], t[1][1]), t[1][0])
+    )
+
+
+def names_path(paths: tuple[str, ...] | list[str], path: str) -> bool:
+    """Whether an error's ``paths`` name ``path`` (or a path inside/above it).
+
+    ``input[0].valueString`` counts as named by ``input[0]`` (the object holding it),
+    and ``executionPeriod`` by ``executionPeriod.start``.
+    """
+    return any(p == path or p.startswith(path) or path.startswith(p) for p in paths)
+
+
+def minimal_request(**extra: Any) -> dict[str, Any]:
+    """The smallest valid create request (status requested, intent order) plus ``extra``."""
+    return {"status": "requested", "intent": "order", **extra}
 
 
 def set_path(request: dict[str, Any], path: str, value: object) -> dict[str, Any]:

@@ -279,6 +279,9 @@ def _open_connection(
             _set_wal(conn)
             if version < SCHEMA_VERSION:
                 _install_schema(conn, version)
+            # Long-lived connection: let SQLite refresh planner statistics it finds stale
+            # (cheap when nothing changed; apsw's best practice for such connections).
+            conn.pragma("optimize", 0x10002)
         _set_synchronous(conn, durability)
         _set_foreign_keys(conn)
         _disable_dqs(conn)
@@ -447,8 +450,8 @@ class TaskStore:
             with translated(self.path):
                 conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
-                with translated(self.path):
+                with translated(self.path):  # no apsw error escapes the block either
+                    yield conn
                     conn.execute("COMMIT")
             except BaseException:
                 if not conn.get_autocommit():

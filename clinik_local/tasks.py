@@ -238,7 +238,8 @@ class TasksResource:
         rows = [_row(t, 1, b) for t, b in zip(tasks, bodies, strict=True)]
         with self._store.write() as conn:
             try:
-                conn.executemany(_INSERT_TASK, rows)
+                with conn:  # a savepoint: on a clash, undo this batch's rows before looking
+                    conn.executemany(_INSERT_TASK, rows)
             except apsw.ConstraintError:
                 existing = next(t.id for t in tasks if fetch_all(conn, _TASK_EXISTS, (t.id,)))
                 raise TaskExistsError(str(existing)) from None

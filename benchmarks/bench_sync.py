@@ -152,7 +152,10 @@ def main() -> None:
         default="reference",
         help="the reference server, or a minimal one that only answers 201",
     )
+    parser.add_argument("--quick", action="store_true", help="small smoke run (CI)")
     args = parser.parse_args()
+    if args.quick:
+        args.count, args.repeat = 100, 1
     global SERVER_KIND
     SERVER_KIND = args.server
     print(f"server: {args.server}, own process; {args.count} changes, best of {args.repeat}")

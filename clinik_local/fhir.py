@@ -1,0 +1,492 @@
+"""HL7 FHIR R4 / R5 JSON for tasks, and streaming NDJSON export / import.
+
+:func:`to_fhir` turns a :class:`~clinik_local.model.Task` into a FHIR ``Task`` resource
+(a plain ``dict`` ready for ``json.dumps``); :func:`from_fhir` turns one back, so that
+``from_fhir(to_fhir(task, v)) == task`` for both versions.
+
+Mapping (documented choices):
+
+* Our ids may hold ``_``, which FHIR ids may not. Every id we export therefore travels
+  twice: in an ``identifier`` with system :data:`ID_SYSTEM` (the exact id, which is what
+  :func:`from_fhir` reads back) and as a valid FHIR id made by :func:`fhir_id`: the id
+  itself when it has no ``_``, else ``h.`` plus 56 hex digits of its SHA-256.
+* References: ``patientId`` -> ``for`` ``Patient/…``; ``ownerId``/``requesterId`` ->
+  ``Practitioner/…``; ``encounterId`` -> ``Encounter/…``; ``focusId`` -> ``focus``
+  ``Basic/…`` (we do not know what the focus is, and ``Basic`` is FHIR's catch-all);
+  ``basedOn`` -> ``ServiceRequest/…``; ``partOf`` -> ``Task/…``;
+  ``restriction.recipient`` -> ``Practitioner/…``; ``valueReference`` -> ``Basic/…``.
+  Each Reference carries ``reference`` and the exact id in ``identifier``. On import a
+  Reference without our identifier falls back to the id after the ``/`` of ``reference``.
+* Texts -> CodeableConcept ``{"text": …}`` (``code``, ``businessStatus``, input/output
+  ``type``; ``statusReason`` and ``reasonCode`` in R4); in R5 ``statusReason`` is a
+  CodeableReference and ``reasonCode`` becomes ``reason: [{"concept": {"text": …}}]``.
+  ``note`` -> ``[{"text": …}]``. A text FHIR cannot hold as a string (empty, or only
+  unusual whitespace) is carried in a primitive extension (``_text``/``_description``...)
+  with url :data:`RAW_STRING_URL`: ``valueBase64Binary`` of its UTF-8, or
+  ``valueBoolean: true`` for the empty string. Such a ``valueString`` becomes a
+  ``valueAttachment`` of type ``text/plain; charset=utf-8`` (``data`` absent when empty).
+* ``versionId`` -> ``meta.versionId``; ``lastModified`` -> ``lastModified`` and
+  ``meta.lastUpdated``; ``authoredOn``, ``executionPeriod``, ``status``, ``intent``,
+  ``priority``, ``restriction.repetitions``/``period``, ``value[x]`` as they are.
+
+NDJSON helpers stream page by page (constant memory): :func:`export_ndjson` writes one
+JSON object per line (``format`` ``"wire"``, ``"R4"`` or ``"R5"``); :func:`import_ndjson`
+reads them back and creates the tasks in batches of 1,000 (each batch atomic). Import
+creates new tasks, so ``versionId``/``lastModified`` are set afresh by the target store.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Literal, TextIO
+
+from .codec import decode_task, encode_task
+from .errors import FieldError, ValidationError, _shorten
+from .model import Task
+
+if TYPE_CHECKING:
+    from .store import TaskStore
+
+__all__ = [
+    "ID_SYSTEM",
+    "RAW_STRING_URL",
+    "export_ndjson",
+    "fhir_id",
+    "from_fhir",
+    "import_ndjson",
+    "to_fhir",
+]
+
+FhirVersion = Literal["R4", "R5"]
+NdjsonFormat = Literal["wire", "R4", "R5"]
+
+#: Identifier system under which our exact ids travel.
+ID_SYSTEM = "urn:clinik-local:id"
+#: Extension url of a text that FHIR cannot hold as a plain string.
+RAW_STRING_URL = "urn:clinik-local:raw-string"
+
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_FHIR_STRING = re.compile(r"[ \r\n\t\S]")
+_BATCH = 1000
+#: contentType of the valueAttachment carrying a valueString FHIR cannot hold as a string.
+_RAW_TEXT_TYPE = "text/plain; charset=utf-8"
+
+# wire field -> (FHIR element, resource type of its references)
+_REFS: dict[str, tuple[str, str]] = {
+    "patientId": ("for", "Patient"),
+    "ownerId": ("owner", "Practitioner"),
+    "requesterId": ("requester", "Practitioner"),
+    "encounterId": ("encounter", "Encounter"),
+    "focusId": ("focus", "Basic"),
+}
+_REF_LISTS: dict[str, tuple[str, str]] = {
+    "basedOn": ("basedOn", "ServiceRequest"),
+    "partOf": ("partOf", "Task"),
+}
+_CONCEPTS = ("code", "businessStatus")
+_PLAIN = ("status", "intent", "priority", "authoredOn", "lastModified", "executionPeriod")
+
+
+def fhir_id(our_id: str) -> str:
+    """A valid FHIR id for one of our ids: itself when valid, else ``h.`` + SHA-256 hex."""
+    if _FHIR_ID.fullmatch(our_id):
+        return our_id
+    return "h." + hashlib.sha256(our_id.encode()).hexdigest()[:56]
+
+
+# --- export ----------------------------------------------------------------------------
+
+
+def _put_text(out: dict[str, Any], key: str, value: str) -> None:
+    if _FHIR_STRING.search(value):
+        out[key] = value
+        return
+    ext: dict[str, Any] = {"url": RAW_STRING_URL}
+    if value:
+        ext["valueBase64Binary"] = base64.b64encode(value.encode()).decode()
+    else:
+        ext["valueBoolean"] = True
+    out["_" + key] = {"extension": [ext]}
+
+
+def _concept(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    _put_text(out, "text", text)
+    return out
+
+
+def _ref(resource_type: str, our_id: str) -> dict[str, Any]:
+    return {
+        "reference": f"{resource_type}/{fhir_id(our_id)}",
+        "identifier": {"system": ID_SYSTEM, "value": our_id},
+    }
+
+
+def _io(item: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": _concept(item["type"])}
+    for key, value in item.items():
+        if key == "valueReference":
+            out[key] = _ref("Basic", value)
+        elif key == "valueString" and not _FHIR_STRING.search(value):
+            # fhir.resources requires a value[x] element, so no bare _valueString here
+            attachment: dict[str, Any] = {"contentType": _RAW_TEXT_TYPE}
+            if value:
+                attachment["data"] = base64.b64encode(value.encode()).decode()
+            out["valueAttachment"] = attachment
+        elif key != "type":
+            out[key] = value
+    return out
+
+
+def to_fhir(task: Task, version: FhirVersion = "R4") -> dict[str, Any]:
+    """The FHIR ``Task`` resource (JSON-ready dict) of a task, in R4 or R5."""
+    if version not in ("R4", "R5"):
+        raise ValidationError.single("version", "unknown FHIR version", version, "R4, R5")
+    wire = encode_task(task)
+    out: dict[str, Any] = {"resourceType": "Task"}
+    if task.id is not None:
+        out["id"] = fhir_id(task.id)
+    meta: dict[str, Any] = {}
+    if task.version_id is not None:
+        meta["versionId"] = task.version_id
+    if task.last_modified is not None:
+        meta["lastUpdated"] = task.last_modified
+    if meta:
+        out["meta"] = meta
+    if task.id is not None:
+        out["identifier"] = [{"system": ID_SYSTEM, "value": task.id}]
+    for key in _PLAIN:
+        if key in wire:
+            out[key] = wire[key]
+    if "description" in wire:
+        _put_text(out, "description", wire["description"])
+    for key in _CONCEPTS:
+        if key in wire:
+            out[key] = _concept(wire[key])
+    if "statusReason" in wire:
+        concept = _concept(wire["statusReason"])
+        out["statusReason"] = concept if version == "R4" else {"concept": concept}
+    if "reasonCode" in wire:
+        concept = _concept(wire["reasonCode"])
+        if version == "R4":
+            out["reasonCode"] = concept
+        else:
+            out["reason"] = [{"concept": concept}]
+    for key, (element, rtype) in _REFS.items():
+        if key in wire:
+            out[element] = _ref(rtype, wire[key])
+    for key, (element, rtype) in _REF_LISTS.items():
+        if key in wire:
+            out[element] = [_ref(rtype, v) for v in wire[key]]
+    if "note" in wire:
+        note: dict[str, Any] = {}
+        _put_text(note, "text", wire["note"])
+        out["note"] = [note]
+    for key in ("input", "output"):
+        if key in wire:
+            out[key] = [_io(i) for i in wire[key]]
+    if "restriction" in wire:
+        restriction = dict(wire["restriction"])
+        if "recipient" in restriction:
+            restriction["recipient"] = [_ref("Practitioner", r) for r in restriction["recipient"]]
+        out["restriction"] = restriction
+    return out
+
+
+# --- import ----------------------------------------------------------------------------
+
+
+class _Bad(Exception):
+    def __init__(self, path: str, message: str, value: object = None) -> None:
+        super().__init__(path)
+        self.error = FieldError(path, message, None if value is None else _shorten(value))
+
+
+def _obj(value: object, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise _Bad(path, f"expected an object, not {type(value).__name__}", value)
+    return value
+
+
+def _list(value: object, path: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise _Bad(path, f"expected a list, not {type(value).__name__}", value)
+    return value
+
+
+def _get_text(obj: Mapping[str, Any], key: str, path: str) -> object:
+    """A text element, also when carried in our raw-string extension."""
+    if key in obj:
+        return obj[key]
+    shadow = obj.get("_" + key)
+    if shadow is None:
+        raise _Bad(f"{path}.{key}", "is required")
+    exts = _list(_obj(shadow, f"{path}._{key}").get("extension"), f"{path}._{key}.extension")
+    for n, raw in enumerate(exts):
+        ext = _obj(raw, f"{path}._{key}.extension[{n}]")
+        if ext.get("url") != RAW_STRING_URL:
+            continue
+        if ext.get("valueBoolean") is True:
+            return ""
+        return _b64_text(
+            ext.get("valueBase64Binary"), f"{path}._{key}.extension[{n}].valueBase64Binary"
+        )
+    raise _Bad(f"{path}.{key}", "is required")
+
+
+def _b64_text(value: object, path: str) -> str:
+    try:
+        return base64.b64decode(str(value), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise _Bad(path, "is not base64 of UTF-8 text", value) from None
+
+
+def _has_text(obj: Mapping[str, Any], key: str) -> bool:
+    return key in obj or "_" + key in obj
+
+
+def _concept_text(value: object, path: str) -> object:
+    return _get_text(_obj(value, path), "text", path)
+
+
+def _ref_id(value: object, path: str) -> object:
+    ref = _obj(value, path)
+    ident = ref.get("identifier")
+    if isinstance(ident, Mapping) and ident.get("system") == ID_SYSTEM:
+        return ident.get("value")
+    reference = ref.get("reference")
+    if not isinstance(reference, str) or "/" not in reference:
+        raise _Bad(f"{path}.reference", "expected 'Type/id' or a clinik-local identifier", value)
+    return reference.rsplit("/", 1)[1]
+
+
+def _io_from(value: object, path: str) -> dict[str, Any]:
+    item = _obj(value, path)
+    out: dict[str, Any] = {"type": _concept_text(item.get("type"), f"{path}.type")}
+    for key in item:
+        if key == "type" or not (key.startswith("value") or key.startswith("_value")):
+            continue
+        name = key.lstrip("_")
+        if name == "valueReference":
+            out[name] = _ref_id(item[key], f"{path}.{name}")
+        elif name == "valueAttachment":
+            attachment = _obj(item[key], f"{path}.{name}")
+            if attachment.get("contentType") != _RAW_TEXT_TYPE:
+                raise _Bad(f"{path}.{name}.contentType", "unsupported", attachment)
+            out["valueString"] = _b64_text(attachment.get("data", ""), f"{path}.{name}.data")
+        else:
+            out[name] = item[key]
+    return out
+
+
+def _wire_from(resource: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The wire request of a FHIR Task, and wire field -> FHIR element for error paths."""
+    if resource.get("resourceType") != "Task":
+        raise _Bad("resourceType", "expected 'Task'", resource.get("resourceType"))
+    names: dict[str, str] = {}
+    wire: dict[str, Any] = {}
+    for n, raw in enumerate(_list(resource.get("identifier", []), "identifier")):
+        ident = _obj(raw, f"identifier[{n}]")
+        if ident.get("system") == ID_SYSTEM:
+            wire["id"] = ident.get("value")
+            names["id"] = f"identifier[{n}].value"
+    if "id" not in wire and "id" in resource:
+        wire["id"] = resource["id"]
+    meta = _obj(resource.get("meta", {}), "meta")
+    if "versionId" in meta:
+        wire["versionId"] = meta["versionId"]
+        names["versionId"] = "meta.versionId"
+    for key in _PLAIN:
+        if key in resource:
+            wire[key] = resource[key]
+    if "lastModified" not in wire and "lastUpdated" in meta:
+        wire["lastModified"] = meta["lastUpdated"]
+        names["lastModified"] = "meta.lastUpdated"
+    if _has_text(resource, "description"):
+        wire["description"] = _get_text(resource, "description", "")
+    for key in _CONCEPTS:
+        if key in resource:
+            wire[key] = _concept_text(resource[key], key)
+    if "statusReason" in resource:
+        sr = _obj(resource["statusReason"], "statusReason")
+        if "concept" in sr:
+            wire["statusReason"] = _concept_text(sr["concept"], "statusReason.concept")
+        else:
+            wire["statusReason"] = _concept_text(sr, "statusReason")
+    if "reasonCode" in resource:
+        wire["reasonCode"] = _concept_text(resource["reasonCode"], "reasonCode")
+    if "reason" in resource:
+        reasons = _list(resource["reason"], "reason")
+        if len(reasons) > 1:
+            raise _Bad("reason", "at most one reason is supported", reasons)
+        if reasons:
+            concept = _obj(reasons[0], "reason[0]").get("concept")
+            wire["reasonCode"] = _concept_text(concept, "reason[0].concept")
+            names["reasonCode"] = "reason[0].concept.text"
+    for key, (element, _) in _REFS.items():
+        if element in resource:
+            wire[key] = _ref_id(resource[element], element)
+            names[key] = element
+    for key, (element, _) in _REF_LISTS.items():
+        if element in resource:
+            items = _list(resource[element], element)
+            wire[key] = [_ref_id(v, f"{element}[{i}]") for i, v in enumerate(items)]
+            names[key] = element
+    if "note" in resource:
+        notes = _list(resource["note"], "note")
+        if len(notes) > 1:
+            raise _Bad("note", "at most one note is supported", notes)
+        if notes:
+            wire["note"] = _get_text(_obj(notes[0], "note[0]"), "text", "note[0]")
+            names["note"] = "note[0].text"
+    for key in ("input", "output"):
+        if key in resource:
+            items = _list(resource[key], key)
+            wire[key] = [_io_from(v, f"{key}[{i}]") for i, v in enumerate(items)]
+    if "restriction" in resource:
+        restriction = dict(_obj(resource["restriction"], "restriction"))
+        if "recipient" in restriction:
+            recipients = _list(restriction["recipient"], "restriction.recipient")
+            restriction["recipient"] = [
+                _ref_id(v, f"restriction.recipient[{i}]") for i, v in enumerate(recipients)
+            ]
+        wire["restriction"] = restriction
+    return wire, names
+
+
+def from_fhir(resource: Mapping[str, Any]) -> Task:
+    """The task a FHIR R4 or R5 ``Task`` resource describes (inverse of :func:`to_fhir`).
+
+    Raises ValidationError whose paths name the FHIR element (``for``, ``meta.versionId``,
+    ``input[0].valueInteger``...).
+    """
+    if not isinstance(resource, Mapping):
+        raise ValidationError.single(
+            "$", f"a FHIR resource must be an object, not {type(resource).__name__}", resource
+        )
+    try:
+        wire, names = _wire_from(resource)
+    except _Bad as exc:
+        raise ValidationError([exc.error]) from None
+    try:
+        return decode_task(wire)
+    except ValidationError as exc:
+        raise ValidationError([_fhir_path(e, names) for e in exc.errors]) from None
+
+
+def _fhir_path(error: FieldError, names: Mapping[str, str]) -> FieldError:
+    head, sep, rest = error.path.partition(".")
+    head, bracket, index = head.partition("[")
+    if head in names:
+        return FieldError(
+            names[head] + bracket + index + sep + rest, error.message, error.value, error.allowed
+        )
+    return error
+
+
+# --- NDJSON ----------------------------------------------------------------------------
+
+
+def _check_format(fmt: object) -> None:
+    if fmt not in ("wire", "R4", "R5"):
+        raise ValidationError.single("format", "unknown format", fmt, "wire, R4, R5")
+
+
+def _all_tasks(store: TaskStore) -> Iterator[Task]:
+    cursor: object = None
+    while True:
+        paging: dict[str, object] = {"limit": _BATCH}
+        if cursor is not None:
+            paging["cursor"] = cursor
+        page = store.tasks.search(paging)
+        yield from page.data
+        cursor = page.meta.get("nextCursor")
+        if cursor is None:
+            return
+
+
+def export_ndjson(store: TaskStore, stream: TextIO, format: NdjsonFormat = "wire") -> int:
+    """Write every task of ``store`` to ``stream``, one JSON object per line; the count."""
+    _check_format(format)
+    count = 0
+    for task in _all_tasks(store):
+        doc = encode_task(task) if format == "wire" else to_fhir(task, format)
+        stream.write(json.dumps(doc, ensure_ascii=False, separators=(",", ":")))
+        stream.write("\n")
+        count += 1
+    return count
+
+
+_STORE_MANAGED = ("versionId", "lastModified")
+
+
+def _requests(stream: TextIO, fmt: NdjsonFormat) -> Iterator[tuple[int, dict[str, Any]]]:
+    for line_no, line in enumerate(stream, 1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValidationError.single(
+                f"line {line_no}", f"is not JSON: {exc.msg}", line[:80]
+            ) from None
+        try:
+            if fmt == "wire":
+                if not isinstance(doc, dict):
+                    raise ValidationError.single("$", "expected an object", doc)
+                request = doc
+            else:
+                request = encode_task(from_fhir(doc))
+        except ValidationError as exc:
+            raise ValidationError(
+                [
+                    FieldError(f"line {line_no}: {e.path}", e.message, e.value, e.allowed)
+                    for e in exc.errors
+                ]
+            ) from None
+        for key in _STORE_MANAGED:
+            request.pop(key, None)
+        yield line_no, request
+
+
+def import_ndjson(store: TaskStore, stream: TextIO, format: NdjsonFormat = "wire") -> int:
+    """Create the tasks of an NDJSON stream in batches of 1,000; the count created.
+
+    Each batch is one transaction; on an error the batches before it stay. Errors name
+    the line (``line 7: status``).
+    """
+    _check_format(format)
+    count = 0
+    batch: list[tuple[int, dict[str, Any]]] = []
+
+    def flush() -> None:
+        nonlocal count
+        try:
+            store.tasks.create_many([r for _, r in batch])
+        except ValidationError as exc:
+            raise ValidationError([_line_error(e, batch) for e in exc.errors]) from None
+        count += len(batch)
+        batch.clear()
+
+    for item in _requests(stream, format):
+        batch.append(item)
+        if len(batch) >= _BATCH:
+            flush()
+    if batch:
+        flush()
+    return count
+
+
+def _line_error(error: FieldError, batch: list[tuple[int, dict[str, Any]]]) -> FieldError:
+    match = re.match(r"\[(\d+)\]\.?(.*)", error.path)
+    if match is None:
+        return error
+    line_no = batch[int(match.group(1))][0]
+    return FieldError(
+        f"line {line_no}: {match.group(2)}", error.message, error.value, error.allowed
+    )

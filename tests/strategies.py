@@ -7,6 +7,7 @@ instants, no empty lists), so ``encode_task(decode_task(r)) == r`` holds exactly
 The API, for every test module to share:
 
 * ``valid_requests(with_id=False)``: valid wire-form create requests.
+* ``searchable_requests()``: light valid requests (id, six search fields) for search.
 * ``invalid_requests()``: ``(request, path)`` with exactly one field made invalid.
 * ``CORRUPTIONS`` / ``set_path(request, path, value)``: the corruptions, and the helper
   that puts a value at a wire path (``input[1].valueString``).
@@ -133,6 +134,31 @@ def valid_requests(draw: st.DrawFn, *, with_id: bool = False) -> dict[str, Any]:
         del request["restriction"]
     if "id" in request and request["id"] in request.get("partOf", []):
         request["partOf"] = [p for p in request["partOf"] if p != request["id"]] or ["parent_x"]
+    return request
+
+
+@st.composite
+def searchable_requests(draw: st.DrawFn) -> dict[str, Any]:
+    """A light valid request with an id, authoredOn, and each of the six search fields
+    present or absent, drawn from few values so filters and pairs match often (cheaper
+    to draw than ``valid_requests()``; for search properties over many tasks)."""
+    request: dict[str, Any] = {
+        "id": draw(st.text(ID_ALPHABET, min_size=1, max_size=12)),
+        "status": draw(st.sampled_from(STATUSES)),
+        "intent": "order",
+        # Few distinct instants: ties on authoredOn exercise the id tie-breaker.
+        "authoredOn": f"2025-01-0{draw(st.integers(1, 3))}T00:00:00.000Z",
+    }
+    optional: dict[str, st.SearchStrategy[str]] = {
+        "patientId": small_ids("pt"),
+        "ownerId": small_ids("prac"),
+        "requesterId": small_ids("req"),
+        "priority": st.sampled_from(PRIORITIES),
+        "code": st.sampled_from(["lab-order", "referral", "x'; DROP TABLE tasks;--"]),
+    }
+    for key, strategy in optional.items():
+        if draw(st.booleans()):
+            request[key] = draw(strategy)
     return request
 
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clinik_local import TaskStore, encode_task
-from tests.strategies import minimal_request, small_ids, valid_requests
+from tests.strategies import minimal_request, searchable_requests, small_ids
 
 SIX = ["patientId", "ownerId", "requesterId", "status", "priority", "code"]
 #: A value of each filter that no generated task has (so empty results are tried too).
@@ -47,12 +47,12 @@ def _newest_first(wires: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 @given(
-    requests=st.lists(valid_requests(with_id=True), max_size=20, unique_by=lambda r: r["id"]),
+    requests=st.lists(searchable_requests(), max_size=40, unique_by=lambda r: r["id"]),
     chosen=st.lists(st.sampled_from(SIX), min_size=1, max_size=2, unique=True),
     as_keywords=st.booleans(),
     data=st.data(),
 )
-@_file_settings(60)
+@_file_settings(80)
 def test_each_filter_and_pair_returns_exactly_what_a_python_filter_returns(
     tmp_path: Path,
     requests: list[dict[str, Any]],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .aio import AsyncTaskStore
 from .codec import MAX_LIST_ITEMS, TEXT_LIMITS, decode_task, encode_task
 from .errors import (
     AuthError,
@@ -34,6 +35,7 @@ from .errors import (
     ValidationError,
     VersionConflictError,
 )
+from .fhir import export_ndjson, from_fhir, import_ndjson, to_fhir
 from .ids import new_task_id
 from .lifecycle import TERMINAL, TRANSITIONS, can_transition, transition_problem
 from .model import (
@@ -86,6 +88,7 @@ __all__ = [
     "TEXT_LIMITS",
     "TRANSITIONS",
     "ApiResponse",
+    "AsyncTaskStore",
     "AuthError",
     "ClinikError",
     "ConflictError",
@@ -125,6 +128,10 @@ __all__ = [
     "can_transition",
     "decode_task",
     "encode_task",
+    "export_ndjson",
+    "from_fhir",
+    "import_ndjson",
     "new_task_id",
+    "to_fhir",
     "transition_problem",
 ]

@@ -59,6 +59,12 @@ EXPORTED = {
     "SyncConflict",
     "ReferenceServer",
     "Faults",
+    # FHIR and asyncio
+    "to_fhir",
+    "from_fhir",
+    "export_ndjson",
+    "import_ndjson",
+    "AsyncTaskStore",
     "__version__",
 }
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from fhir.resources.R4B.task import Task as R4BTask
 from fhir.resources.task import Task as R5Task
+from fhirclient.models.task import Task as FhirclientTask  # type: ignore[import-untyped]
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -52,6 +53,41 @@ def test_r5_export_validates_with_fhir_resources(task: Task) -> None:
 @given(stored_tasks())
 def test_r4_export_validates_as_r4b_with_fhir_resources(task: Task) -> None:
     R4BTask.model_validate(to_fhir(task, "R4"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(stored_tasks())
+def test_r4_export_parses_strictly_with_fhirclient(task: Task) -> None:
+    resource = to_fhir(task, "R4")
+    parsed = FhirclientTask(resource, strict=True)
+    assert parsed.intent == resource["intent"]
+    assert parsed.as_json()["status"] == resource["status"]
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=5), inner, max_size=2)
+    ),
+    max_leaves=4,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(stored_tasks(), st.sampled_from(["R4", "R5"]), st.data())
+def test_from_fhir_raises_only_validation_errors_on_corrupted_resources(
+    task: Task, version: Any, data: st.DataObject
+) -> None:
+    resource = to_fhir(task, version)
+    key = data.draw(st.sampled_from(sorted(resource)))
+    resource[key] = data.draw(_JSON)
+    outcome: object
+    try:
+        outcome = from_fhir(resource)
+    except ValidationError as exc:
+        outcome = exc.paths
+    # a Task, or a ValidationError naming at least one element: nothing else escapes
+    assert isinstance(outcome, Task) or (isinstance(outcome, tuple) and len(outcome) > 0)
 
 
 def test_ids_with_underscores_get_valid_fhir_ids_and_keep_the_exact_id() -> None:

@@ -44,6 +44,8 @@ examples:
   clinik-local tasks get task_01J... --db clinic.db --json
   clinik-local tasks search --db clinic.db status=requested,received ownerId=prac_lab_tech
   clinik-local check --db clinic.db
+  clinik-local export --db clinic.db --format R4 --out tasks.ndjson
+  clinik-local import --db other.db --format R4 tasks.ndjson
   CLINIK_TOKEN=secret clinik-local serve --port 8080
   CLINIK_TOKEN=secret clinik-local sync run --db clinic.db --url http://127.0.0.1:8080/api/v1
 """
@@ -233,6 +235,84 @@ def _cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+class _CountingWriter:
+    """A text stream that advances a progress bar for every line written through it."""
+
+    def __init__(self, stream: TextIO, bar: Any) -> None:
+        self._stream = stream
+        self._bar = bar
+
+    def write(self, text: str) -> int:
+        self._bar.advance(text.count("\n"))
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+class _CountingReader:
+    """A text stream that advances a progress bar for every line read from it."""
+
+    def __init__(self, stream: TextIO, bar: Any) -> None:
+        self._stream = stream
+        self._bar = bar
+
+    def __iter__(self) -> _CountingReader:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._stream)
+        self._bar.advance(1)
+        return line
+
+    def readline(self) -> str:
+        line = self._stream.readline()
+        if line:
+            self._bar.advance(1)
+        return line
+
+    def read(self, size: int = -1) -> str:
+        text = self._stream.read(size)
+        self._bar.advance(text.count("\n"))
+        return text
+
+
+def _cmd_export(args: argparse.Namespace, out: TextIO) -> int:
+    from .fhir import export_ndjson
+    from .progress import Progress
+
+    with TaskStore.open(args.db) as store:
+        total = store.tasks.count().data
+        target = open(args.out, "w", encoding="utf-8") if args.out != "-" else out  # noqa: SIM115
+        try:
+            with Progress(f"exporting {args.format}", total) as bar:
+                written = export_ndjson(store, _CountingWriter(target, bar), args.format)  # type: ignore[arg-type]
+        finally:
+            if target is not out:
+                target.close()
+    print(f"exported {written:,} tasks ({args.format})", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_import(args: argparse.Namespace, out: TextIO) -> int:
+    from .fhir import import_ndjson
+    from .progress import Progress
+
+    with open(args.file, encoding="utf-8") as counting:
+        total = sum(1 for line in counting if line.strip())
+    with (
+        TaskStore.open(args.db) as store,
+        open(args.file, encoding="utf-8") as source,
+        Progress(f"importing {args.format}", total) as bar,
+    ):
+        created = import_ndjson(store, _CountingReader(source, bar), args.format)  # type: ignore[arg-type]
+    if args.json:
+        _json_out({"imported": created}, out)
+    else:
+        print(f"imported {created:,} tasks ({args.format})", file=out)
+    return EXIT_OK
+
+
 def _add_db(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--db", required=required, help="the store file")
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
@@ -345,6 +425,26 @@ def _build_parser() -> argparse.ArgumentParser:
         if action in ("retry", "discard"):
             p.add_argument("change_id")
         p.set_defaults(run=_cmd_sync)
+
+    export = sub.add_parser(
+        "export",
+        help="write every task as NDJSON: wire form, or FHIR R4/R5 Task resources",
+        epilog="example: clinik-local export --db clinic.db --format R4 --out tasks.ndjson",
+    )
+    export.add_argument("--db", required=True, help="the store file")
+    export.add_argument("--format", choices=("wire", "R4", "R5"), default="wire")
+    export.add_argument("--out", default="-", help="output file (default: stdout)")
+    export.set_defaults(run=_cmd_export)
+
+    imp = sub.add_parser(
+        "import",
+        help="create tasks from NDJSON (wire form or FHIR R4/R5), in batches of 1,000",
+        epilog="example: clinik-local import --db clinic.db --format R5 tasks.ndjson",
+    )
+    _add_db(imp)
+    imp.add_argument("--format", choices=("wire", "R4", "R5"), default="wire")
+    imp.add_argument("file", help="the NDJSON file")
+    imp.set_defaults(run=_cmd_import)
     return parser
 
 

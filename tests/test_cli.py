@@ -124,3 +124,25 @@ def test_help_shows_examples() -> None:
     result = run_cli("--help")
     assert result.returncode == 0
     assert "examples:" in result.stdout
+
+
+@pytest.mark.parametrize("fmt", ["wire", "R4", "R5"])
+def test_export_then_import_round_trips_every_task(tmp_path: Path, fmt: str) -> None:
+    source, target = str(tmp_path / "a.db"), str(tmp_path / "b.db")
+    dump = tmp_path / "tasks.ndjson"
+    assert run_cli("demo", "--db", source, "--tasks", "200", "--sync-changes", "0").returncode == 0
+    exported = run_cli("export", "--db", source, "--format", fmt, "--out", str(dump))
+    assert exported.returncode == 0, exported.stderr
+    assert len(dump.read_text().splitlines()) == 201
+    imported = run_cli("import", "--db", target, "--format", fmt, str(dump), "--json")
+    assert imported.returncode == 0, imported.stderr
+    assert json.loads(imported.stdout) == {"imported": 201}
+
+    def wire_tasks(db: str) -> dict[str, dict[str, object]]:
+        out = run_cli("export", "--db", db).stdout.splitlines()
+        return {
+            task["id"]: {k: v for k, v in task.items() if k not in ("versionId", "lastModified")}
+            for task in map(json.loads, out)
+        }
+
+    assert wire_tasks(source) == wire_tasks(target)

@@ -281,7 +281,12 @@ def _open_connection(
                 _install_schema(conn, version)
             # Long-lived connection: let SQLite refresh planner statistics it finds stale
             # (cheap when nothing changed; apsw's best practice for such connections).
-            conn.pragma("optimize", 0x10002)
+            # Opportunistic: it may need the write lock, and opening must not wait for
+            # (or fail on) another process's long write, nor fail on a read-only file.
+            conn.set_busy_timeout(0)
+            with contextlib.suppress(apsw.BusyError, apsw.ReadOnlyError):
+                conn.pragma("optimize", 0x10002)
+            _set_busy_timeout(conn, busy_timeout_ms)
         _set_synchronous(conn, durability)
         _set_foreign_keys(conn)
         _disable_dqs(conn)

@@ -42,7 +42,7 @@ import binascii
 import hashlib
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from .codec import decode_task, encode_task
@@ -397,28 +397,41 @@ def _check_format(fmt: object) -> None:
         raise ValidationError.single("format", "unknown format", fmt, "wire, R4, R5")
 
 
-def _all_tasks(store: TaskStore) -> Iterator[Task]:
+def _all_pages(store: TaskStore) -> Iterator[list[Task]]:
     cursor: object = None
     while True:
         paging: dict[str, object] = {"limit": _BATCH}
         if cursor is not None:
             paging["cursor"] = cursor
         page = store.tasks.search(paging)
-        yield from page.data
+        yield page.data
         cursor = page.meta.get("nextCursor")
         if cursor is None:
             return
 
 
-def export_ndjson(store: TaskStore, stream: TextIO, format: NdjsonFormat = "wire") -> int:
-    """Write every task of ``store`` to ``stream``, one JSON object per line; the count."""
+def export_ndjson(
+    store: TaskStore,
+    stream: TextIO,
+    format: NdjsonFormat = "wire",
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Write every task of ``store`` to ``stream``, one JSON object per line; the count.
+
+    Reads page by page (1,000 tasks at a time, keyset cursors), so memory stays flat
+    whatever the store's size. ``progress(n)``, when given, is called after each page
+    with the number of tasks just written (``Progress.advance`` fits).
+    """
     _check_format(format)
     count = 0
-    for task in _all_tasks(store):
-        doc = encode_task(task) if format == "wire" else to_fhir(task, format)
-        stream.write(json.dumps(doc, ensure_ascii=False, separators=(",", ":")))
-        stream.write("\n")
-        count += 1
+    for page in _all_pages(store):
+        for task in page:
+            doc = encode_task(task) if format == "wire" else to_fhir(task, format)
+            stream.write(json.dumps(doc, ensure_ascii=False, separators=(",", ":")))
+            stream.write("\n")
+        count += len(page)
+        if progress is not None and page:
+            progress(len(page))
     return count
 
 
@@ -454,11 +467,18 @@ def _requests(stream: TextIO, fmt: NdjsonFormat) -> Iterator[tuple[int, dict[str
         yield line_no, request
 
 
-def import_ndjson(store: TaskStore, stream: TextIO, format: NdjsonFormat = "wire") -> int:
+def import_ndjson(
+    store: TaskStore,
+    stream: TextIO,
+    format: NdjsonFormat = "wire",
+    progress: Callable[[int], None] | None = None,
+) -> int:
     """Create the tasks of an NDJSON stream in batches of 1,000; the count created.
 
-    Each batch is one transaction; on an error the batches before it stay. Errors name
-    the line (``line 7: status``).
+    Reads line by line (memory stays flat). Each batch is one transaction
+    (``create_many``); on an error the batches before it stay. Errors name the line
+    (``line 7: status``). ``progress(n)``, when given, is called after each committed
+    batch with the number of tasks it created.
     """
     _check_format(format)
     count = 0
@@ -471,6 +491,8 @@ def import_ndjson(store: TaskStore, stream: TextIO, format: NdjsonFormat = "wire
         except ValidationError as exc:
             raise ValidationError([_line_error(e, batch) for e in exc.errors]) from None
         count += len(batch)
+        if progress is not None:
+            progress(len(batch))
         batch.clear()
 
     for item in _requests(stream, format):

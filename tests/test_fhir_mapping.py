@@ -176,11 +176,15 @@ def test_ndjson_export_then_import_into_a_fresh_store_round_trips(fmt: Any) -> N
     with TaskStore.open(":memory:") as source, TaskStore.open(":memory:") as target:
         source.tasks.create_many(requests)
         buffer = io.StringIO()
-        assert export_ndjson(source, buffer, format=fmt) == 1300
+        exported: list[int] = []
+        assert export_ndjson(source, buffer, format=fmt, progress=exported.append) == 1300
         buffer.seek(0)
-        assert import_ndjson(target, buffer, format=fmt) == 1300
+        imported: list[int] = []
+        assert import_ndjson(target, buffer, format=fmt, progress=imported.append) == 1300
         before = {t.id: t for t in _everything(source)}
         after = {t.id: t for t in _everything(target)}
+    assert exported == [1000, 300]
+    assert imported == [1000, 300]
     assert before.keys() == after.keys()
     for task_id, task in before.items():
         assert _content(after[task_id]) == _content(task)

@@ -237,10 +237,15 @@ class TasksResource:
         bodies = [_dumps(encode_task(t)) for t in tasks]
         rows = [_row(t, 1, b) for t, b in zip(tasks, bodies, strict=True)]
         with self._store.write() as conn:
+            # A savepoint: on a clash, undo this batch's rows before looking. Explicit, not
+            # `with conn:`: SQLITE_FULL rolls the whole transaction back, and the context
+            # manager's RELEASE would then hide StoreFullError behind "no such savepoint".
+            conn.execute("SAVEPOINT create_many")
             try:
-                with conn:  # a savepoint: on a clash, undo this batch's rows before looking
-                    conn.executemany(_INSERT_TASK, rows)
+                conn.executemany(_INSERT_TASK, rows)
+                conn.execute("RELEASE create_many")
             except apsw.ConstraintError:
+                conn.execute("ROLLBACK TO create_many")
                 existing = next(t.id for t in tasks if fetch_all(conn, _TASK_EXISTS, (t.id,)))
                 raise TaskExistsError(str(existing)) from None
             conn.executemany(

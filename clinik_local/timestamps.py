@@ -28,7 +28,10 @@ def format_instant(value: datetime) -> str:
     """Format an aware datetime as normalised UTC text (milliseconds, ``Z``)."""
     if value.tzinfo is None or value.utcoffset() is None:
         raise InstantError("date-time has no timezone; give an offset such as Z or +01:00")
-    u = value.astimezone(UTC)
+    try:
+        u = value.astimezone(UTC)
+    except OverflowError:
+        raise InstantError("is out of range once converted to UTC (years 1-9999)") from None
     return (
         f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:"
         f"{u.second:02d}.{u.microsecond // 1000:03d}Z"

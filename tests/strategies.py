@@ -185,6 +185,8 @@ CORRUPTIONS: list[tuple[str, object]] = [
     ("executionPeriod", "2025-02-01"),
     ("executionPeriod.start", "2025-02-30T08:00:00Z"),
     ("executionPeriod.end", 12),
+    ("executionPeriod.start", "0001-01-01T00:00:00+01:00"),
+    ("input[0].valueDateTime", "9999-12-31T23:59:59-01:00"),
     ("basedOn", "not-a-list"),
     ("basedOn[0]", "bad id"),
     ("partOf[0]", 5),

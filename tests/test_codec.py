@@ -263,6 +263,28 @@ def test_impossible_or_unparseable_date_times_are_refused(bad: str) -> None:
     assert caught.value.paths == ("authoredOn",)
 
 
+@pytest.mark.parametrize(
+    ("where", "path"),
+    [
+        ({"authoredOn": "0001-01-01T00:00:00+01:00"}, "authoredOn"),
+        ({"executionPeriod": {"start": "0001-01-01T00:00:00+01:00"}}, "executionPeriod.start"),
+        (
+            {"input": [{"type": "t", "valueDateTime": "9999-12-31T23:59:59-01:00"}]},
+            "input[0].valueDateTime",
+        ),
+    ],
+)
+def test_instants_out_of_range_in_utc_are_refused_at_their_exact_path(
+    where: dict[str, Any], path: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        decode_task(minimal_request(**where))
+    (error,) = caught.value.errors
+    assert error.path == path
+    assert "out of range" in error.message
+    assert error.value is not None
+
+
 def test_authored_on_defaults_to_now() -> None:
     before = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")
     task = decode_task(minimal_request())

@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from clinik_local import TaskStore, ValidationError
@@ -223,6 +223,7 @@ def test_create_with_any_value_at_any_field_stores_valid_data_or_names_the_field
     with TaskStore.open(":memory:") as store:
         before = store.table_counts()
         outcome = _attempt(lambda: store.tasks.create(request).data)
+        event(f"create: {type(outcome).__name__}")
         if isinstance(outcome, ClinikError):
             assert isinstance(outcome, ValidationError), repr(outcome)
             assert _names_field(outcome, _field(path)), (path, outcome.paths)
@@ -243,6 +244,7 @@ def test_update_with_any_value_at_any_field_stores_valid_data_or_names_the_field
         task = store.tasks.create(minimal_request(id="t_1", code="lab-order")).data
         before = store.table_counts()
         outcome = _attempt(lambda: store.tasks.update("t_1", changes).data)
+        event(f"update: {type(outcome).__name__}")
         if isinstance(outcome, IllegalTransitionError):
             # A valid status the lifecycle forbids from "requested": refused, unwritten.
             assert path == "status"
@@ -266,6 +268,7 @@ def test_search_with_any_filter_value_returns_tasks_or_names_the_filter(
         store.tasks.create(minimal_request(id="t_2", priority="urgent"))
         before = store.table_counts()
         page = _attempt(lambda: store.tasks.search({name: value}).data)
+        event(f"search: {type(page).__name__}")
         if isinstance(page, ClinikError):
             assert isinstance(page, ValidationError), repr(page)
             assert _names_field(page, name), (name, page.paths)

@@ -321,12 +321,9 @@ class TasksResource:
                 raise VersionConflictError(task_id, expected, str(version))
             current: dict[str, Any] = json.loads(body)
             merged = {k: v for k, v in current.items() if k not in _READ_ONLY}
-            for key, value in changes.items():
-                if value is None:
-                    merged.pop(key, None)
-                else:
-                    merged[key] = value
-            if "authoredOn" not in merged:
+            # None clears a field: decode treats null as absent, and still names unknown keys.
+            merged.update(changes)
+            if merged.get("authoredOn") is None:
                 # Clearing authoredOn would silently re-stamp it with "now": refuse.
                 raise ValidationError.single("authoredOn", "is required and cannot be cleared")
             new = decode_task(merged)

@@ -9,8 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from clinik_local import TaskStore
+
+# No per-example deadline: many properties here open real files, and CI machines are
+# shared; a slow example is not a failure (the suite's own timeout bounds the run).
+settings.register_profile("clinik-local", deadline=None)
+settings.load_profile("clinik-local")
 
 
 @pytest.fixture

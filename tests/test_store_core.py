@@ -129,6 +129,17 @@ def test_update_replaces_given_keys_and_none_clears_optional_fields(file_store: 
     assert "note" not in encode_task(updated)
 
 
+def test_update_clearing_an_unknown_field_is_refused_not_ignored(file_store: TaskStore) -> None:
+    task = file_store.tasks.create(minimal_request(patientId="pt_1")).data
+    assert task.id is not None
+    before = file_store.table_counts()
+    with pytest.raises(ValidationError) as caught:
+        file_store.tasks.update(task.id, {"patient_id": None, "colour": None})
+    assert set(caught.value.paths) == {"patient_id", "colour"}
+    assert file_store.table_counts() == before
+    assert file_store.tasks.get(task.id).data.patient_id == "pt_1"
+
+
 def test_update_that_changes_nothing_writes_nothing(file_store: TaskStore) -> None:
     task = file_store.tasks.create(minimal_request(note="same")).data
     assert task.id is not None

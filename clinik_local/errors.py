@@ -30,6 +30,8 @@ original is kept as ``__cause__``.
 
 from __future__ import annotations
 
+import reprlib
+
 import attrs
 
 __all__ = [
@@ -57,7 +59,10 @@ _MAX_SHOWN_VALUE = 80
 
 
 def _shorten(value: object) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except Exception:  # nested too deep for repr (RecursionError), or a broken __repr__
+        text = reprlib.repr(value)  # depth-limited; never raises
     if len(text) > _MAX_SHOWN_VALUE:
         text = text[: _MAX_SHOWN_VALUE - 3] + "..."
     return text

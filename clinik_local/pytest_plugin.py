@@ -62,12 +62,17 @@ class TaskFactory:
         return [self(**overrides) for _ in range(count)]
 
 
+def _fresh_store() -> TaskStore:
+    """What ``task_store`` sets up: a new memory store (a copy of a prepared image)."""
+    from clinik_local import TaskStore
+
+    return TaskStore.open(":memory:")
+
+
 @pytest.fixture
 def task_store() -> Iterator[TaskStore]:
     """A fresh, empty in-memory TaskStore, closed after the test."""
-    from clinik_local import TaskStore
-
-    store = TaskStore.open(":memory:")
+    store = _fresh_store()
     try:
         yield store
     finally:

@@ -154,6 +154,11 @@ class Transport:
             raise TransportError(f"{method} {path} timed out ({type(exc).__name__})") from exc
         except (httpx.HTTPError, OSError) as exc:
             raise TransportError(f"{method} {path} failed: {type(exc).__name__}") from exc
+        except Exception as exc:
+            # httpx maps httpcore's errors, but one raw httpcore.RemoteProtocolError was seen
+            # escaping under heavy load; whatever the client raises is a transport failure
+            # (retried with the same key), never a crash of the sync worker.
+            raise TransportError(f"{method} {path} failed: {type(exc).__name__}") from exc
         return Response(answer.status_code, answer.text, answer.headers.get("Retry-After"))
 
     def close(self) -> None:

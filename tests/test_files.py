@@ -361,9 +361,8 @@ def test_a_lock_held_past_the_timeout_raises_store_locked_and_writes_resume_afte
         assert locker.stdout is not None
         try:
             assert locker.stdout.readline().strip() == "locked"
-            started = time.perf_counter()
-            store = TaskStore.open(path, busy_timeout=0.3)  # opening needs no write lock
-            assert time.perf_counter() - started < 0.25
+            # Opening needs no write lock: it would raise StoreLockedError if it did.
+            store = TaskStore.open(path, busy_timeout=0.3)
             with store:
                 before = store.table_counts()
                 assert store.tasks.get("t_1").data.id == "t_1"  # reads are not blocked

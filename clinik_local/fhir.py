@@ -25,6 +25,10 @@ Mapping (documented choices):
   with url :data:`RAW_STRING_URL`: ``valueBase64Binary`` of its UTF-8, or
   ``valueBoolean: true`` for the empty string. Such a ``valueString`` becomes a
   ``valueAttachment`` of type ``text/plain; charset=utf-8`` (``data`` absent when empty).
+  Such a ``note`` has no Annotation (its ``text`` is required, and some validators,
+  fhirclient among them, do not accept a required primitive carried by an extension
+  alone): it goes in a Task ``extension`` with url :data:`BLANK_NOTE_URL`, same value
+  encoding.
 * ``versionId`` -> ``meta.versionId``; ``lastModified`` -> ``lastModified`` and
   ``meta.lastUpdated``; ``authoredOn``, ``executionPeriod``, ``status``, ``intent``,
   ``priority``, ``restriction.repetitions``/``period``, ``value[x]`` as they are.
@@ -53,6 +57,7 @@ if TYPE_CHECKING:
     from .store import TaskStore
 
 __all__ = [
+    "BLANK_NOTE_URL",
     "ID_SYSTEM",
     "RAW_STRING_URL",
     "export_ndjson",
@@ -69,6 +74,8 @@ NdjsonFormat = Literal["wire", "R4", "R5"]
 ID_SYSTEM = "urn:clinik-local:id"
 #: Extension url of a text that FHIR cannot hold as a plain string.
 RAW_STRING_URL = "urn:clinik-local:raw-string"
+#: Extension url (on the Task) of a note FHIR cannot hold: Annotation.text is required.
+BLANK_NOTE_URL = "urn:clinik-local:blank-note"
 
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _FHIR_STRING = re.compile(r"[ \r\n\t\S]")
@@ -102,16 +109,20 @@ def fhir_id(our_id: str) -> str:
 # --- export ----------------------------------------------------------------------------
 
 
-def _put_text(out: dict[str, Any], key: str, value: str) -> None:
-    if _FHIR_STRING.search(value):
-        out[key] = value
-        return
-    ext: dict[str, Any] = {"url": RAW_STRING_URL}
+def _raw_ext(url: str, value: str) -> dict[str, Any]:
+    ext: dict[str, Any] = {"url": url}
     if value:
         ext["valueBase64Binary"] = base64.b64encode(value.encode()).decode()
     else:
         ext["valueBoolean"] = True
-    out["_" + key] = {"extension": [ext]}
+    return ext
+
+
+def _put_text(out: dict[str, Any], key: str, value: str) -> None:
+    if _FHIR_STRING.search(value):
+        out[key] = value
+    else:
+        out["_" + key] = {"extension": [_raw_ext(RAW_STRING_URL, value)]}
 
 
 def _concept(text: str) -> dict[str, Any]:
@@ -184,9 +195,10 @@ def to_fhir(task: Task, version: FhirVersion = "R4") -> dict[str, Any]:
         if key in wire:
             out[element] = [_ref(rtype, v) for v in wire[key]]
     if "note" in wire:
-        note: dict[str, Any] = {}
-        _put_text(note, "text", wire["note"])
-        out["note"] = [note]
+        if _FHIR_STRING.search(wire["note"]):
+            out["note"] = [{"text": wire["note"]}]
+        else:  # Annotation.text is required (1..1): a blank note has no Annotation
+            out["extension"] = [_raw_ext(BLANK_NOTE_URL, wire["note"])]
     for key in ("input", "output"):
         if key in wire:
             out[key] = [_io(i) for i in wire[key]]
@@ -226,17 +238,24 @@ def _get_text(obj: Mapping[str, Any], key: str, path: str) -> object:
     shadow = obj.get("_" + key)
     if shadow is None:
         raise _Bad(f"{path}.{key}", "is required")
-    exts = _list(_obj(shadow, f"{path}._{key}").get("extension"), f"{path}._{key}.extension")
+    found = _raw_from(shadow, RAW_STRING_URL, f"{path}._{key}")
+    if found is None:
+        raise _Bad(f"{path}.{key}", "is required")
+    return found
+
+
+def _raw_from(holder: object, url: str, path: str) -> str | None:
+    """The text of the first extension with ``url`` in ``holder["extension"]``, if any."""
+    where = f"{path}.extension" if path else "extension"
+    exts = _list(_obj(holder, path or "$").get("extension", []), where)
     for n, raw in enumerate(exts):
-        ext = _obj(raw, f"{path}._{key}.extension[{n}]")
-        if ext.get("url") != RAW_STRING_URL:
+        ext = _obj(raw, f"{where}[{n}]")
+        if ext.get("url") != url:
             continue
         if ext.get("valueBoolean") is True:
             return ""
-        return _b64_text(
-            ext.get("valueBase64Binary"), f"{path}._{key}.extension[{n}].valueBase64Binary"
-        )
-    raise _Bad(f"{path}.{key}", "is required")
+        return _b64_text(ext.get("valueBase64Binary"), f"{where}[{n}].valueBase64Binary")
+    return None
 
 
 def _b64_text(value: object, path: str) -> str:
@@ -337,6 +356,10 @@ def _wire_from(resource: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, s
             items = _list(resource[element], element)
             wire[key] = [_ref_id(v, f"{element}[{i}]") for i, v in enumerate(items)]
             names[key] = element
+    blank_note = _raw_from(resource, BLANK_NOTE_URL, "")
+    if blank_note is not None:
+        wire["note"] = blank_note
+        names["note"] = "extension"
     if "note" in resource:
         notes = _list(resource["note"], "note")
         if len(notes) > 1:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from clinik_local import Task, TaskStore, ValidationError, decode_task
 from clinik_local.fhir import (
+    BLANK_NOTE_URL,
     ID_SYSTEM,
     export_ndjson,
     fhir_id,
@@ -62,6 +63,19 @@ def test_r4_export_parses_strictly_with_fhirclient(task: Task) -> None:
     parsed = FhirclientTask(resource, strict=True)
     assert parsed.intent == resource["intent"]
     assert parsed.as_json()["status"] == resource["status"]
+
+
+@pytest.mark.parametrize("note", ["", "\u00a0", "\u2003\u2003"])
+def test_blank_notes_travel_in_an_extension_that_every_validator_accepts(note: str) -> None:
+    task = decode_task({"status": "draft", "intent": "order", "id": "t_1", "note": note})
+    r4, r5 = to_fhir(task, "R4"), to_fhir(task, "R5")
+    assert "note" not in r4  # Annotation.text is required, so no Annotation
+    assert r4["extension"][0]["url"] == BLANK_NOTE_URL
+    FhirclientTask(r4, strict=True)
+    R4BTask.model_validate(r4)
+    R5Task.model_validate(r5)
+    assert from_fhir(r4) == task
+    assert from_fhir(r5) == task
 
 
 _JSON = st.recursive(

@@ -84,3 +84,32 @@ def test_big_create_many_does_not_block_the_event_loop() -> None:
     assert count == 10_000
     # a blocked loop would tick at most once while create_many ran
     assert during >= 5, during
+
+
+def test_concurrent_awaits_on_one_file_store_all_land_exactly_once(tmp_path: Path) -> None:
+    async def main() -> tuple[int, int]:
+        async with await AsyncTaskStore.open(str(tmp_path / "tasks.db")) as astore:
+            created = await asyncio.gather(
+                *(
+                    astore.tasks.create({"status": "draft", "intent": "plan", "id": f"t_{n}"})
+                    for n in range(30)
+                )
+            )
+            counts = await asyncio.gather(*(astore.tasks.count() for _ in range(5)))
+            assert {c.data for c in counts} <= set(range(31))
+            return len({r.data.id for r in created}), (await astore.tasks.count()).data
+
+    assert asyncio.run(main()) == (30, 30)
+
+
+def test_wrapping_an_open_store_shares_it_and_aclose_closes_it() -> None:
+    store = TaskStore.open(":memory:")
+
+    async def main() -> None:
+        astore = AsyncTaskStore(store)
+        await astore.tasks.create({"status": "draft", "intent": "plan", "id": "shared_1"})
+        assert store.tasks.get("shared_1").data.id == "shared_1"  # the same store
+        await astore.aclose()
+
+    asyncio.run(main())
+    assert store.closed

@@ -404,3 +404,18 @@ def test_store_file_and_its_wal_and_shm_are_created_0600(tmp_path: Path, umask: 
     finally:
         os.umask(old)
     assert modes == {"private.db": 0o600, "private.db-wal": 0o600, "private.db-shm": 0o600}
+
+
+# --- durability settings ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("durability", "level"), [("normal", 1), ("full", 2)])
+def test_durability_sets_synchronous_on_the_writer_and_every_reader(
+    tmp_path: Path, durability: str, level: int
+) -> None:
+    with TaskStore.open(tmp_path / "d.db", durability=durability) as store:  # type: ignore[arg-type]
+        with store.write() as conn:
+            assert conn.pragma("synchronous") == level
+            assert conn.pragma("journal_mode") == "wal"
+        with store.read() as conn:
+            assert conn.pragma("synchronous") == level

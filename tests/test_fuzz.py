@@ -2,8 +2,9 @@
 
 Every call either succeeds with valid data (the task reads back as written) or raises
 :class:`ValidationError` naming the field; never any other exception (a status change
-the lifecycle forbids is IllegalTransitionError, a missing task NotFoundError: both
-are the library's documented answers, not crashes), and a refused call writes nothing
+the lifecycle forbids is IllegalTransitionError, a missing task NotFoundError, a
+drawn id the shared store already holds TaskExistsError: the library's documented
+answers, not crashes), and a refused call writes nothing
 (``store.table_counts()`` unchanged).
 
 Examples per test: ``CLINIK_FUZZ_EXAMPLES`` (default 300: 4 tests x 300 >= 1,000 in CI,
@@ -26,6 +27,7 @@ from clinik_local import (
     ClinikError,
     IllegalTransitionError,
     NotFoundError,
+    TaskExistsError,
     TaskStore,
     ValidationError,
     VersionConflictError,
@@ -228,6 +230,9 @@ def test_create_with_any_value_at_any_field_succeeds_or_names_the_field(
     if response is not None:
         _assert_stored_as_returned(store, encode_task(response.data))
         assert store.table_counts()["tasks"] == before["tasks"] + 1
+    elif isinstance(error, TaskExistsError):  # a drawn id the shared store already holds
+        assert error.task_id == bad["id"]
+        assert store.table_counts() == before
     else:
         assert isinstance(error, ValidationError), error
         assert names_path(error.paths, path), (error.paths, path)
@@ -242,8 +247,11 @@ def test_create_with_an_arbitrary_request_succeeds_or_raises_validation_error(
     before = store.table_counts()
     response, error = _attempt(lambda: store.tasks.create(request))
     if response is None:
-        assert isinstance(error, ValidationError), error
-        assert error.paths
+        if isinstance(error, TaskExistsError):  # a valid request with a used id
+            assert error.task_id == request["id"]
+        else:
+            assert isinstance(error, ValidationError), error
+            assert error.paths
         assert store.table_counts() == before
 
 

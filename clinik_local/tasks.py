@@ -23,6 +23,7 @@ from .errors import (
     TaskExistsError,
     ValidationError,
     VersionConflictError,
+    _shorten,  # repr that survives values nested too deep for repr()
 )
 from .ids import ID_PATTERN, is_valid_id, new_task_id
 from .lifecycle import transition_problem
@@ -123,7 +124,7 @@ def _check_if_match(if_match: object) -> str | None:
 
 def _read_only_problems(request: Mapping[str, object], prefix: str = "") -> list[FieldError]:
     return [
-        FieldError(prefix + key, message, repr(request[key])[:80], "omit it")
+        FieldError(prefix + key, message, _shorten(request[key]), "omit it")
         for key, message in _READ_ONLY.items()
         if key in request
     ]
@@ -294,7 +295,7 @@ class TasksResource:
         if "id" in changes and changes["id"] != task_id:
             problems.append(
                 FieldError(
-                    "id", "cannot be changed by an update", repr(changes["id"])[:80], repr(task_id)
+                    "id", "cannot be changed by an update", _shorten(changes["id"]), repr(task_id)
                 )
             )
         if admin_override is not None and (
@@ -306,7 +307,7 @@ class TasksResource:
                 FieldError(
                     "admin_override",
                     "must say why the lifecycle is overridden",
-                    repr(admin_override)[:80],
+                    _shorten(admin_override),
                     f"1-{_MAX_OVERRIDE_REASON} characters",
                 )
             )

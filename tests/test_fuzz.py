@@ -321,3 +321,25 @@ def test_each_special_value_at_a_field_is_stored_exactly_or_refused_by_name(
         assert isinstance(error, ValidationError), error
         assert names_path(error.paths, path), error.paths
         assert store.table_counts() == before
+
+
+def test_values_too_deep_to_repr_are_refused_by_name_in_every_argument(store: TaskStore) -> None:
+    store.tasks.create({"id": "deep_target", "status": "draft", "intent": "order"})
+    before = store.table_counts()
+    calls: list[tuple[str, Callable[[], object]]] = [
+        (
+            "versionId",
+            lambda: store.tasks.create({"status": "draft", "intent": "order", "versionId": DEEP}),
+        ),
+        ("id", lambda: store.tasks.update("deep_target", {"id": DEEP})),
+        ("admin_override", lambda: store.tasks.update("deep_target", {}, admin_override=DEEP)),  # type: ignore[arg-type]
+        ("id", lambda: store.tasks.get(DEEP)),  # type: ignore[arg-type]
+        ("if_match", lambda: store.tasks.delete("deep_target", if_match=DEEP)),  # type: ignore[arg-type]
+        ("patientId", lambda: store.tasks.search(patientId=DEEP)),
+    ]
+    for path, call in calls:
+        response, error = _attempt(call)
+        assert response is None
+        assert isinstance(error, ValidationError), (path, error)
+        assert path in error.paths
+    assert store.table_counts() == before

@@ -37,7 +37,7 @@ ID_LIST_FIELDS = ["basedOn", "partOf"]
 
 
 @given(valid_requests(with_id=True))
-@settings(max_examples=300)
+@settings(max_examples=200)
 def test_any_valid_request_round_trips_to_the_same_wire_mapping(request: dict[str, Any]) -> None:
     task = decode_task(request)
     assert encode_task(task) == request
@@ -99,7 +99,7 @@ def test_the_library_converter_is_not_the_cattrs_global_one() -> None:
 
 
 @given(invalid_requests())
-@settings(max_examples=400)
+@settings(max_examples=250)
 def test_a_request_with_one_invalid_field_fails_naming_only_that_field(
     case: tuple[dict[str, Any], str],
 ) -> None:

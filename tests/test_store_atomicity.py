@@ -26,7 +26,7 @@ from clinik_local.demo import SEED_LAB_ORDER
 from tests.strategies import invalid_requests, minimal_request, names_path, set_path
 
 _ON_FILE = settings(
-    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 _BOOKKEEPING = ("versionId", "lastModified")
 

@@ -62,7 +62,7 @@ def test_seed_lab_order_round_trips_through_create_and_get_on_a_file(store_path:
 
 
 @given(request=valid_requests(with_id=True))
-@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_any_valid_request_is_stored_and_read_back_exactly(
     tmp_path: Path, request: dict[str, Any]
 ) -> None:

@@ -52,7 +52,7 @@ def _newest_first(wires: list[dict[str, Any]]) -> list[dict[str, Any]]:
     as_keywords=st.booleans(),
     data=st.data(),
 )
-@_file_settings(80)
+@_file_settings(60)
 def test_each_filter_and_pair_returns_exactly_what_a_python_filter_returns(
     tmp_path: Path,
     requests: list[dict[str, Any]],

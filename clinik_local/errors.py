@@ -147,11 +147,11 @@ class VersionConflictError(ConflictError):
 
 
 class TaskExistsError(ConflictError):
-    """A task with that id already exists; nothing was written."""
+    """A task with that id exists, or existed and was deleted; nothing was written."""
 
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id
-        super().__init__(f"a task with id {task_id!r} already exists")
+        super().__init__(f"a task with id {task_id!r} already exists (or existed and was deleted)")
 
 
 class IllegalTransitionError(ConflictError, ValueError):

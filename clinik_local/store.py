@@ -279,6 +279,10 @@ def _open_connection(
             _set_wal(conn)
             if version < SCHEMA_VERSION:
                 _install_schema(conn, version)
+            # The writer touches many index pages per task; SQLite's default 2 MiB page cache
+            # makes bulk imports re-read pages as the file grows (measured: 1,478 -> 149
+            # tasks/s from 0 to 40k tasks; with 64 MiB it stayed above 500/s).
+            conn.pragma("cache_size", -65536)
             # Long-lived connection: let SQLite refresh planner statistics it finds stale
             # (cheap when nothing changed; apsw's best practice for such connections).
             # Opportunistic: it may need the write lock, and opening must not wait for

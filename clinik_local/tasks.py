@@ -192,9 +192,13 @@ class TasksResource:
         with self._store.write() as conn:
             try:
                 conn.execute(_INSERT_TASK, _row(task, 1, body))
+                # An id once used by a task that was deleted stays taken: its history (and
+                # the server's copy of the id) still belong to that task.
+                conn.execute(
+                    _INSERT_HISTORY, (task.id, 1, "create", body, task.last_modified, None)
+                )
             except apsw.ConstraintError:
                 raise TaskExistsError(task.id) from None
-            conn.execute(_INSERT_HISTORY, (task.id, 1, "create", body, task.last_modified, None))
             enqueue(conn, task.id, "create", body, None, task.last_modified or "")
         self._notify()
         return ApiResponse(task, {"syncState": "pending"})

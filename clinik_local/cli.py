@@ -235,48 +235,6 @@ def _cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-class _CountingWriter:
-    """A text stream that advances a progress bar for every line written through it."""
-
-    def __init__(self, stream: TextIO, bar: Any) -> None:
-        self._stream = stream
-        self._bar = bar
-
-    def write(self, text: str) -> int:
-        self._bar.advance(text.count("\n"))
-        return self._stream.write(text)
-
-    def flush(self) -> None:
-        self._stream.flush()
-
-
-class _CountingReader:
-    """A text stream that advances a progress bar for every line read from it."""
-
-    def __init__(self, stream: TextIO, bar: Any) -> None:
-        self._stream = stream
-        self._bar = bar
-
-    def __iter__(self) -> _CountingReader:
-        return self
-
-    def __next__(self) -> str:
-        line = next(self._stream)
-        self._bar.advance(1)
-        return line
-
-    def readline(self) -> str:
-        line = self._stream.readline()
-        if line:
-            self._bar.advance(1)
-        return line
-
-    def read(self, size: int = -1) -> str:
-        text = self._stream.read(size)
-        self._bar.advance(text.count("\n"))
-        return text
-
-
 def _cmd_export(args: argparse.Namespace, out: TextIO) -> int:
     from .fhir import export_ndjson
     from .progress import Progress
@@ -286,7 +244,7 @@ def _cmd_export(args: argparse.Namespace, out: TextIO) -> int:
         target = open(args.out, "w", encoding="utf-8") if args.out != "-" else out  # noqa: SIM115
         try:
             with Progress(f"exporting {args.format}", total) as bar:
-                written = export_ndjson(store, _CountingWriter(target, bar), args.format)  # type: ignore[arg-type]
+                written = export_ndjson(store, target, args.format, progress=bar.advance)
         finally:
             if target is not out:
                 target.close()
@@ -305,7 +263,7 @@ def _cmd_import(args: argparse.Namespace, out: TextIO) -> int:
         open(args.file, encoding="utf-8") as source,
         Progress(f"importing {args.format}", total) as bar,
     ):
-        created = import_ndjson(store, _CountingReader(source, bar), args.format)  # type: ignore[arg-type]
+        created = import_ndjson(store, source, args.format, progress=bar.advance)
     if args.json:
         _json_out({"imported": created}, out)
     else:

@@ -134,6 +134,7 @@ class _TlsServer:
         self.port = self.sock.getsockname()[1]
         self.handshakes = 0
         self.failed = 0
+        self._stopping = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
@@ -142,6 +143,9 @@ class _TlsServer:
             try:
                 conn, _ = self.sock.accept()
             except OSError:
+                return
+            if self._stopping:
+                conn.close()
                 return
             with conn:
                 try:
@@ -153,8 +157,10 @@ class _TlsServer:
                     self.failed += 1
 
     def close(self) -> None:
-        self.sock.close()
+        self._stopping = True
+        socket.create_connection(("127.0.0.1", self.port)).close()  # wakes accept()
         self._thread.join(timeout=10)
+        self.sock.close()
 
 
 @pytest.fixture

@@ -47,6 +47,7 @@ from .model import (
     TaskIntent,
     TaskPriority,
     TaskStatus,
+    TaskVersion,
     ValueKind,
 )
 from .store import TaskStore
@@ -119,6 +120,7 @@ __all__ = [
     "TaskPriority",
     "TaskStatus",
     "TaskStore",
+    "TaskVersion",
     "TasksResource",
     "TransportError",
     "ValidationError",

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .model import ApiResponse, Task
+from .model import ApiResponse, Task, TaskVersion
 
 if TYPE_CHECKING:
     from .store import TaskStore
@@ -84,7 +84,7 @@ class AsyncTasksResource:
         """How many tasks match (see ``TasksResource.count``)."""
         return await asyncio.to_thread(self._tasks.count, filters, **keywords)
 
-    async def history(self, task_id: str) -> ApiResponse[list[dict[str, object]]]:
+    async def history(self, task_id: str) -> ApiResponse[list[TaskVersion]]:
         """Every recorded version of a task (see ``TasksResource.history``)."""
         return await asyncio.to_thread(self._tasks.history, task_id)
 

@@ -13,15 +13,29 @@ after it:
 * date-times become UTC ``YYYY-MM-DDTHH:MM:SS.sssZ`` (sub-millisecond digits dropped);
 * ``authoredOn`` is set to now when absent;
 * absent optional fields, ``null`` fields and empty lists are omitted;
-* ``restriction.recipient``, ``basedOn`` ... are lists on the wire, tuples in Python.
+* ``restriction.recipient``, ``basedOn`` ... are lists on the wire, tuples in Python;
+* every text (``note``, ``code``, ``businessStatus``, input/output ``type`` and
+  ``valueString``/``valueCode`` ...) is stored in Unicode normal form C (NFC): "é"
+  typed as ``e`` + U+0301 (macOS keyboards, some EHR exports) is the same text as the
+  single character U+00E9, so it must be the same stored text, matched by the same
+  equality filter (:mod:`clinik_local.search` normalises filter values alike), and
+  an update that only respells a text is no change. NFC is canonically equivalent
+  (renders and reads the same) and the form the W3C recommends for exchanged text.
 
-Size limits (characters, items) are in :data:`TEXT_LIMITS` and :data:`MAX_LIST_ITEMS`.
+Size limits (characters, items) are in :data:`TEXT_LIMITS` and :data:`MAX_LIST_ITEMS`;
+a text's limit applies to its NFC form. The whole task is limited too: its wire form
+(the compact UTF-8 JSON the sync engine sends) is at most :data:`MAX_WIRE_BYTES`, the
+remote service's request cap, so the store never accepts a task it could never deliver.
+
+Mapping keys are the wire (camelCase) names; a snake_case spelling of a field
+(``patient_id``) is refused naming its wire name, as any unknown key is.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -31,7 +45,7 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from .errors import FieldError, ValidationError, _shorten
-from .ids import ID_PATTERN, is_valid_id
+from .ids import ID_PATTERN, is_valid_id, new_task_id
 from .model import (
     Period,
     Restriction,
@@ -46,6 +60,7 @@ from .timestamps import InstantError, parse_instant
 
 __all__ = [
     "MAX_LIST_ITEMS",
+    "MAX_WIRE_BYTES",
     "TEXT_LIMITS",
     "converter",
     "decode_task",
@@ -53,6 +68,7 @@ __all__ = [
     "task_from_stored",
     "tasks_from_bodies",
     "wire_name",
+    "wire_size",
 ]
 
 #: Longest accepted text, in characters, per wire field.
@@ -69,6 +85,9 @@ TEXT_LIMITS: Mapping[str, int] = {
 }
 #: Most items accepted in any list field (basedOn, partOf, input, output, recipient).
 MAX_LIST_ITEMS = 100
+#: Largest wire form of one task, in bytes of compact UTF-8 JSON: the remote service's
+#: request cap (1 MiB, sync-protocol "Size"; a larger body is answered 413).
+MAX_WIRE_BYTES = 1_048_576
 #: valueInteger is a FHIR integer: signed 32-bit.
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 
@@ -96,12 +115,18 @@ def wire_name(attribute: str) -> str:
 # --- leaf checks (return the accepted value or raise _Invalid) -------------------------
 
 
+#: NFC can shrink a text to a third (or less) of its length; longer input is refused
+#: before it is normalised, so no one makes the codec normalise megabytes.
+_NFC_SHRINK = 4
+
+
 def _check_text(value: object, limit: int) -> str:
+    """The text in NFC, or _Invalid: not a string, too long (in NFC), NUL, lone surrogate."""
     if type(value) is not str:
         if not isinstance(value, str):
             raise _invalid(f"expected a string, not {type(value).__name__}", value, "text")
         value = str.__str__(value)
-    if len(value) > limit:
+    if len(value) > limit and (value.isascii() or len(value) > _NFC_SHRINK * limit):
         raise _invalid(f"is {len(value)} characters long", value, f"at most {limit} characters")
     if "\x00" in value:
         raise _invalid("contains a NUL character", value, "text without NUL")
@@ -112,6 +137,14 @@ def _check_text(value: object, limit: int) -> str:
             raise _invalid(
                 "is not valid Unicode (lone surrogate)", value, "valid Unicode"
             ) from None
+        if not unicodedata.is_normalized("NFC", value):
+            value = unicodedata.normalize("NFC", value)
+        if len(value) > limit:
+            raise _invalid(
+                f"is {len(value)} characters long in Unicode normal form C (NFC)",
+                value,
+                f"at most {limit} characters",
+            )
     return value
 
 
@@ -497,8 +530,13 @@ def _collect(exc: BaseException, path: str, out: list[FieldError]) -> None:
             else:
                 _collect(sub, path, out)
     elif isinstance(exc, ForbiddenExtraKeysError):
-        for key in sorted(map(str, exc.extra_fields)):
-            out.append(FieldError(_join(path, key), "unknown field", None, _TOP_FIELDS))
+        for key in sorted(map(_key_text, exc.extra_fields)):
+            wire = _WIRE_OF_ATTRIBUTE.get(key) if not path else None
+            if wire is not None:
+                message = f"is the Python attribute name; the wire name is {wire!r}"
+                out.append(FieldError(_join(path, key), message, None, wire))
+            else:
+                out.append(FieldError(_join(path, key), "unknown field", None, _TOP_FIELDS))
     elif isinstance(exc, _Invalid):
         for rel, message, value, allowed in exc.problems:
             shown = None if value is None else _shorten(value)
@@ -513,7 +551,16 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
+def _key_text(key: object) -> str:
+    """A mapping key as it appears in an error path (any key, printable or not)."""
+    return key if isinstance(key, str) else _shorten(key)
+
+
 _TOP_FIELDS = ", ".join(sorted(wire_name(a.name) for a in attrs.fields(Task)))
+#: snake_case attribute -> its wire name, for the attributes whose spellings differ.
+_WIRE_OF_ATTRIBUTE = {
+    a.name: wire_name(a.name) for a in attrs.fields(Task) if wire_name(a.name) != a.name
+}
 _REQUIRED_ALLOWED = {"status": _STATUS_CHOICES, "intent": _INTENT_CHOICES}
 
 
@@ -525,7 +572,9 @@ def decode_task(request: Mapping[str, object]) -> Task:
 
     Raises :class:`ValidationError` listing every problem (wire paths), including the
     invariants that span fields: a task is not ``partOf`` itself and ``lastModified``
-    is not before ``authoredOn``.
+    is not before ``authoredOn``; and a task whose wire form is over
+    :data:`MAX_WIRE_BYTES` (path ``$``), which the service could never accept. Texts
+    come back in NFC (see the module docstring).
     """
     if not isinstance(request, Mapping):
         raise ValidationError.single(
@@ -540,7 +589,82 @@ def decode_task(request: Mapping[str, object]) -> Task:
     problems = _invariant_problems(task)
     if problems:
         raise ValidationError(problems)
+    size = _oversize(task)
+    if size is not None:
+        raise ValidationError(
+            [
+                FieldError(
+                    "$",
+                    f"the task's wire form is {size:,} bytes",
+                    None,
+                    f"at most {MAX_WIRE_BYTES:,} bytes (the service's request limit)",
+                )
+            ]
+        )
     return task
+
+
+#: Bytes of a store-generated ``"id":"task_..."`` member, for a task decoded without one.
+_GENERATED_ID_BYTES = len(json.dumps({"id": new_task_id()}, separators=(",", ":"))) - 2
+#: Server-managed fields, which the sync engine leaves out of the body it sends.
+_NOT_SENT = ("versionId", "lastModified")
+
+
+def _size_bound(task: Task) -> int:
+    """An upper bound of :func:`wire_size`, from character counts alone (no JSON).
+
+    JSON with ``ensure_ascii=False`` spends at most 6 bytes on a character (a control
+    character escaped as ``\\u00XX``; UTF-8 itself needs at most 4). Everything that is
+    not free text is bounded by the field's size limit: ids and instants by 64
+    characters, numbers by 24, member names and punctuation by 40 per member.
+    """
+    chars = 0
+    for text in (
+        task.status_reason,
+        task.business_status,
+        task.code,
+        task.description,
+        task.reason_code,
+        task.note,
+    ):
+        if text is not None:
+            chars += len(text)
+    items = 0
+    for io in (*task.input, *task.output):
+        chars += len(io.type)
+        if isinstance(io.value, str):
+            chars += len(io.value)
+        items += 1
+    refs = len(task.based_on) + len(task.part_of)
+    if task.restriction is not None:
+        refs += len(task.restriction.recipient)
+    return 6 * chars + 110 * items + 70 * refs + 4096
+
+
+def wire_size(task: Task) -> int:
+    """Bytes of the body the sync engine sends for ``task``: compact UTF-8 JSON.
+
+    That is the wire form without the server-managed ``versionId``/``lastModified``,
+    with an id (a task without one yet is counted with the id the store will generate,
+    which has a fixed length).
+    """
+    wire = encode_task(task)
+    for key in _NOT_SENT:
+        wire.pop(key, None)
+    size = len(json.dumps(wire, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+    return size if task.id is not None else size + 1 + _GENERATED_ID_BYTES
+
+
+def _oversize(task: Task) -> int | None:
+    """The task's :func:`wire_size` when it is over :data:`MAX_WIRE_BYTES`, else None.
+
+    Cheap for ordinary tasks: the bound from character counts settles almost every
+    task, and only one near the limit is serialised.
+    """
+    if _size_bound(task) <= MAX_WIRE_BYTES:
+        return None
+    size = wire_size(task)
+    return size if size > MAX_WIRE_BYTES else None
 
 
 def _invariant_problems(task: Task) -> list[FieldError]:

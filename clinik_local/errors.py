@@ -58,11 +58,30 @@ __all__ = [
 _MAX_SHOWN_VALUE = 80
 
 
+def _digits(value: int) -> int:
+    """How many decimal digits ``abs(value)`` has, without converting it to text."""
+    count = max(1, int(abs(value).bit_length() * 0.30103))  # log10(2): never too many
+    while abs(value) >= 10**count:
+        count += 1
+    return count
+
+
 def _shorten(value: object) -> str:
+    """A printable, truncated form of any value; never raises.
+
+    An integer too long for ``repr`` (Python refuses more than 4,300 digits) is shown
+    by its size; a value nested too deep, or with a broken ``__repr__``, by reprlib,
+    and if even that fails, by its type.
+    """
+    if type(value) is int and value.bit_length() > 10_000:
+        return f"<an integer of {_digits(value)} digits>"
     try:
         text = repr(value)
-    except Exception:  # nested too deep for repr (RecursionError), or a broken __repr__
-        text = reprlib.repr(value)  # depth-limited; never raises
+    except Exception:  # too deep (RecursionError), an int too long, a broken __repr__
+        try:
+            text = reprlib.repr(value)  # depth-limited
+        except Exception:  # an integer too long to print, inside a container
+            text = f"<{type(value).__name__}>"
     if len(text) > _MAX_SHOWN_VALUE:
         text = text[: _MAX_SHOWN_VALUE - 3] + "..."
     return text

@@ -47,11 +47,13 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from .codec import decode_task, encode_task
 from .errors import FieldError, ValidationError, _shorten
 from .model import Task
+from .timestamps import format_instant
 
 if TYPE_CHECKING:
     from .store import TaskStore
@@ -95,6 +97,55 @@ _REF_LISTS: dict[str, tuple[str, str]] = {
     "basedOn": ("basedOn", "ServiceRequest"),
     "partOf": ("partOf", "Task"),
 }
+#: Resource types import accepts per element; None: any type (FHIR's Reference(Any)).
+#: owner and requester: every type FHIR R4 or R5 allows there (they are "who": our id
+#: of the actor; export writes Practitioner). ``for`` is Reference(Any) in FHIR, but
+#: our patientId means a Patient. restriction.recipient as in R4 and R5.
+_ACTORS_R4_R5_OWNER = (
+    "CareTeam",
+    "Device",
+    "HealthcareService",
+    "Organization",
+    "Patient",
+    "Practitioner",
+    "PractitionerRole",
+    "RelatedPerson",
+)
+_ALLOWED_TYPES: dict[str, tuple[str, ...] | None] = {
+    "for": ("Patient",),
+    "owner": _ACTORS_R4_R5_OWNER,
+    "requester": (
+        "Device",
+        "Group",
+        "Organization",
+        "Patient",
+        "Practitioner",
+        "PractitionerRole",
+        "RelatedPerson",
+    ),
+    "encounter": ("Encounter",),
+    "focus": None,
+    "basedOn": None,
+    "partOf": ("Task",),
+    "restriction.recipient": (
+        "Group",
+        "Organization",
+        "Patient",
+        "Practitioner",
+        "PractitionerRole",
+        "RelatedPerson",
+    ),
+    "valueReference": None,
+}
+#: A FHIR literal reference: [absolute base URL/]Type/id[/_history/version].
+_REFERENCE = re.compile(
+    r"(?:https?://[^/?#\s]+(?:/[^/?#\s]+)*?/)?"
+    r"(?P<type>[A-Z][A-Za-z]{0,63})/(?P<id>[A-Za-z0-9_.\-]{1,64})"
+    r"(?:/_history/[A-Za-z0-9_.\-]{1,64})?",
+    re.ASCII,
+)
+#: A FHIR date without a time: YYYY, YYYY-MM or YYYY-MM-DD.
+_FHIR_DATE = re.compile(r"(\d{4})(?:-(\d\d)(?:-(\d\d))?)?", re.ASCII)
 _CONCEPTS = ("code", "businessStatus")
 _PLAIN = ("status", "intent", "priority", "authoredOn", "lastModified", "executionPeriod")
 
@@ -155,7 +206,18 @@ def _io(item: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def to_fhir(task: Task, version: FhirVersion = "R4") -> dict[str, Any]:
-    """The FHIR ``Task`` resource (JSON-ready dict) of a task, in R4 or R5."""
+    """The FHIR ``Task`` resource (JSON-ready dict) of a task, in R4 or R5.
+
+    ``task`` is a :class:`~clinik_local.model.Task` (a wire mapping is refused: decode
+    it first with :func:`~clinik_local.codec.decode_task`).
+    """
+    if not isinstance(task, Task):
+        raise ValidationError.single(
+            "task",
+            f"expected a Task, not {type(task).__name__}",
+            task,
+            "a clinik_local.Task (decode a wire mapping with decode_task first)",
+        )
     if version not in ("R4", "R5"):
         raise ValidationError.single("version", "unknown FHIR version", version, "R4, R5")
     wire = encode_task(task)
@@ -214,9 +276,12 @@ def to_fhir(task: Task, version: FhirVersion = "R4") -> dict[str, Any]:
 
 
 class _Bad(Exception):
-    def __init__(self, path: str, message: str, value: object = None) -> None:
+    def __init__(
+        self, path: str, message: str, value: object = None, allowed: str | None = None
+    ) -> None:
         super().__init__(path)
-        self.error = FieldError(path, message, None if value is None else _shorten(value))
+        shown = None if value is None else _shorten(value)
+        self.error = FieldError(path, message, shown, allowed)
 
 
 def _obj(value: object, path: str) -> Mapping[str, Any]:
@@ -270,18 +335,118 @@ def _has_text(obj: Mapping[str, Any], key: str) -> bool:
 
 
 def _concept_text(value: object, path: str) -> object:
-    return _get_text(_obj(value, path), "text", path)
+    """A CodeableConcept's text; without one, the ``code`` of its first coding that has one.
+
+    Our codes are plain strings, so a coded concept keeps only its code value (its
+    system and display are dropped); it exports back as ``{"text": code}``.
+    """
+    concept = _obj(value, path)
+    if _has_text(concept, "text"):
+        return _get_text(concept, "text", path)
+    for n, coding in enumerate(_list(concept.get("coding", []), f"{path}.coding")):
+        code = _obj(coding, f"{path}.coding[{n}]").get("code")
+        if code is not None:
+            return code
+    raise _Bad(
+        f"{path}.text",
+        "is required: a CodeableConcept needs text, or a coding with a code",
+        value,
+        "text, or coding[].code",
+    )
 
 
-def _ref_id(value: object, path: str) -> object:
+def _ref_id(value: object, path: str, element: str) -> object:
+    """Our id from a Reference: its clinik-local identifier, else its literal reference.
+
+    ``Type/id``, ``Type/id/_history/vid`` and absolute URLs ending in one are read; the
+    version is not an id and is dropped. The resource type must be one the element
+    allows (:data:`_ALLOWED_TYPES`), in ``reference`` and in ``type`` alike.
+    """
     ref = _obj(value, path)
+    allowed = _ALLOWED_TYPES[element]
+    shown = "any resource type" if allowed is None else ", ".join(allowed)
+    declared = ref.get("type")
+    if declared is not None and (
+        not isinstance(declared, str) or (allowed is not None and declared not in allowed)
+    ):
+        raise _Bad(f"{path}.type", f"{element} cannot refer to a {declared}", declared, shown)
+    reference = ref.get("reference")
+    found: str | None = None
+    if reference is not None:
+        match = _REFERENCE.fullmatch(reference) if isinstance(reference, str) else None
+        if match is None:
+            raise _Bad(
+                f"{path}.reference",
+                "is not a FHIR literal reference",
+                reference,
+                "Type/id, Type/id/_history/version, or an absolute URL ending in one",
+            )
+        rtype = match.group("type")
+        if allowed is not None and rtype not in allowed:
+            raise _Bad(
+                f"{path}.reference", f"{element} cannot refer to a {rtype}", reference, shown
+            )
+        if declared is not None and declared != rtype:
+            raise _Bad(
+                f"{path}.type", f"says {declared}, but the reference is to a {rtype}", declared
+            )
+        found = match.group("id")
     ident = ref.get("identifier")
     if isinstance(ident, Mapping) and ident.get("system") == ID_SYSTEM:
         return ident.get("value")
-    reference = ref.get("reference")
-    if not isinstance(reference, str) or "/" not in reference:
-        raise _Bad(f"{path}.reference", "expected 'Type/id' or a clinik-local identifier", value)
-    return reference.rsplit("/", 1)[1]
+    if found is None:
+        raise _Bad(
+            f"{path}.reference",
+            "is required (there is no clinik-local identifier)",
+            value,
+            "Type/id or an identifier with system " + ID_SYSTEM,
+        )
+    return found
+
+
+def _date_time(value: object, path: str, *, end: bool = False) -> object:
+    """A FHIR dateTime as our instant input: a date without a time becomes an instant.
+
+    ``YYYY``, ``YYYY-MM`` and ``YYYY-MM-DD`` become the first millisecond of that
+    period in UTC, or (``end``: a Period's end, which FHIR says includes the whole end
+    date) its last millisecond. UTC because a date has no zone, and one fixed rule
+    makes the same file import to the same instants on every device. Anything else is
+    left for the codec to check.
+    """
+    match = _FHIR_DATE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        return value
+    year, month, day = (int(g) if g else None for g in match.groups())
+    assert year is not None
+    try:
+        start = datetime(year, month or 1, day or 1, tzinfo=UTC)
+    except ValueError:
+        raise _Bad(
+            path, "is not a real calendar date", value, "YYYY, YYYY-MM or YYYY-MM-DD"
+        ) from None
+    if not end:
+        return format_instant(start)
+    try:
+        if day is not None:
+            after = start + timedelta(days=1)
+        elif month is not None:
+            after = start.replace(year=year + month // 12, month=month % 12 + 1)
+        else:
+            after = start.replace(year=year + 1)
+    except (OverflowError, ValueError):  # the period ends with the year 9999
+        return "9999-12-31T23:59:59.999Z"
+    return format_instant(after - timedelta(milliseconds=1))
+
+
+def _period(value: object, path: str) -> object:
+    if not isinstance(value, Mapping):
+        return value  # the codec names the problem
+    out = dict(value)
+    if "start" in out:
+        out["start"] = _date_time(out["start"], f"{path}.start")
+    if "end" in out:
+        out["end"] = _date_time(out["end"], f"{path}.end", end=True)
+    return out
 
 
 def _io_from(value: object, path: str) -> dict[str, Any]:
@@ -292,7 +457,9 @@ def _io_from(value: object, path: str) -> dict[str, Any]:
             continue
         name = key.lstrip("_")
         if name == "valueReference":
-            out[name] = _ref_id(item[key], f"{path}.{name}")
+            out[name] = _ref_id(item[key], f"{path}.{name}", "valueReference")
+        elif name == "valueDateTime":
+            out[name] = _date_time(item[key], f"{path}.{name}")
         elif name == "valueAttachment":
             attachment = _obj(item[key], f"{path}.{name}")
             if attachment.get("contentType") != _RAW_TEXT_TYPE:
@@ -323,6 +490,11 @@ def _wire_from(resource: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, s
     for key in _PLAIN:
         if key in resource:
             wire[key] = resource[key]
+    for key in ("authoredOn", "lastModified"):
+        if key in wire:
+            wire[key] = _date_time(wire[key], key)
+    if "executionPeriod" in wire:
+        wire["executionPeriod"] = _period(wire["executionPeriod"], "executionPeriod")
     if "lastModified" not in wire and "lastUpdated" in meta:
         wire["lastModified"] = meta["lastUpdated"]
         names["lastModified"] = "meta.lastUpdated"
@@ -349,12 +521,12 @@ def _wire_from(resource: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, s
             names["reasonCode"] = "reason[0].concept.text"
     for key, (element, _) in _REFS.items():
         if element in resource:
-            wire[key] = _ref_id(resource[element], element)
+            wire[key] = _ref_id(resource[element], element, element)
             names[key] = element
     for key, (element, _) in _REF_LISTS.items():
         if element in resource:
             items = _list(resource[element], element)
-            wire[key] = [_ref_id(v, f"{element}[{i}]") for i, v in enumerate(items)]
+            wire[key] = [_ref_id(v, f"{element}[{i}]", element) for i, v in enumerate(items)]
             names[key] = element
     blank_note = _raw_from(resource, BLANK_NOTE_URL, "")
     if blank_note is not None:
@@ -376,8 +548,11 @@ def _wire_from(resource: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, s
         if "recipient" in restriction:
             recipients = _list(restriction["recipient"], "restriction.recipient")
             restriction["recipient"] = [
-                _ref_id(v, f"restriction.recipient[{i}]") for i, v in enumerate(recipients)
+                _ref_id(v, f"restriction.recipient[{i}]", "restriction.recipient")
+                for i, v in enumerate(recipients)
             ]
+        if "period" in restriction:
+            restriction["period"] = _period(restriction["period"], "restriction.period")
         wire["restriction"] = restriction
     return wire, names
 

@@ -24,6 +24,7 @@ __all__ = [
     "TaskIntent",
     "TaskPriority",
     "TaskStatus",
+    "TaskVersion",
     "ValueKind",
 ]
 
@@ -163,6 +164,23 @@ class Task:
     input: tuple[TaskInputOutput, ...] = ()
     output: tuple[TaskInputOutput, ...] = ()
     restriction: Restriction | None = None
+
+
+@attrs.frozen(kw_only=True)
+class TaskVersion:
+    """One recorded version of a task, as ``store.tasks.history()`` returns it.
+
+    ``op`` is ``"create"``, ``"update"`` or ``"delete"``; ``version`` counts every
+    change of the task from 1; ``changed_at`` is when it was written (UTC instant);
+    ``override_reason`` is the ``admin_override`` an update gave, else ``None``;
+    ``task`` is the task as that version left it (for a delete: as it was when deleted).
+    """
+
+    version: int
+    op: str
+    changed_at: str
+    override_reason: str | None
+    task: Task
 
 
 T = TypeVar("T")

@@ -1,8 +1,13 @@
 """The search compiler: wire-form filters -> one parameterised, index-served SQL query.
 
-Filter names are the wire's camelCase names (``patientId=``), with snake_case
-spellings accepted beside them (``patient_id=``). Values arrive as they would in the
-remote service's query string. Column names in SQL come only from the allow-lists
+Filter names: a mapping of filters uses the wire's camelCase names
+(``{"patientId": ...}``), as every mapping the library takes does (create, update);
+a snake_case key in it is refused naming its wire name. Keyword arguments are Python
+and may use either spelling: ``patientId=`` or ``patient_id=``. Values arrive as they
+would in the remote service's query string. Text values of equality and
+input/output filters are compared in Unicode normal form C, the form the codec
+stores every text in, so "é" typed as one character or as ``e`` + U+0301 finds the
+same tasks. Column names in SQL come only from the allow-lists
 below; every value is a bound parameter.
 
 Equality filters (patientId, ownerId, requesterId, encounterId, focusId, status,
@@ -100,7 +105,7 @@ import attrs
 
 from . import timestamps
 from .codec import TEXT_LIMITS
-from .errors import ValidationError
+from .errors import FieldError, ValidationError, _shorten
 from .ids import ID_PATTERN, is_valid_id
 from .model import TaskIntent, TaskPriority, TaskStatus
 
@@ -228,22 +233,51 @@ class CompiledSearch:
 def normalise_filters(
     filters: Mapping[str, object] | None, keywords: Mapping[str, object]
 ) -> dict[str, object]:
-    """One mapping of wire names from a positional mapping plus keyword arguments."""
+    """One mapping of wire names from a positional mapping plus keyword arguments.
+
+    The mapping holds wire names only (a snake_case key is refused naming its wire
+    name); keywords may also be spelt in snake_case.
+    """
     merged: dict[str, object] = {}
-    for source in (filters or {}, keywords):
-        if not isinstance(source, Mapping):
+    if filters is None:
+        filters = {}
+    if not isinstance(filters, Mapping):
+        raise ValidationError.single(
+            "filters", "expected a mapping of filter names to values", filters
+        )
+    for key, value in filters.items():
+        if not isinstance(key, str):
             raise ValidationError.single(
-                "filters", "expected a mapping of filter names to values", source
+                "filters", "filter names are strings", key, ", ".join(_ALL_NAMES)
             )
-        for key, value in source.items():
-            name = _ALIASES.get(key, key)
-            if name in merged:
-                raise ValidationError.single(name, "is given twice", value)
-            merged[name] = value
+        wire = _ALIASES.get(key)
+        if wire is not None:
+            raise ValidationError(
+                [
+                    FieldError(
+                        key,
+                        f"is the Python spelling; a filter mapping uses the wire name {wire!r} "
+                        f"(keywords may use either: {key}=...)",
+                        None,
+                        wire,
+                    )
+                ]
+            )
+        merged[key] = value
+    for key, value in keywords.items():
+        name = _ALIASES.get(key, key)
+        if name in merged:
+            raise ValidationError.single(name, "is given twice", value)
+        merged[name] = value
     return merged
 
 
 # --- value parsing ------------------------------------------------------------------
+
+
+def _key_text(key: object) -> str:
+    """A mapping key as it appears in an error (any key, printable or not)."""
+    return key if isinstance(key, str) else _shorten(key)
 
 
 def _split(name: str, raw: object, *, allow_none: bool) -> list[Any]:
@@ -270,16 +304,23 @@ def _split(name: str, raw: object, *, allow_none: bool) -> list[Any]:
 
 
 def _check_text_value(name: str, value: object, limit: int) -> str:
+    """A text filter value in NFC (the form every stored text is in), or ValidationError."""
     if not isinstance(value, str):
         raise ValidationError.single(name, f"expected a string, not {type(value).__name__}", value)
-    if not value or len(value) > limit or "\x00" in value:
+    if not value or len(value) > 4 * limit or "\x00" in value:
         raise ValidationError.single(
             name, "is not an acceptable value", value, f"1-{limit} characters, no NUL"
         )
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValidationError.single(name, "is not valid Unicode", value) from None
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError.single(name, "is not valid Unicode", value) from None
+        value = unicodedata.normalize("NFC", value)
+    if len(value) > limit:
+        raise ValidationError.single(
+            name, "is not an acceptable value", value, f"1-{limit} characters, no NUL"
+        )
     return value
 
 
@@ -298,7 +339,7 @@ def _check_value(name: str, spec: _Field, value: object) -> object:
             name, "is not an allowed value", value, ", ".join(sorted(spec.allowed))
         )
     if spec.kind == "text":
-        _check_text_value(name, value, TEXT_LIMITS.get(name, 1024))
+        value = _check_text_value(name, value, TEXT_LIMITS.get(name, 1024))
     if spec.kind == "priority":
         return _PRIORITY_RANK[value]
     return value
@@ -323,7 +364,7 @@ def _parse_equality(name: str, spec: _Field, raw: object) -> _Equality:
     exclude: list[object] = []
     missing: bool | None = None
     if isinstance(raw, Mapping):
-        unknown = sorted(str(k) for k in raw if k not in ("not", "missing"))
+        unknown = sorted(_key_text(k) for k in raw if k not in ("not", "missing"))
         if unknown or not raw:
             raise ValidationError.single(
                 name, f"unknown operator {', '.join(unknown) or '(none)'}", raw, "not, missing"
@@ -403,8 +444,9 @@ def _equality_rest(eq: _Equality) -> list[tuple[str, list[object]]]:
 
 
 _DATE_RE = re.compile(
-    r"(\d{4})(?:-(\d\d)(?:-(\d\d)(?:T(\d\d):(\d\d)(?::(\d\d)(\.\d+)?)?"
-    r"(Z|[+-]\d\d:\d\d)?)?)?)?"
+    r"(\d{4})(?:-(\d\d)(?:-(\d\d)(?:[Tt](\d\d):(\d\d)(?::(\d\d)(\.\d+)?)?"
+    r"([Zz]|[+-]\d\d:\d\d)?)?)?)?",
+    re.ASCII,  # \d is 0-9 only: int() would read "٢٠٢٥" as 2025
 )
 _PREFIXES = ("eq", "ne", "lt", "gt", "le", "ge", "sa", "eb")
 _END_OF_TIME = "~"
@@ -426,7 +468,7 @@ def parse_date_range(name: str, text: str) -> tuple[str, str]:
         )
     year, month, day, hour, minute, second, fraction, zone = m.groups()
     tz = UTC
-    if zone and zone != "Z":
+    if zone and zone not in ("Z", "z"):
         sign = 1 if zone[0] == "+" else -1
         hours, minutes = int(zone[1:3]), int(zone[4:6])
         if hours > 23 or minutes > 59:
@@ -571,7 +613,7 @@ def _parse_io(
     pairs: set[tuple[str, str | None]] = set()
     for item in items:
         if isinstance(item, Mapping):
-            unknown = sorted(str(k) for k in item if k not in ("type", "value"))
+            unknown = sorted(_key_text(k) for k in item if k not in ("type", "value"))
             if unknown or "type" not in item:
                 raise ValidationError.single(
                     name, "expected {'type': ..., 'value': ...}", item, "type, value"
@@ -580,6 +622,13 @@ def _parse_io(
             if isinstance(value, bool):
                 value = "true" if value else "false"
             elif isinstance(value, int):
+                if abs(value) > 2**53:  # beyond every valueInteger and exact valueDecimal
+                    raise ValidationError.single(
+                        f"{name}.value",
+                        "is larger than any stored value",
+                        value,
+                        "|value| <= 2**53",
+                    )
                 value = str(value)
         elif isinstance(item, str):
             kind, sep, rest = item.partition("|")
@@ -679,12 +728,22 @@ def _parse_sort(raw: object) -> list[tuple[str, bool]]:
     return keys
 
 
+_ASCII_DIGITS = re.compile(r"[0-9]{1,18}", re.ASCII)
+
+
 def _limit(raw: object) -> int:
+    """``limit`` as an int, also from query-string text of ASCII digits.
+
+    ``str.isdigit()`` is no test for that: it is true for "²" and "٣", which int()
+    refuses or reads as another number.
+    """
     if isinstance(raw, bool) or not isinstance(raw, int):
-        if isinstance(raw, str) and raw.isdigit():
+        if isinstance(raw, str) and _ASCII_DIGITS.fullmatch(raw):
             raw = int(raw)
         else:
-            raise ValidationError.single("limit", "expected an integer", raw, f"1..{MAX_LIMIT}")
+            raise ValidationError.single(
+                "limit", "expected an integer (ASCII digits)", raw, f"1..{MAX_LIMIT}"
+            )
     assert isinstance(raw, int)
     if not 1 <= raw <= MAX_LIMIT:
         raise ValidationError.single("limit", "is out of range", raw, f"1..{MAX_LIMIT}")
@@ -708,7 +767,9 @@ def _decode_cursor(cursor: object, fingerprint: str, kinds: list[bool]) -> list[
         if not isinstance(data, dict):
             raise ValueError("bad cursor shape")
         fp, key = data["q"], data["k"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
+        # RecursionError: "[[[[..." nests deeper than json.loads can follow (~2,900
+        # brackets fit in the 4,096-character cap).
         raise ValidationError.single(
             "cursor", "is not a cursor issued by this store", cursor
         ) from None
@@ -723,13 +784,29 @@ def _decode_cursor(cursor: object, fingerprint: str, kinds: list[bool]) -> list[
     if not (
         isinstance(key, list)
         and len(key) == len(expected)
-        and all(
-            (type(k) is int) if is_int else isinstance(k, str)
-            for k, is_int in zip(key, expected, strict=True)
-        )
+        and all(_is_key_part(k, is_int) for k, is_int in zip(key, expected, strict=True))
+        and isinstance(key[-1], str)
+        and is_valid_id(key[-1])
     ):
         raise ValidationError.single("cursor", "is not a cursor issued by this store", cursor)
     return list(key)
+
+
+def _is_key_part(part: object, is_int: bool) -> bool:
+    """Whether ``part`` is a sort key value a row can have (and SQLite can bind).
+
+    The only integer key is the priority rank, 0-4; text keys are instants, statuses,
+    the due key's ``'~'`` or an id: short, valid Unicode, no NUL.
+    """
+    if is_int:
+        return type(part) is int and 0 <= part <= _NO_PRIORITY
+    if not isinstance(part, str) or len(part) > 64 or "\x00" in part:
+        return False
+    try:
+        part.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _keyset(exprs: list[str], sql_desc: list[bool], key: list[object]) -> tuple[str, list[object]]:

@@ -27,7 +27,7 @@ from .errors import (
 )
 from .ids import ID_PATTERN, is_valid_id, new_task_id
 from .lifecycle import transition_problem
-from .model import ApiResponse, Task, TaskPriority
+from .model import ApiResponse, Task, TaskPriority, TaskVersion
 from .outbox import STATE_BY_RANK, SYNC_RANK_SUBQUERY, enqueue, enqueue_many, sync_state_of
 from .search import compile_search, next_cursor, normalise_filters, page_query
 from .store import fetch_all
@@ -152,6 +152,8 @@ def _decode_new(request: object, prefix: str = "") -> Task:
 def _join(prefix: str, path: str) -> str:
     if not prefix:
         return path
+    if path == "$":  # the whole request (e.g. its size): name the request itself
+        return prefix
     return f"{prefix}{path}" if path.startswith("[") else f"{prefix}.{path}"
 
 
@@ -432,25 +434,25 @@ class TasksResource:
             total = fetch_all(conn, compiled.count_sql, compiled.count_params)[0][0]
         return ApiResponse(int(total), {})
 
-    def history(self, task_id: str) -> ApiResponse[list[dict[str, object]]]:
+    def history(self, task_id: str) -> ApiResponse[list[TaskVersion]]:
         """Every recorded version of a task, oldest first (also after it was deleted).
 
-        Each item: ``version``, ``op``, ``changedAt``, ``overrideReason`` and ``task``
-        (the wire form of that version).
+        Each item is a :class:`~clinik_local.model.TaskVersion`; its ``task`` is a
+        :class:`~clinik_local.model.Task`, like ``get()`` returns.
         """
         task_id = _check_task_id(task_id)
         with self._store.read() as conn:
             rows = fetch_all(conn, _SELECT_HISTORY, (task_id,))
         if not rows:
             raise NotFoundError(f"no history for task id {task_id!r}")
-        items: list[dict[str, object]] = [
-            {
-                "version": v,
-                "op": op,
-                "changedAt": at,
-                "overrideReason": reason,
-                "task": json.loads(body),
-            }
+        items = [
+            TaskVersion(
+                version=int(v),
+                op=op,
+                changed_at=at,
+                override_reason=reason,
+                task=task_from_stored(json.loads(body)),
+            )
             for v, op, body, at, reason in rows
         ]
         return ApiResponse(items, {})

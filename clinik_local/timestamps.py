@@ -4,6 +4,11 @@
 work without conversion. Input may carry any offset; it is converted to UTC and cut
 to milliseconds. Naive values are refused: a clinic's wall clock without a zone is
 ambiguous across daylight-saving changes and devices.
+
+Input follows RFC 3339 (and the ISO 8601 forms ``datetime.fromisoformat`` reads): the
+``T`` and ``Z`` may be lower case, as RFC 3339 allows. An offset is ``±HH:MM``; one
+with seconds (``+00:00:30``, which ISO 8601 and RFC 3339 do not have) is refused
+saying so. Digits are ASCII digits only.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from datetime import UTC, datetime
 
 __all__ = ["format_instant", "now", "parse_instant"]
 
-_CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
-_WHOLE_SECONDS_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
-_HAS_TIME = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d")
-_HAS_ZONE = re.compile(r"(Z|z|[+-]\d\d(:?\d\d)?)$")
+_CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", re.ASCII)
+_WHOLE_SECONDS_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", re.ASCII)
+_HAS_TIME = re.compile(r"\d{4}-\d\d-\d\d[Tt ]\d\d", re.ASCII)
+_HAS_ZONE = re.compile(r"(Z|[+-]\d\d(:?\d\d)?)$", re.ASCII)
+_OFFSET_WITH_SECONDS = re.compile(r"[+-]\d\d:?\d\d:?\d\d(\.\d+)?$", re.ASCII)
 
 
 class InstantError(ValueError):
@@ -58,6 +64,14 @@ def parse_instant(value: object) -> str:
         return value[:-1] + ".000Z"
     if not _HAS_TIME.match(value):
         raise InstantError("needs a date and a time with a timezone, e.g. 2025-02-01T08:00:00Z")
+    if value[10] == "t":  # RFC 3339 5.6: "T" and "Z" may be lower case
+        value = value[:10] + "T" + value[11:]
+    if value.endswith("z"):
+        value = value[:-1] + "Z"
+    if _OFFSET_WITH_SECONDS.search(value[13:]):
+        raise InstantError(
+            "has an offset with seconds; RFC 3339 offsets are ±HH:MM (or Z), e.g. +01:00"
+        )
     if not _HAS_ZONE.search(value):
         raise InstantError(
             "date-time has no timezone; a naive time is ambiguous across devices and "

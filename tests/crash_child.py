@@ -300,16 +300,18 @@ def _one_step_after(
 ) -> bool:
     """Whether ``now`` is the state one write after ``before`` (the unreported last write
     committed before the kill); its history must then end with that write."""
+    from clinik_local import encode_task
+
     history = store.tasks.history(task_id).data
     if before is None:
         return False  # nothing follows a reported delete
     version = int(before["versionId"])
     if now is None:
-        return bool(history[-1]["op"] == "delete" and history[-1]["version"] == version + 1)
+        return bool(history[-1].op == "delete" and history[-1].version == version + 1)
     return bool(
         int(now["versionId"]) == version + 1
-        and history[-1]["version"] == version + 1
-        and history[-1]["task"] == now
+        and history[-1].version == version + 1
+        and encode_task(history[-1].task) == now
     )
 
 

@@ -206,5 +206,5 @@ def test_hostile_updates_keep_text_verbatim_across_reopen(tmp_path: Path) -> Non
         assert (task.note, task.description) == (HOSTILE[-1], HOSTILE[-1])
         assert reopened.table_counts() == counts
         history = reopened.tasks.history("t1").data
-        notes = [item["task"].get("note") for item in history]  # type: ignore[attr-defined]
+        notes = [item.task.note for item in history]
         assert notes[1:] == HOSTILE

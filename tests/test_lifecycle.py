@@ -133,14 +133,12 @@ def test_admin_override_lets_a_correction_through_and_history_records_it() -> No
         assert reopened.version_id == "2"
         store.tasks.update(task.id, {"status": "completed"})  # a normal, checked change
         history = store.tasks.history(task.id).data
-        assert [(h["op"], h["overrideReason"]) for h in history] == [
+        assert [(h.op, h.override_reason) for h in history] == [
             ("create", None),
             ("update", reason),
             ("update", None),
         ]
-        second = history[1]["task"]
-        assert isinstance(second, dict)
-        assert second["status"] == "in-progress"
+        assert history[1].task.status == TaskStatus.IN_PROGRESS
 
 
 @pytest.mark.parametrize("reason", ["", "   ", "x" * 1025])

@@ -18,6 +18,7 @@ EXPORTED = {
     "Period",
     "Restriction",
     "TaskInputOutput",
+    "TaskVersion",
     "TaskStatus",
     "TaskIntent",
     "TaskPriority",

@@ -20,7 +20,7 @@ def store() -> Iterator[TaskStore]:
 
 
 def ids(store: TaskStore, **filters: object) -> list[str]:
-    return [str(t.id) for t in store.tasks.search(filters, limit=1000).data]
+    return [str(t.id) for t in store.tasks.search(limit=1000, **filters).data]
 
 
 def make(store: TaskStore, task_id: str, **fields: object) -> None:

@@ -83,7 +83,7 @@ def test_recreating_a_deleted_id_never_leaks_a_raw_sqlite_error(file_store: Task
         assert file_store.table_counts() == before  # refused: nothing written
     else:
         assert file_store.tasks.get("reused_id").data == again.data
-        assert file_store.tasks.history("reused_id").data[-1]["op"] == "create"
+        assert file_store.tasks.history("reused_id").data[-1].op == "create"
 
 
 def test_everything_written_persists_across_reopen(store_path: Path) -> None:
@@ -180,7 +180,7 @@ def test_delete_then_get_is_not_found(file_store: TaskStore) -> None:
         file_store.tasks.delete(task.id)
     with pytest.raises(LookupError):
         file_store.tasks.update(task.id, {"note": "x"})
-    assert [h["op"] for h in file_store.tasks.history(task.id).data] == ["create", "delete"]
+    assert [h.op for h in file_store.tasks.history(task.id).data] == ["create", "delete"]
 
 
 def test_create_with_a_given_id_keeps_it_and_a_second_create_is_refused(

@@ -26,8 +26,7 @@ from clinik_local import (
 )
 from clinik_local.demo import SEED_LAB_ORDER
 from tests.strategies import minimal_request, valid_requests
-
-_BOOKKEEPING = ("versionId", "lastModified")
+from tests.wire import BOOKKEEPING as _BOOKKEEPING
 
 # --- create / get, and reopening ----------------------------------------------------------
 

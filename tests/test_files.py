@@ -1,6 +1,7 @@
-"""Damaged and foreign files: each is refused with its documented StorageError subclass,
-left byte for byte as it was (never deleted, truncated or recreated), and the store stays
-usable where that is possible.
+"""Store files: opening and creating them (stamps, modes, durability, odd paths), and
+damaged, foreign, newer, read-only, full and locked files: each is refused with its
+documented StorageError subclass, left byte for byte as it was (never deleted,
+truncated or recreated), and the store stays usable where that is possible.
 
 Read-only cases: the tests run as root, and root ignores file modes. So the open runs
 in a child process that imports clinik-local as root, then drops to uid/gid 65534
@@ -21,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import apsw
 import pytest
@@ -34,6 +36,7 @@ from clinik_local import (
     StoreFullError,
     StoreLockedError,
     TaskStore,
+    ValidationError,
 )
 from clinik_local.migrations import APPLICATION_ID, SCHEMA_VERSION
 
@@ -111,17 +114,25 @@ def _damage_is_reported_as_corrupt(path: Path) -> str:
     return found
 
 
+@pytest.mark.parametrize("pages", ["one", "all"])
 @pytest.mark.parametrize("seed", range(8))
 def test_random_bytes_over_a_page_are_reported_as_corrupt_and_nothing_else(
-    tmp_path: Path, store_image: bytes, seed: int
+    tmp_path: Path, store_image: bytes, seed: int, pages: str
 ) -> None:
+    """Random bytes over one page, or over every page but the header: the damage is
+    reported as CorruptStoreError; with every page damaged the file also keeps its
+    bytes and inode (a store that opens on one bad page may write to it)."""
     rng = random.Random(seed)
     damaged = bytearray(store_image)
-    page = rng.randrange(1, len(store_image) // PAGE)
-    damaged[page * PAGE : (page + 1) * PAGE] = rng.randbytes(PAGE)
+    count = len(store_image) // PAGE
+    for page in [rng.randrange(1, count)] if pages == "one" else range(1, count):
+        damaged[page * PAGE : (page + 1) * PAGE] = rng.randbytes(PAGE)
     path = tmp_path / "damaged.db"
     path.write_bytes(bytes(damaged))
+    before = path.read_bytes(), path.stat().st_ino
     assert _damage_is_reported_as_corrupt(path) != ""
+    if pages == "all":
+        assert (path.read_bytes(), path.stat().st_ino) == before
 
 
 @pytest.mark.parametrize(
@@ -152,8 +163,9 @@ def test_truncated_or_mangled_file_is_refused_as_corrupt_and_left_as_it_was(
         random.Random(3).randbytes(3 * PAGE),
         b"\x00" * (2 * PAGE) + b"x",
         b"%PDF-1.7\n" + b"\xff" * 5000,
+        b"Patient list, do not delete\n" * 500,
     ],
-    ids=["csv", "random", "zeros", "pdf"],
+    ids=["csv", "random", "zeros", "pdf", "text"],
 )
 def test_a_non_sqlite_file_is_refused_as_corrupt_and_never_overwritten(
     tmp_path: Path, content: bytes
@@ -166,12 +178,31 @@ def test_a_non_sqlite_file_is_refused_as_corrupt_and_never_overwritten(
     assert _snapshot(path) == before
 
 
-def test_a_foreign_sqlite_file_is_refused_and_left_byte_for_byte(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("journal", "table"), [("delete", "patients"), ("wal", "patients"), ("wal", "tasks")]
+)
+def test_a_foreign_sqlite_file_is_refused_and_left_byte_for_byte(
+    tmp_path: Path, journal: str, table: str
+) -> None:
+    """Another program's SQLite file (even one with a table named like ours)."""
     path = tmp_path / "other.db"
     conn = apsw.Connection(str(path))
-    conn.pragma("journal_mode", "wal")
-    conn.execute("CREATE TABLE tasks(x)")
-    conn.execute("INSERT INTO tasks VALUES (1)")
+    conn.pragma("journal_mode", journal)
+    conn.execute(f"CREATE TABLE {table}(id TEXT PRIMARY KEY, name TEXT)")
+    conn.execute(f"INSERT INTO {table} VALUES ('p1', 'Ada')")
+    conn.close()
+    before = _snapshot(path)
+    with pytest.raises(ForeignFileError) as caught:
+        TaskStore.open(path)
+    assert "another program" in str(caught.value)
+    assert isinstance(caught.value, StorageError)
+    assert _snapshot(path) == before
+
+
+def test_a_file_with_another_application_id_is_foreign_even_when_empty(tmp_path: Path) -> None:
+    path = tmp_path / "stamped.db"
+    conn = apsw.Connection(str(path))
+    conn.pragma("application_id", 0x12345678)
     conn.close()
     before = _snapshot(path)
     with pytest.raises(ForeignFileError):
@@ -185,12 +216,15 @@ def test_a_newer_schema_file_is_refused_and_left_byte_for_byte(
     path = tmp_path / "newer.db"
     path.write_bytes(store_image)
     conn = apsw.Connection(str(path))
+    assert conn.pragma("application_id") == APPLICATION_ID
     conn.pragma("user_version", SCHEMA_VERSION + 1)
     conn.close()
     before = _snapshot(path)
     with pytest.raises(NewerSchemaError) as caught:
         TaskStore.open(path)
     assert str(SCHEMA_VERSION + 1) in str(caught.value)
+    assert "newer" in str(caught.value)
+    assert "not changed" in str(caught.value)
     assert _snapshot(path) == before
     check = apsw.Connection(str(path))
     assert check.pragma("application_id") == APPLICATION_ID
@@ -257,18 +291,21 @@ def test_a_read_only_file_opens_for_reading_and_refuses_writes(
     path = shared_dir / "ro.db"
     path.write_bytes(store_image)
     path.chmod(0o644)  # owned by root: read-only for nobody
-    before = path.read_bytes()
+    before = path.read_bytes(), path.stat().st_ino
     result = _as_nobody(path)
     assert result == {"open": "ok", "read": "t_1", "write": "ReadOnlyStoreError"}
-    assert path.read_bytes() == before
+    assert (path.read_bytes(), path.stat().st_ino) == before
 
 
+@pytest.mark.parametrize("mode", [0o644, 0o666], ids=["file-read-only", "file-writable"])
 def test_a_read_only_file_in_a_read_only_directory_is_refused_as_read_only(
-    shared_dir: Path, store_image: bytes
+    shared_dir: Path, store_image: bytes, mode: int
 ) -> None:
+    """The directory is read-only for nobody; the file too, or writable by all (then
+    the store still cannot make its -wal and -shm beside it)."""
     path = shared_dir / "ro.db"
     path.write_bytes(store_image)
-    path.chmod(0o644)
+    path.chmod(mode)
     before = _snapshot(path)
     assert _as_nobody(path) == {"open": "ReadOnlyStoreError"}
     assert _snapshot(path) == before
@@ -281,9 +318,18 @@ def test_a_new_store_in_a_read_only_directory_is_refused_and_nothing_is_created(
     assert os.listdir(shared_dir) == []
 
 
-def test_read_only_store_error_is_a_permission_error() -> None:
+def test_every_storage_failure_is_a_storage_error_and_the_os_error_it_resembles() -> None:
+    for cls in (
+        CorruptStoreError,
+        ForeignFileError,
+        NewerSchemaError,
+        ReadOnlyStoreError,
+        StoreFullError,
+        StoreLockedError,
+    ):
+        assert issubclass(cls, StorageError)
     assert issubclass(ReadOnlyStoreError, PermissionError)
-    assert issubclass(ReadOnlyStoreError, StorageError)
+    assert issubclass(StoreLockedError, TimeoutError)
 
 
 # --- disk full ----------------------------------------------------------------------------
@@ -321,13 +367,18 @@ def test_a_full_store_refuses_writes_whole_and_resumes_when_space_frees(
             store.tasks.create_many([{**_request(n), "note": "z" * 9000} for n in range(300, 310)])
         assert store.table_counts() == counts
         assert store.tasks.count().data == 20 + written  # reads still work
+        assert store.integrity_check() == []  # a refused write leaves nothing half-done
         _limit_pages(store, None)  # space frees up
         store.tasks.create({**_request(500), "note": "x" * 9000})
         store.tasks.update("t_1", {"note": "y" * 16_000})
         assert store.tasks.get("t_500").data.note == "x" * 9000
         assert store.integrity_check() == []
+        again = store.tasks.create_many(
+            [{**_request(n), "note": "z" * 9000} for n in range(300, 310)]
+        )
+        assert len(again.data) == 10  # the batch refused whole now goes in whole
     with TaskStore.open(tmp_path / "full.db") as reopened:
-        assert reopened.tasks.count().data == 21 + written
+        assert reopened.tasks.count().data == 31 + written
 
 
 # --- a lock held by another process -------------------------------------------------------
@@ -406,6 +457,69 @@ def test_store_file_and_its_wal_and_shm_are_created_0600(tmp_path: Path, umask: 
     assert modes == {"private.db": 0o600, "private.db-wal": 0o600, "private.db-shm": 0o600}
 
 
+# --- creating and opening -------------------------------------------------------------------
+
+
+def test_new_store_file_is_created_0600_and_stamped(tmp_path: Path) -> None:
+    path = tmp_path / "clinic.db"
+    old_umask = os.umask(0)  # even a permissive umask must not widen it
+    try:
+        store = TaskStore.open(path)
+    finally:
+        os.umask(old_umask)
+    with store:
+        store.tasks.create(_request(1))
+        assert store.schema_version() == SCHEMA_VERSION
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    conn = apsw.Connection(str(path))
+    try:
+        assert conn.pragma("application_id") == APPLICATION_ID
+        assert conn.pragma("user_version") == SCHEMA_VERSION
+        assert conn.pragma("journal_mode") == "wal"
+    finally:
+        conn.close()
+
+
+def test_an_existing_empty_file_becomes_a_store(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    path.touch()
+    with TaskStore.open(path) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+
+
+@pytest.mark.parametrize(
+    "name", ["with space.db", "naïve-ünïcode-病歴.db", "semi;colon'quote.db", "no-suffix"]
+)
+@pytest.mark.parametrize("as_str", [False, True], ids=["Path", "str"])
+def test_a_store_opens_at_an_odd_path_given_as_a_path_or_a_str(
+    tmp_path: Path, name: str, as_str: bool
+) -> None:
+    path = tmp_path / name
+    with TaskStore.open(str(path) if as_str else path) as store:
+        store.tasks.create(_request(1))
+    with TaskStore.open(path) as reopened:
+        assert reopened.tasks.get("t_1").data.patient_id == "pt_1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_a_directory_is_not_a_store(tmp_path: Path) -> None:
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(StorageError):
+        TaskStore.open(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_memory_stores_are_independent() -> None:
+    stores = [TaskStore.open(":memory:") for _ in range(50)]
+    try:
+        stores[0].tasks.create(_request(1))
+        assert stores[0].tasks.count().data == 1
+        assert all(s.tasks.count().data == 0 for s in stores[1:])
+    finally:
+        for s in stores:
+            s.close()
+
+
 # --- durability settings ------------------------------------------------------------------
 
 
@@ -414,8 +528,21 @@ def test_durability_sets_synchronous_on_the_writer_and_every_reader(
     tmp_path: Path, durability: str, level: int
 ) -> None:
     with TaskStore.open(tmp_path / "d.db", durability=durability) as store:  # type: ignore[arg-type]
+        assert store.durability == durability
+        store.tasks.create(_request(1))
         with store.write() as conn:
             assert conn.pragma("synchronous") == level
             assert conn.pragma("journal_mode") == "wal"
         with store.read() as conn:
             assert conn.pragma("synchronous") == level
+
+
+def test_durability_full_is_an_option_and_bad_options_are_refused(tmp_path: Path) -> None:
+    with TaskStore.open(tmp_path / "normal.db") as store:
+        assert store.durability == "normal"  # the default
+    bad: dict[str, Any]
+    for bad in ({"durability": "fast"}, {"busy_timeout": -1}, {"busy_timeout": "5"}):
+        with pytest.raises(ValidationError) as caught:
+            TaskStore.open(tmp_path / "x.db", **bad)
+        assert set(caught.value.paths) & set(bad), (bad, caught.value.paths)
+    assert not (tmp_path / "x.db").exists()  # refused before any file is made

@@ -1,5 +1,11 @@
 """Bad-input fuzzing: arbitrary JSON-like values at every field of create, update and search.
 
+Values include wrong types, huge strings, NUL, lone surrogates, deep nesting, NaN and
+infinities, huge integers, booleans where integers go, and nested dicts and lists,
+mixed with plausible valid values so both outcomes are exercised. The fields are every
+wire path of a task (:data:`tests.wire.WIRE_PATHS`, derived from the model), so a field
+added to the model is fuzzed without anyone listing it.
+
 Every call either succeeds with valid data (the task reads back as written) or raises
 :class:`ValidationError` naming the field; never any other exception (a status change
 the lifecycle forbids is IllegalTransitionError, a missing task NotFoundError, a
@@ -7,20 +13,21 @@ drawn id the shared store already holds TaskExistsError: the library's documente
 answers, not crashes), and a refused call writes nothing
 (``store.table_counts()`` unchanged).
 
-Examples per test: ``CLINIK_FUZZ_EXAMPLES`` (default 300: 4 tests x 300 >= 1,000 in CI,
-about 20 s on a loaded machine); the soak (``benchmarks/soak_fuzz.py``) sets 6,000 for
-more than 20,000 in all.
+Examples per property: ``CLINIK_FUZZ_EXAMPLES`` (default 300: 4 properties x 300 =
+1,200 in CI); the soak (``benchmarks/soak_fuzz.py``) sets 6,000 for more than 20,000
+in all.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from clinik_local import (
@@ -33,58 +40,24 @@ from clinik_local import (
     VersionConflictError,
     encode_task,
 )
-from tests.strategies import names_path, set_path, valid_requests
+from tests.strategies import STATUSES, minimal_request, names_path, set_path, valid_requests
+from tests.wire import WIRE_PATHS
 
 _R = TypeVar("_R")
 EXAMPLES = int(os.environ.get("CLINIK_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
 )
 
-#: Every wire path of a create request, down to list items and nested fields.
-PATHS = [
-    "id",
-    "status",
-    "intent",
-    "statusReason",
-    "businessStatus",
-    "priority",
-    "code",
-    "description",
-    "focusId",
-    "patientId",
-    "encounterId",
-    "executionPeriod",
-    "executionPeriod.start",
-    "executionPeriod.end",
-    "authoredOn",
-    "requesterId",
-    "ownerId",
-    "reasonCode",
-    "note",
-    "basedOn",
-    "basedOn[0]",
-    "partOf",
-    "partOf[0]",
-    "input",
-    "input[0]",
-    "input[0].type",
-    "input[0].valueString",
-    "input[0].valueInteger",
-    "input[0].valueDecimal",
-    "input[0].valueBoolean",
-    "input[0].valueDateTime",
-    "output[0].valueCode",
-    "output[0].valueReference",
-    "restriction",
-    "restriction.repetitions",
-    "restriction.period",
-    "restriction.period.start",
-    "restriction.recipient",
-    "restriction.recipient[0]",
-]
+#: Every wire path, and a value key no kind has (the input must name it or its object).
+PATHS = [*WIRE_PATHS, "input[0].valueX"]
+TOP_LEVEL = [p for p in PATHS if "[" not in p and "." not in p]
 SEARCH_NAMES = [
     "ownerId",
     "patientId",
@@ -116,6 +89,12 @@ SEARCH_NAMES = [
 ]
 
 _WIRE = {"patient_id": "patientId", "due_before": "dueBefore"}
+TARGET = "fuzz_target"
+#: Tasks the search property always finds in the store (beside whatever the others made).
+SEARCHED = [
+    minimal_request(id="fuzz_search_1", patientId="pt_1", description="CBC"),
+    minimal_request(id="fuzz_search_2", priority="urgent"),
+]
 
 
 def _deep(depth: int) -> object:
@@ -134,11 +113,17 @@ SPECIAL: list[object] = [
     "x\udfffy",
     "\U0010ffff",
     "x" * 100_000,
+    "x" * 20_000,
     "é" * 20_000,
+    "é" * 70,
     "' OR 1=1; --",
     '"; DROP TABLE tasks; --',
+    "'; DROP TABLE tasks;--",
+    '"quoted" OR 1=1',
     "%_%",
+    "%_*",
     'NEAR(a b) OR "x"* AND -y ^z',
+    "NEAR(a b)",
     "2025-02-30T08:00:00Z",
     "2025-02-01T08:00:00Z",
     "requested",
@@ -150,10 +135,13 @@ SPECIAL: list[object] = [
     -math.inf,
     -0.0,
     1e308,
+    0,
+    -1,
     2**31,
     -(2**31) - 1,
     2**63,
     2**64,
+    10**30,
     10**400,
     True,
     False,
@@ -163,14 +151,30 @@ SPECIAL: list[object] = [
     [None],
     [[[]]],
     {"not": None},
+    {"missing": True},
     {"": ""},
     b"bytes",
     _deep(60),
+    _deep(300),
     list(range(1000)),
     ["a"] * 101,
     frozenset({"x"}),
     (1, 2),
     object(),
+]
+#: Valid-looking values of many fields, so that both outcomes are drawn often.
+PLAUSIBLE: list[object] = [
+    "lab-order",
+    "2025-02-01",
+    "ge2025",
+    "-priority,authoredOn",
+    "cbc",
+    5,
+    ["pt_1", "pt_2"],
+    {"start": "2025-02-01T08:00:00Z"},
+    {"type": "lab-panel", "valueString": "CBC"},
+    [{"type": "lab-panel", "valueString": "CBC"}],
+    {"repetitions": 2},
 ]
 
 #: Too deep to repr (hypothesis would fail to print it): tried in a plain parametrized test.
@@ -184,15 +188,25 @@ _leaf = st.one_of(
     st.floats(),
     st.text(),
     st.text(st.characters(codec="utf-8", categories=["Cs", "Cc", "Zs", "Lo", "So"])),
+    st.text(st.characters(blacklist_categories=()), max_size=30),
     st.text(st.sampled_from("'\"%_*;-()\\:^~,|")),
     st.binary(max_size=8),
     st.sampled_from(SPECIAL),
+    st.sampled_from(PLAUSIBLE),
 )
 json_like: st.SearchStrategy[Any] = st.recursive(
     _leaf,
     lambda inner: st.one_of(
         st.lists(inner, max_size=4),
-        st.dictionaries(st.one_of(st.text(max_size=8), st.sampled_from(PATHS)), inner, max_size=4),
+        st.dictionaries(
+            st.one_of(
+                st.text(max_size=8),
+                st.sampled_from(PATHS),
+                st.sampled_from(["type", "valueString", "start", "not"]),
+            ),
+            inner,
+            max_size=4,
+        ),
     ),
     max_leaves=12,
 )
@@ -202,6 +216,16 @@ json_like: st.SearchStrategy[Any] = st.recursive(
 def store() -> Iterator[TaskStore]:
     with TaskStore.open(":memory:") as shared:
         yield shared
+
+
+def _field(path: str) -> str:
+    """The top-level wire field of a path (``input[0].type`` -> ``input``)."""
+    return re.split(r"[.\[]", path, maxsplit=1)[0]
+
+
+def _names_one_of(error: ValidationError, names: tuple[str, ...]) -> bool:
+    """Whether some path of the error is one of ``names`` or lies inside one."""
+    return any(p.startswith(n) for p in error.paths for n in names)
 
 
 def _assert_stored_as_returned(store: TaskStore, wire: dict[str, Any]) -> None:
@@ -220,15 +244,22 @@ def _attempt(call: Callable[[], _R]) -> tuple[_R | None, ClinikError | None]:
 
 
 @FUZZ
-@given(request=valid_requests(), path=st.sampled_from(PATHS), value=json_like)
+@given(
+    request=st.one_of(valid_requests(), st.just(minimal_request())),
+    path=st.sampled_from(PATHS),
+    value=json_like,
+)
 def test_create_with_any_value_at_any_field_succeeds_or_names_the_field(
     store: TaskStore, request: dict[str, Any], path: str, value: object
 ) -> None:
     bad = set_path(request, path, value)
     before = store.table_counts()
     response, error = _attempt(lambda: store.tasks.create(bad))
+    event(f"create: {type(error or response).__name__}")
     if response is not None:
+        assert response.data.id is not None
         _assert_stored_as_returned(store, encode_task(response.data))
+        assert store.tasks.get(response.data.id).data == response.data
         assert store.table_counts()["tasks"] == before["tasks"] + 1
     elif isinstance(error, TaskExistsError):  # a drawn id the shared store already holds
         assert error.task_id == bad["id"]
@@ -236,6 +267,7 @@ def test_create_with_any_value_at_any_field_succeeds_or_names_the_field(
     else:
         assert isinstance(error, ValidationError), error
         assert names_path(error.paths, path), (error.paths, path)
+        assert _names_one_of(error, (_field(path),)), (error.paths, path)
         assert store.table_counts() == before
 
 
@@ -257,31 +289,37 @@ def test_create_with_an_arbitrary_request_succeeds_or_raises_validation_error(
 
 @FUZZ
 @given(
-    field=st.sampled_from([p for p in PATHS if "[" not in p and "." not in p]),
+    path=st.sampled_from(PATHS),
     value=json_like,
-    task_id=st.one_of(st.just("fuzz_target"), json_like),
+    task_id=st.one_of(st.just(TARGET), json_like),
     if_match=st.one_of(st.none(), st.just("1"), json_like),
 )
-def test_update_with_any_value_succeeds_or_names_the_field(
-    store: TaskStore, field: str, value: object, task_id: Any, if_match: Any
+def test_update_with_any_value_at_any_field_succeeds_or_names_the_field(
+    store: TaskStore, path: str, value: object, task_id: Any, if_match: Any
 ) -> None:
-    if _attempt(lambda: store.tasks.get("fuzz_target"))[0] is None:
-        store.tasks.create({"id": "fuzz_target", "status": "draft", "intent": "order"})
+    target, _ = _attempt(lambda: store.tasks.get(TARGET))
+    if target is None:
+        target = store.tasks.create(minimal_request(id=TARGET, code="lab-order"))
+    changes = set_path({}, path, value)
     before = store.table_counts()
-    response, error = _attempt(
-        lambda: store.tasks.update(task_id, {field: value}, if_match=if_match)
-    )
+    response, error = _attempt(lambda: store.tasks.update(task_id, changes, if_match=if_match))
+    event(f"update: {type(error or response).__name__}")
     if response is not None:
         assert response.data.id == task_id
         _assert_stored_as_returned(store, encode_task(response.data))
         return
     assert store.table_counts() == before
+    assert store.tasks.get(TARGET).data == target.data  # refused: the task is as it was
+    field = _field(path)
     if isinstance(error, ValidationError):
+        assert _names_one_of(error, (field, "id", "if_match")), (path, error.paths)
         assert any(names_path(error.paths, n) for n in (field, "id", "if_match")), error.paths
     elif isinstance(error, IllegalTransitionError):
+        # A valid status the lifecycle forbids from the task's current one.
         assert field == "status"
+        assert value in STATUSES
     elif isinstance(error, NotFoundError):
-        assert task_id != "fuzz_target"
+        assert task_id != TARGET
     else:
         assert isinstance(error, VersionConflictError), error
         assert if_match is not None
@@ -296,13 +334,26 @@ def test_update_with_any_value_succeeds_or_names_the_field(
 def test_search_and_count_with_any_filter_value_succeed_or_name_the_filter(
     store: TaskStore, filters: dict[str, object]
 ) -> None:
+    for request in SEARCHED:
+        if _attempt(lambda: store.tasks.get(request["id"]))[0] is None:  # noqa: B023
+            store.tasks.create(request)
     before = store.table_counts()
+    held = store.tasks.count().data
     named = set(filters) | {_WIRE.get(n, n) for n in filters} | {"filters", "cursor"}
-    for call in (store.tasks.search, store.tasks.count):
-        response, error = _attempt(lambda: call(filters))  # noqa: B023 - called at once
-        if response is None:
-            assert isinstance(error, ValidationError), error
-            assert any(names_path(error.paths, n) for n in named), (error.paths, filters)
+    page, error = _attempt(lambda: store.tasks.search(filters))
+    event(f"search: {type(error or page).__name__}")
+    if page is None:
+        assert isinstance(error, ValidationError), error
+        assert any(names_path(error.paths, n) for n in named), (error.paths, filters)
+    else:
+        for task in page.data:  # only stored tasks, exactly as stored
+            assert store.tasks.get(str(task.id)).data == task
+    total, error = _attempt(lambda: store.tasks.count(filters))
+    if total is None:
+        assert isinstance(error, ValidationError), error
+        assert any(names_path(error.paths, n) for n in named), (error.paths, filters)
+    else:
+        assert 0 <= total.data <= held
     assert store.table_counts() == before
 
 

@@ -26,6 +26,8 @@ from clinik_local import (
 )
 from clinik_local.codec import wire_name
 from clinik_local.demo import SEED_LAB_ORDER
+from tests.wire import BOOKKEEPING as WIRE_BOOKKEEPING
+from tests.wire import WIRE_FIELDS, WIRE_PATHS
 
 #: The fields of ../shared/seed-api.md, and the three bookkeeping fields.
 SEED_FIELDS = {
@@ -57,6 +59,16 @@ BOOKKEEPING = {"id", "versionId", "lastModified"}
 def test_task_has_every_seed_field_plus_bookkeeping_and_nothing_else() -> None:
     wire_names = {wire_name(a.name) for a in attrs.fields(Task)}
     assert wire_names == SEED_FIELDS | BOOKKEEPING
+
+
+def test_the_wire_paths_derived_for_the_tests_are_the_seed_fields_and_their_parts() -> None:
+    assert set(WIRE_FIELDS) == SEED_FIELDS | BOOKKEEPING
+    assert set(BOOKKEEPING) - {"id"} == set(WIRE_BOOKKEEPING)
+    nested = {p for p in WIRE_PATHS if p not in WIRE_FIELDS}
+    assert {"executionPeriod.start", "input[0]", "input[0].valueString"} <= nested
+    assert {"output[0].valueReference", "restriction.period.end"} <= nested
+    assert {"restriction.recipient[0]", "basedOn[0]", "partOf[0]"} <= nested
+    assert not any(p.endswith((".value", ".kind")) for p in WIRE_PATHS)  # value[x] keys only
 
 
 def test_python_attributes_are_snake_case() -> None:

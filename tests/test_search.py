@@ -1,15 +1,14 @@
-"""Search forms, errors, derived data kept in step, and query plans."""
+"""Search forms, errors and derived data kept in step. (Query plans: ``tests/test_plans.py``.)"""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 
 import pytest
 
 from clinik_local import TaskStore
 from clinik_local.errors import ClinikError, ValidationError
-from clinik_local.search import compile_search, normalise_filters, page_query, parse_date_range
+from clinik_local.search import parse_date_range
 
 
 @pytest.fixture
@@ -310,146 +309,6 @@ def test_derived_search_data_follows_updates_deletes_and_rollbacks(store: TaskSt
     assert store.table_counts()["task_io"] == 0
 
 
-# --- query plans ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def planned() -> Iterator[TaskStore]:
-    """A store with a clinic-like spread of 4000 tasks and fresh statistics."""
-    rng = random.Random(7)
-    s = TaskStore.open(":memory:")
-    requests: list[dict[str, object]] = []
-    for _ in range(4000):
-        r: dict[str, object] = {
-            "status": rng.choice(["completed"] * 6 + ["cancelled", "requested", "ready"]),
-            "intent": rng.choice(["order"] * 9 + ["plan"]),
-            "authoredOn": f"2025-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}T08:00:00Z",
-            "description": rng.choice(["Order CBC", "Order CMP", "Referral", "Draw labs"]),
-        }
-        if rng.random() < 0.9:
-            r["priority"] = rng.choice(["routine"] * 6 + ["urgent", "asap", "stat"])
-        for name, n in [
-            ("ownerId", 40),
-            ("patientId", 800),
-            ("requesterId", 60),
-            ("encounterId", 1500),
-            ("focusId", 1500),
-            ("code", 30),
-            ("businessStatus", 25),
-        ]:
-            if rng.random() < 0.85:
-                r[name] = f"{name[:2].lower()}_{rng.randint(1, n)}"
-        if rng.random() < 0.7:
-            year = rng.choice([2025, 2026, 2027, 2028])
-            r["executionPeriod"] = {
-                "start": f"{year}-01-01T00:00:00Z",
-                "end": f"{year}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}T17:00:00Z",
-            }
-        if rng.random() < 0.05:
-            r["partOf"] = [f"t_{rng.randint(1, 400)}"]
-            r["basedOn"] = [f"sr_{rng.randint(1, 400)}"]
-        if rng.random() < 0.3:
-            r["input"] = [{"type": "lab-panel", "valueString": rng.choice(["CBC", "CMP"])}]
-        requests.append(r)
-    s.tasks.create_many(requests)
-    with s.write() as conn:
-        conn.execute("ANALYZE")
-    yield s
-    s.close()
-
-
-ORDERED = {  # equality filters: default sort read straight off an index
-    "ownerId": "ow_1",
-    "patientId": "pa_1",
-    "requesterId": "re_1",
-    "encounterId": "en_1",
-    "focusId": "fo_1",
-    "code": "co_1",
-    "businessStatus": "bu_1",
-    "status": "ready",
-    "intent": "plan",
-    "priority": "stat",
-    "authoredOn": "ge2025-12-20",
-}
-ANY_OF = {
-    "ownerId": ["ow_1", None],
-    "patientId": [None],
-    "status": {"not": ["completed", "cancelled"]},
-    "priority": "stat,asap",
-    "code": ["co_1", "co_2"],
-}
-SORTED_ELSEWHERE = {  # index-served filter; matching rows sorted in a temp b-tree
-    "lastModified": "lt2025-06",
-    "periodStart": "ge2028-01-01",
-    "periodEnd": "lt2025-01-15",
-    "dueBefore": "2025-01-15",
-    "overdue": True,
-    "text": "referral",
-    "partOf": "t_1",
-    "basedOn": "sr_1",
-    "input": "lab-panel|CBC",
-    "output": "lab-panel",
-}
-
-
-def plan(store: TaskStore, filters: dict[str, object]) -> list[str]:
-    compiled, _ = compile_search(normalise_filters(filters, {}))
-    with store.read() as conn:
-        rows = conn.execute("EXPLAIN QUERY PLAN " + compiled.page_sql, compiled.page_params)
-        return [str(r[3]) for r in rows.fetchall()]
-
-
-def assert_index_served(lines: list[str], what: object) -> None:
-    assert not any(line.startswith("SCAN tasks") for line in lines), (what, lines)
-    assert any(line.startswith("SEARCH tasks") for line in lines), (what, lines)
-
-
-@pytest.mark.parametrize("sort", [None, "-authoredOn", "-priority,authoredOn"])
-@pytest.mark.parametrize("filters", [*ORDERED.items(), *ANY_OF.items(), *SORTED_ELSEWHERE.items()])
-def test_every_filter_seeks_an_index_and_never_scans_tasks(
-    planned: TaskStore, filters: tuple[str, object], sort: str | None
-) -> None:
-    query = {filters[0]: filters[1]}
-    if sort is not None:
-        query["sort"] = sort
-    assert_index_served(plan(planned, query), query)
-
-
-@pytest.mark.parametrize("filters", [*ORDERED.items(), *ANY_OF.items()])
-def test_default_sort_reads_equality_filters_in_index_order_without_a_temp_btree(
-    planned: TaskStore, filters: tuple[str, object]
-) -> None:
-    lines = plan(planned, {filters[0]: filters[1]})
-    assert not any("TEMP B-TREE" in line for line in lines), (filters, lines)
-
-
-def test_work_list_query_is_an_ordered_merge_of_two_index_seeks(planned: TaskStore) -> None:
-    lines = plan(
-        planned,
-        {
-            "ownerId": ["ow_1", None],
-            "status": {"not": ["completed", "cancelled"]},
-            "sort": "-priority,authoredOn",
-        },
-    )
-    assert "MERGE (UNION ALL)" in lines
-    assert sum("USING INDEX tasks_worklist" in line for line in lines) == 2
-    assert not any("TEMP B-TREE" in line for line in lines), lines
-
-
-def test_overdue_sorted_by_due_walks_the_due_index_in_order(planned: TaskStore) -> None:
-    lines = plan(planned, {"overdue": True, "sort": "due"})
-    assert_index_served(lines, "overdue")
-    assert not any("TEMP B-TREE" in line for line in lines), lines
-
-
-def test_deep_cursor_page_is_one_index_seek(planned: TaskStore) -> None:
-    query: dict[str, object] = {"ownerId": ["ow_1", None], "sort": "-priority,authoredOn"}
-    page = planned.tasks.search(query, limit=5)
-    lines = plan(planned, dict(query, cursor=page.meta["nextCursor"]))
-    assert all("(priority_rank,authored_on,id)>" in line for line in lines if "SEARCH" in line)
-
-
 def test_terminal_statuses_match_the_lifecycle_and_the_partial_index() -> None:
     from clinik_local.lifecycle import TERMINAL
     from clinik_local.migrations import schema_sql
@@ -457,28 +316,3 @@ def test_terminal_statuses_match_the_lifecycle_and_the_partial_index() -> None:
 
     assert set(TERMINAL_STATUSES) == {s.value for s in TERMINAL}
     assert f"WHERE {_NOT_TERMINAL};" in schema_sql()
-
-
-def test_a_common_membership_filter_walks_the_sort_order_and_agrees(planned: TaskStore) -> None:
-    for filters in ({"input": "lab-panel"}, {"input": "lab-panel|CBC", "sort": "due"}):
-        compiled, _ = compile_search(normalise_filters(dict(filters, limit=1000), {}))
-        assert compiled.dense is not None
-        with planned.read() as conn:
-            sql, params = page_query(
-                compiled, lambda s, p: int(str(conn.execute(s, p).fetchall()[0][0]))
-            )
-            assert sql == compiled.dense[2]
-            lines = [str(r[3]) for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
-            dense_rows = conn.execute(sql, params).fetchall()
-            sparse_rows = conn.execute(compiled.page_sql, compiled.page_params).fetchall()
-        assert not any("TEMP B-TREE" in line or "BLOOM" in line for line in lines), lines
-        assert not any(line == "SCAN tasks" for line in lines), lines
-        assert any("CORRELATED SCALAR SUBQUERY" in line for line in lines), lines
-        assert dense_rows == sparse_rows
-
-
-def test_a_rare_membership_filter_looks_up_its_few_matches(planned: TaskStore) -> None:
-    compiled, _ = compile_search(normalise_filters({"partOf": "t_1"}, {}))
-    with planned.read() as conn:
-        sql, _ = page_query(compiled, lambda s, p: int(str(conn.execute(s, p).fetchall()[0][0])))
-    assert sql == compiled.page_sql

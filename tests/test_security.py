@@ -214,6 +214,7 @@ def test_plain_http_is_refused_for_a_non_loopback_host(url: str) -> None:
     assert caught.value.paths == ("base_url",)
     allowed = SyncConfig(base_url=url, token_provider=lambda: "t", allow_insecure_http=True)
     assert allowed.base_url == url
+    assert allowed.allow_insecure_http is True
 
 
 @pytest.mark.parametrize(

@@ -1,17 +1,23 @@
-"""A hypothesis state machine drives a FILE store (create, update, delete, get, search,
-close-and-reopen) beside a pure-Python model of it; they never diverge.
+"""The state machine of the store: a hypothesis RuleBasedStateMachine drives a FILE store
+(create, update with and without If-Match, delete, get, searches by patient, status,
+priority and text with paging, close-and-reopen) beside a pure-Python model of it; they
+never diverge.
 
 The model is a dict of task id -> wire form without the store-managed fields, plus the
 version each task is at. Every step compares the store's answer with the model's
 prediction (including the error: TaskExistsError, NotFoundError,
-IllegalTransitionError), and invariants check that the whole store (every task, the
-row counts of tasks, history and outbox) equals the model after every step.
+IllegalTransitionError), and invariants check after every step that every task ``get``
+returns matches the model (fields and version), deleted ids are not found, a full
+search equals the model, and ``count`` and the row counts of tasks, history and outbox
+follow the mutations (one history and one outbox row per create, changing update and
+delete). (The sync state machine is ``tests/test_sync_stateful.py``.)
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -37,31 +43,46 @@ from clinik_local import (
     can_transition,
     encode_task,
 )
-from tests.strategies import STATUSES, small_ids
+from tests.strategies import PRIORITIES, STATUSES, small_ids, texts
+from tests.wire import BOOKKEEPING
 
-_MANAGED = ("versionId", "lastModified")
-#: Notes with quotes and SQL/FTS characters but no letter of the searched words
-#: (text search also reads notes; the model's search looks at descriptions only).
-NOTES = st.text(st.sampled_from("abdefgh '\"%_;-*()"), max_size=30)
-IDS = st.sampled_from([f"t{n}" for n in range(12)])
+#: The words the search rule looks for (in descriptions only: see NOTES).
+SEARCHED_WORDS = ("cbc", "cardio", "words")
+
+
+def _holds_a_searched_word(text: str) -> bool:
+    """Whether FTS5 (unicode61, diacritics removed, case-folded) could match a searched
+    word (or a prefix of one) in ``text``."""
+    folded = unicodedata.normalize("NFKD", text)
+    folded = "".join(c for c in folded if not unicodedata.combining(c)).casefold()
+    return any(word in folded for word in SEARCHED_WORDS)
+
+
+#: Notes with quotes, SQL and FTS characters and any printable text, but none of the
+#: searched words (text search also reads notes; the model's search looks at
+#: descriptions only).
+NOTES = st.text(st.sampled_from("abdefgh '\"%_;-*()"), max_size=30) | texts(max_size=30).filter(
+    lambda t: not _holds_a_searched_word(t)
+)
+IDS = st.sampled_from([f"t{n}" for n in range(16)])
 
 
 def _strip(wire: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in wire.items() if k not in _MANAGED}
+    return {k: v for k, v in wire.items() if k not in BOOKKEEPING}
 
 
 @st.composite
 def requests(draw: st.DrawFn) -> dict[str, Any]:
     request: dict[str, Any] = {
         "id": draw(IDS),
-        "status": draw(st.sampled_from(["draft", "requested", "ready", "in-progress"])),
+        "status": draw(st.sampled_from(STATUSES)),
         "intent": "order",
         "authoredOn": f"2025-01-0{draw(st.integers(1, 3))}T00:00:00.000Z",
     }
     optional: dict[str, st.SearchStrategy[Any]] = {
         "patientId": small_ids("pt", 3),
         "ownerId": small_ids("prac", 3),
-        "priority": st.sampled_from(["routine", "urgent", "stat"]),
+        "priority": st.sampled_from(PRIORITIES),
         "note": NOTES,
         "description": st.sampled_from(["order cbc", "refer cardio", "cbc and cmp"]),
     }
@@ -77,7 +98,7 @@ CHANGES = st.fixed_dictionaries(
         "status": st.sampled_from(STATUSES),
         "note": st.none() | NOTES,
         "patientId": st.none() | small_ids("pt", 3),
-        "priority": st.none() | st.sampled_from(["routine", "asap"]),
+        "priority": st.none() | st.sampled_from(PRIORITIES),
         "description": st.sampled_from(["order cbc", "new words"]),
     },
 )
@@ -94,6 +115,7 @@ class StoreVersusModel(RuleBasedStateMachine):
         self.model: dict[str, dict[str, Any]] = {}
         self.versions: dict[str, int] = {}
         self.used: set[str] = set()  # ids ever created (their history stays)
+        self.deleted: set[str] = set()
         self.changes = 0  # history rows == outbox rows (nothing syncs here)
 
     def teardown(self) -> None:
@@ -114,11 +136,13 @@ class StoreVersusModel(RuleBasedStateMachine):
         self.model[task_id] = dict(request)
         self.versions[task_id] = 1
         self.used.add(task_id)
+        self.deleted.discard(task_id)
         self.changes += 1
         return task_id
 
-    @rule(task_id=tasks, changes=CHANGES)
-    def update(self, task_id: str, changes: dict[str, Any]) -> None:
+    @rule(task_id=tasks, changes=CHANGES, guarded=st.booleans())
+    def update(self, task_id: str, changes: dict[str, Any], guarded: bool) -> None:
+        """An update, with If-Match of the model's version or without it."""
         if task_id not in self.model:
             with pytest.raises(NotFoundError):
                 self.store.tasks.update(task_id, changes)
@@ -131,13 +155,14 @@ class StoreVersusModel(RuleBasedStateMachine):
             else:
                 merged[key] = value
         old, new = TaskStatus(current["status"]), TaskStatus(merged["status"])
+        before = self.store.table_counts()
         if not can_transition(old, new):
             with pytest.raises(IllegalTransitionError):
                 self.store.tasks.update(task_id, changes)
+            assert self.store.table_counts() == before
             return
-        updated = self.store.tasks.update(
-            task_id, changes, if_match=str(self.versions[task_id])
-        ).data
+        if_match = str(self.versions[task_id]) if guarded else None
+        updated = self.store.tasks.update(task_id, changes, if_match=if_match).data
         assert _strip(encode_task(updated)) == merged
         if merged != current:
             self.versions[task_id] += 1
@@ -153,6 +178,7 @@ class StoreVersusModel(RuleBasedStateMachine):
             return
         self.store.tasks.delete(task_id)
         del self.model[task_id]
+        self.deleted.add(task_id)
         self.changes += 1
 
     @rule(task_id=IDS)
@@ -166,15 +192,26 @@ class StoreVersusModel(RuleBasedStateMachine):
     @rule(
         patient=st.none() | small_ids("pt", 3),
         status=st.none() | st.sampled_from(STATUSES),
-        text=st.none() | st.sampled_from(["cbc", "cardio", "words"]),
-        limit=st.integers(1, 5),
+        priority=st.none() | st.sampled_from(PRIORITIES),
+        text=st.none() | st.sampled_from(SEARCHED_WORDS),
+        limit=st.integers(1, 5) | st.just(1000),
     )
-    def search(self, patient: str | None, status: str | None, text: str | None, limit: int) -> None:
+    def search(
+        self,
+        patient: str | None,
+        status: str | None,
+        priority: str | None,
+        text: str | None,
+        limit: int,
+    ) -> None:
+        """Every page of a search (small pages, or one page of 1000) and its count."""
         filters: dict[str, object] = {}
         if patient is not None:
             filters["patientId"] = patient
         if status is not None:
             filters["status"] = status
+        if priority is not None:
+            filters["priority"] = priority
         if text is not None:
             filters["text"] = text
         expected = [
@@ -182,6 +219,7 @@ class StoreVersusModel(RuleBasedStateMachine):
             for t in self.model.values()
             if (patient is None or t.get("patientId") == patient)
             and (status is None or t["status"] == status)
+            and (priority is None or t.get("priority") == priority)
             and (text is None or text in t.get("description", "").split())
         ]
         # Default sort: newest authoredOn first, ties by id in the same direction.
@@ -211,7 +249,21 @@ class StoreVersusModel(RuleBasedStateMachine):
         assert stored == self.model
 
     @invariant()
+    def every_task_matches_the_model_with_its_version(self) -> None:
+        for task_id, expected in self.model.items():
+            task = self.store.tasks.get(task_id).data
+            assert _strip(encode_task(task)) == expected
+            assert task.version_id == str(self.versions[task_id])
+
+    @invariant()
+    def deleted_ids_are_not_found(self) -> None:
+        for task_id in self.deleted:
+            with pytest.raises(NotFoundError):
+                self.store.tasks.get(task_id)
+
+    @invariant()
     def every_change_has_one_history_and_one_outbox_row(self) -> None:
+        assert self.store.tasks.count().data == len(self.model)
         counts = self.store.table_counts()
         assert counts["tasks"] == len(self.model)
         assert counts["task_history"] == counts["outbox"] == self.changes

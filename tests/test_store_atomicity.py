@@ -24,11 +24,11 @@ from clinik_local import (
 )
 from clinik_local.demo import SEED_LAB_ORDER
 from tests.strategies import invalid_requests, minimal_request, names_path, set_path
+from tests.wire import BOOKKEEPING as _BOOKKEEPING
 
 _ON_FILE = settings(
     max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-_BOOKKEEPING = ("versionId", "lastModified")
 
 
 @pytest.fixture

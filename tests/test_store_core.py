@@ -1,22 +1,20 @@
-"""Issue 4: TaskStore on a real SQLite file: open/close, files, create/get/update/delete."""
+"""Issue 4: TaskStore on a real SQLite file: create/get/update/delete, reopen and close.
+
+(Opening, creating, damaged and foreign files: ``tests/test_files.py``.)
+"""
 
 from __future__ import annotations
 
-import os
-import stat
 import uuid
 from pathlib import Path
 from typing import Any
 
-import apsw
 import pytest
 from hypothesis import HealthCheck, given, settings
 
 from clinik_local import (
     ApiResponse,
     ClinikError,
-    ForeignFileError,
-    NewerSchemaError,
     NotFoundError,
     StorageError,
     TaskExistsError,
@@ -27,10 +25,8 @@ from clinik_local import (
     encode_task,
 )
 from clinik_local.demo import SEED_LAB_ORDER
-from clinik_local.migrations import APPLICATION_ID, SCHEMA_VERSION
 from tests.strategies import minimal_request, valid_requests
-
-_BOOKKEEPING = ("versionId", "lastModified")
+from tests.wire import BOOKKEEPING as _BOOKKEEPING
 
 # --- create / get, and reopening ----------------------------------------------------------
 
@@ -239,93 +235,8 @@ def test_status_enums_come_back_as_enums_after_a_file_round_trip(file_store: Tas
     assert file_store.tasks.get(task.id or "").data.status is TaskStatus.ON_HOLD
 
 
-# --- opening files ---------------------------------------------------------------------------
-
-
-def test_new_store_file_is_created_0600_and_stamped(store_path: Path) -> None:
-    old_umask = os.umask(0)  # even a permissive umask must not widen it
-    try:
-        store = TaskStore.open(store_path)
-    finally:
-        os.umask(old_umask)
-    with store:
-        store.tasks.create(minimal_request())
-        assert store.schema_version() == SCHEMA_VERSION
-    assert stat.S_IMODE(os.stat(store_path).st_mode) == 0o600
-    conn = apsw.Connection(str(store_path))
-    try:
-        assert conn.pragma("application_id") == APPLICATION_ID
-        assert conn.pragma("user_version") == SCHEMA_VERSION
-        assert conn.pragma("journal_mode") == "wal"
-    finally:
-        conn.close()
-
-
-def test_an_existing_empty_file_becomes_a_store(tmp_path: Path) -> None:
-    path = tmp_path / "empty.db"
-    path.touch()
-    with TaskStore.open(path) as store:
-        assert store.schema_version() == SCHEMA_VERSION
-
-
-def test_newer_schema_file_is_refused_and_left_byte_for_byte(store_path: Path) -> None:
-    with TaskStore.open(store_path) as store:
-        store.tasks.create(SEED_LAB_ORDER)
-    conn = apsw.Connection(str(store_path))
-    conn.pragma("user_version", SCHEMA_VERSION + 1)
-    conn.close()
-    before = store_path.read_bytes()
-    before_files = sorted(p.name for p in store_path.parent.iterdir())
-    with pytest.raises(NewerSchemaError) as caught:
-        TaskStore.open(store_path)
-    assert "newer" in str(caught.value)
-    assert "not changed" in str(caught.value)
-    assert store_path.read_bytes() == before
-    assert sorted(p.name for p in store_path.parent.iterdir()) == before_files
-
-
-@pytest.mark.parametrize("journal", ["delete", "wal"])
-def test_foreign_sqlite_file_is_refused_and_left_byte_for_byte(
-    tmp_path: Path, journal: str
-) -> None:
-    path = tmp_path / "other.db"
-    conn = apsw.Connection(str(path))
-    conn.pragma("journal_mode", journal)
-    conn.execute("CREATE TABLE patients(name TEXT); INSERT INTO patients VALUES ('x')")
-    conn.close()
-    before = path.read_bytes()
-    with pytest.raises(ForeignFileError) as caught:
-        TaskStore.open(path)
-    assert "another program" in str(caught.value)
-    assert path.read_bytes() == before
-    assert isinstance(caught.value, StorageError)
-
-
-def test_a_file_with_another_application_id_is_foreign_even_when_empty(tmp_path: Path) -> None:
-    path = tmp_path / "stamped.db"
-    conn = apsw.Connection(str(path))
-    conn.pragma("application_id", 0x12345678)
-    conn.close()
-    before = path.read_bytes()
-    with pytest.raises(ForeignFileError):
-        TaskStore.open(path)
-    assert path.read_bytes() == before
-
-
-def test_durability_full_is_an_option_and_bad_options_are_refused(tmp_path: Path) -> None:
-    with TaskStore.open(tmp_path / "full.db", durability="full") as store:
-        assert store.durability == "full"
-        store.tasks.create(minimal_request())
-        with store.write() as conn:
-            assert conn.pragma("synchronous") == 2  # FULL
-    with TaskStore.open(tmp_path / "normal.db") as store:
-        assert store.durability == "normal"
-        with store.write() as conn:
-            assert conn.pragma("synchronous") == 1  # NORMAL
-    bad: dict[str, Any]
-    for bad in ({"durability": "fast"}, {"busy_timeout": -1}, {"busy_timeout": "5"}):
-        with pytest.raises(ValidationError):
-            TaskStore.open(tmp_path / "x.db", **bad)
+# --- closing ---------------------------------------------------------------------------------
+# (Creating and opening files, and damaged or foreign ones: tests/test_files.py.)
 
 
 def test_context_manager_closes_and_close_is_idempotent(store_path: Path) -> None:
@@ -339,22 +250,6 @@ def test_context_manager_closes_and_close_is_idempotent(store_path: Path) -> Non
         store.tasks.create(minimal_request())
     with pytest.raises(StorageError):
         store.tasks.get("task_x")
-
-
-def test_a_directory_is_not_a_store(tmp_path: Path) -> None:
-    with pytest.raises(StorageError):
-        TaskStore.open(tmp_path)
-
-
-def test_memory_stores_are_independent() -> None:
-    stores = [TaskStore.open(":memory:") for _ in range(50)]
-    try:
-        stores[0].tasks.create(minimal_request())
-        assert stores[0].tasks.count().data == 1
-        assert all(s.tasks.count().data == 0 for s in stores[1:])
-    finally:
-        for s in stores:
-            s.close()
 
 
 def test_history_of_unknown_task_is_not_found(file_store: TaskStore) -> None:

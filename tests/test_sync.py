@@ -96,19 +96,8 @@ def store(tmp_path: Path, server: ReferenceServer, provider: Provider) -> Iterat
 # --- configuration ---------------------------------------------------------------------------
 
 
-def test_config_refuses_plain_http_to_a_remote_host_naming_base_url() -> None:
-    with pytest.raises(ValidationError) as info:
-        SyncConfig(base_url="http://clinic.example/api/v1", token_provider=lambda: "t")
-    assert info.value.paths == ("base_url",)
-
-
-def test_config_allows_plain_http_elsewhere_only_when_asked() -> None:
-    config = SyncConfig(
-        base_url="http://clinic.example/api/v1",
-        token_provider=lambda: "t",
-        allow_insecure_http=True,
-    )
-    assert config.allow_insecure_http is True
+# (Plain http refused for a remote host unless asked, allowed to loopback:
+# tests/test_security.py.)
 
 
 def test_config_rejects_a_token_provider_that_is_not_callable() -> None:

@@ -53,7 +53,7 @@ from .store import TaskStore
 from .tasks import TasksResource
 
 if TYPE_CHECKING:
-    from .server import Faults, ReferenceServer
+    from .testing.server import Faults, ReferenceServer
     from .sync import DeadLetter, SyncConfig, SyncConflict, SyncEngine, SyncStatus
 
 # Sync and the reference server pull in httpx and http.server; they load on first use
@@ -64,8 +64,8 @@ _LAZY = {
     "SyncConflict": "sync",
     "SyncEngine": "sync",
     "SyncStatus": "sync",
-    "Faults": "server",
-    "ReferenceServer": "server",
+    "Faults": "testing.server",
+    "ReferenceServer": "testing.server",
 }
 
 

@@ -169,7 +169,7 @@ def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
-    from .server import serve_forever
+    from .testing.server import serve_forever
 
     token = os.environ.get(args.token_env) if args.token_env else None
     serve_forever(args.host, args.port, args.db, token)

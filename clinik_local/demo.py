@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from .model import TaskIntent, TaskPriority, TaskStatus
 from .progress import Progress
-from .server import ReferenceServer
+from .testing.server import ReferenceServer
 from .store import TaskStore
 
 __all__ = ["SEED_LAB_ORDER", "generate_requests", "run_demo"]

@@ -37,7 +37,7 @@ from .errors import (
     StoreLockedError,
     ValidationError,
 )
-from .migrations import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, schema_sql
+from .storage.migrations import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, schema_sql
 
 if TYPE_CHECKING:
     from .sync import SyncConfig, SyncEngine

@@ -28,7 +28,7 @@ from .errors import (
 from .ids import ID_PATTERN, is_valid_id, new_task_id
 from .lifecycle import transition_problem
 from .model import ApiResponse, Task, TaskPriority
-from .outbox import STATE_BY_RANK, SYNC_RANK_SUBQUERY, enqueue, enqueue_many, sync_state_of
+from .storage.outbox import STATE_BY_RANK, SYNC_RANK_SUBQUERY, enqueue, enqueue_many, sync_state_of
 from .search import compile_search, next_cursor, normalise_filters, page_query
 from .store import fetch_all
 

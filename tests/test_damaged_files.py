@@ -32,7 +32,7 @@ from clinik_local.errors import (
     StoreFullError,
     StoreLockedError,
 )
-from clinik_local.migrations import APPLICATION_ID, SCHEMA_VERSION
+from clinik_local.storage.migrations import APPLICATION_ID, SCHEMA_VERSION
 
 PAGE_SIZE_OFFSET = 16
 

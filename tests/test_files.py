@@ -35,7 +35,7 @@ from clinik_local import (
     StoreLockedError,
     TaskStore,
 )
-from clinik_local.migrations import APPLICATION_ID, SCHEMA_VERSION
+from clinik_local.storage.migrations import APPLICATION_ID, SCHEMA_VERSION
 
 PAGE = 4096
 TASKS = 200

@@ -452,7 +452,7 @@ def test_deep_cursor_page_is_one_index_seek(planned: TaskStore) -> None:
 
 def test_terminal_statuses_match_the_lifecycle_and_the_partial_index() -> None:
     from clinik_local.lifecycle import TERMINAL
-    from clinik_local.migrations import schema_sql
+    from clinik_local.storage.migrations import schema_sql
     from clinik_local.search import _NOT_TERMINAL, TERMINAL_STATUSES
 
     assert set(TERMINAL_STATUSES) == {s.value for s in TERMINAL}

@@ -27,7 +27,7 @@ from clinik_local import (
     encode_task,
 )
 from clinik_local.demo import SEED_LAB_ORDER
-from clinik_local.migrations import APPLICATION_ID, SCHEMA_VERSION
+from clinik_local.storage.migrations import APPLICATION_ID, SCHEMA_VERSION
 from tests.strategies import minimal_request, valid_requests
 
 _BOOKKEEPING = ("versionId", "lastModified")

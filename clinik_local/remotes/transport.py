@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 import attrs
 import httpx
 
-from .errors import AuthError, TransportError, ValidationError
+from ..errors import AuthError, TransportError, ValidationError
 
 __all__ = ["Response", "Transport", "check_base_url"]
 

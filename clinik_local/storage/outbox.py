@@ -12,7 +12,7 @@ from typing import Literal
 
 import apsw
 
-from .ids import new_change_id
+from ..ids import new_change_id
 
 __all__ = ["Op", "SyncState", "enqueue", "enqueue_many", "sync_state_of"]
 

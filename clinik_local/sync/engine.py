@@ -51,16 +51,16 @@ from typing import TYPE_CHECKING, Any, Literal
 import apsw
 import attrs
 
-from . import timestamps
-from .codec import decode_task, encode_task
-from .errors import AuthError, NotFoundError, StorageError, TransportError, ValidationError
-from .outbox import enqueue
-from .store import fetch_all
-from .tasks import _INSERT_HISTORY, _INSERT_TASK, _UPDATE_TASK, _dumps, _row, _stamp
-from .transport import Response, Transport, _ConnectFailed, check_base_url
+from .. import timestamps
+from ..codec import decode_task, encode_task
+from ..errors import AuthError, NotFoundError, StorageError, TransportError, ValidationError
+from ..storage.outbox import enqueue
+from ..store import fetch_all
+from ..tasks import _INSERT_HISTORY, _INSERT_TASK, _UPDATE_TASK, _dumps, _row, _stamp
+from ..remotes.transport import Response, Transport, _ConnectFailed, check_base_url
 
 if TYPE_CHECKING:
-    from .store import TaskStore
+    from ..store import TaskStore
 
 __all__ = ["DeadLetter", "SyncConfig", "SyncConflict", "SyncEngine", "SyncState", "SyncStatus"]
 

@@ -88,7 +88,7 @@ def task_factory() -> TaskFactory:
 @pytest.fixture
 def remote_server() -> Iterator[ReferenceServer]:
     """The reference sync server on a free 127.0.0.1 port, stopped after the test."""
-    from clinik_local.server import ReferenceServer
+    from clinik_local.testing.server import ReferenceServer
 
     server = ReferenceServer(host="127.0.0.1", port=0).start()
     try:

@@ -46,11 +46,11 @@ from urllib.parse import parse_qs, urlsplit
 import apsw
 import attrs
 
-from . import timestamps
-from .codec import decode_task, encode_task
-from .errors import ValidationError
-from .ids import is_valid_id
-from .store import fetch_all
+from .. import timestamps
+from ..codec import decode_task, encode_task
+from ..errors import ValidationError
+from ..ids import is_valid_id
+from ..store import fetch_all
 
 __all__ = ["FAULT_KINDS", "FaultKind", "Faults", "ReferenceServer", "serve_forever"]
 

@@ -58,7 +58,9 @@ __all__ = [
 _MAX_SHOWN_VALUE = 80
 
 
-def _shorten(value: object) -> str:
+def shorten(value: object) -> str:
+    """A short ``repr`` of a bad value for an error message; never raises (shared by
+    the modules that build FieldErrors, so every message shows values the same way)."""
     try:
         text = repr(value)
     except Exception:  # nested too deep for repr (RecursionError), or a broken __repr__
@@ -116,7 +118,7 @@ class ValidationError(ClinikError, ValueError):
         allowed: str | None = None,
     ) -> ValidationError:
         """An error about one field (``value`` omitted when it adds nothing)."""
-        shown = None if value is attrs.NOTHING else _shorten(value)
+        shown = None if value is attrs.NOTHING else shorten(value)
         return cls([FieldError(path, message, shown, allowed)])
 
     @property

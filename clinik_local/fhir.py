@@ -50,7 +50,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from .codec import decode_task, encode_task
-from .errors import FieldError, ValidationError, _shorten
+from .errors import FieldError, ValidationError
+from .errors import shorten as _shorten
 from .model import Task
 
 if TYPE_CHECKING:

@@ -179,14 +179,16 @@ def test_page_limit_full_raises_store_full_error_writes_nothing_and_resumes_when
     with TaskStore.open(path) as store:
         store.tasks.create(_request(0))
         counts = store.table_counts()
-        pages = int(store._conn.pragma("page_count"))
-        store._conn.pragma("max_page_count", pages + 2)
+        with store._db.write() as conn:
+            pages = int(conn.pragma("page_count"))
+            conn.pragma("max_page_count", pages + 2)
         big = [_request(n, "d" * 16000) for n in range(40)]
         with pytest.raises(StoreFullError):
             store.tasks.create_many(big)
         assert store.table_counts() == counts
         assert store.integrity_check() == []
-        store._conn.pragma("max_page_count", 1_000_000)
+        with store._db.write() as conn:
+            conn.pragma("max_page_count", 1_000_000)
         created = store.tasks.create_many(big).data
         assert len(created) == 40
         assert store.tasks.count().data == 41

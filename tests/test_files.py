@@ -290,7 +290,7 @@ def test_read_only_store_error_is_a_permission_error() -> None:
 
 
 def _limit_pages(store: TaskStore, extra: int | None) -> None:
-    with store.write() as conn:
+    with store._db.write() as conn:
         pages = int(conn.pragma("page_count"))
         conn.pragma("max_page_count", pages + extra if extra is not None else 1 << 30)
 
@@ -414,7 +414,7 @@ def test_durability_sets_synchronous_on_the_writer_and_every_reader(
     tmp_path: Path, durability: str, level: int
 ) -> None:
     with TaskStore.open(tmp_path / "d.db", durability=durability) as store:  # type: ignore[arg-type]
-        with store.write() as conn:
+        with store._db.write() as conn:
             assert conn.pragma("synchronous") == level
             assert conn.pragma("journal_mode") == "wal"
         with store.read() as conn:

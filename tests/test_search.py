@@ -352,7 +352,7 @@ def planned() -> Iterator[TaskStore]:
             r["input"] = [{"type": "lab-panel", "valueString": rng.choice(["CBC", "CMP"])}]
         requests.append(r)
     s.tasks.create_many(requests)
-    with s.write() as conn:
+    with s._db.write() as conn:
         conn.execute("ANALYZE")
     yield s
     s.close()
@@ -452,8 +452,8 @@ def test_deep_cursor_page_is_one_index_seek(planned: TaskStore) -> None:
 
 def test_terminal_statuses_match_the_lifecycle_and_the_partial_index() -> None:
     from clinik_local.lifecycle import TERMINAL
-    from clinik_local.storage.migrations import schema_sql
     from clinik_local.search import _NOT_TERMINAL, TERMINAL_STATUSES
+    from clinik_local.storage.migrations import schema_sql
 
     assert set(TERMINAL_STATUSES) == {s.value for s in TERMINAL}
     assert f"WHERE {_NOT_TERMINAL};" in schema_sql()

@@ -316,11 +316,11 @@ def test_durability_full_is_an_option_and_bad_options_are_refused(tmp_path: Path
     with TaskStore.open(tmp_path / "full.db", durability="full") as store:
         assert store.durability == "full"
         store.tasks.create(minimal_request())
-        with store.write() as conn:
+        with store._db.write() as conn:
             assert conn.pragma("synchronous") == 2  # FULL
     with TaskStore.open(tmp_path / "normal.db") as store:
         assert store.durability == "normal"
-        with store.write() as conn:
+        with store._db.write() as conn:
             assert conn.pragma("synchronous") == 1  # NORMAL
     bad: dict[str, Any]
     for bad in ({"durability": "fast"}, {"busy_timeout": -1}, {"busy_timeout": "5"}):

@@ -50,7 +50,8 @@ from .. import timestamps
 from ..codec import decode_task, encode_task
 from ..errors import ValidationError
 from ..ids import is_valid_id
-from ..store import fetch_all
+from ..wire import SERVER_FIELDS as _SERVER_FIELDS
+from ..wire import dumps as _dumps
 
 __all__ = ["FAULT_KINDS", "FaultKind", "Faults", "ReferenceServer", "serve_forever"]
 
@@ -64,7 +65,6 @@ FAULT_KINDS: tuple[FaultKind, ...] = (
     "token_expiry",
 )
 MAX_BODY_BYTES = 1 << 20
-_SERVER_FIELDS = ("versionId", "lastModified")
 _FILTERS = {
     "patientId": "patient_id",
     "ownerId": "owner_id",
@@ -157,8 +157,13 @@ class _Answer(Exception):
         self.headers = headers or {}
 
 
-def _dumps(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+def fetch_all(
+    conn: apsw.Connection, sql: str, params: tuple[object, ...] = ()
+) -> list[tuple[Any, ...]]:
+    """Run one statement and drain it. The server's own helper: it stands in for the
+    remote service and shares no storage code with the local store."""
+    rows: list[tuple[Any, ...]] = conn.execute(sql, params).fetchall()
+    return rows
 
 
 class _State:

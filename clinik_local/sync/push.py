@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import apsw
 import attrs
@@ -36,7 +37,7 @@ from ..remotes.base import (
 )
 from ..storage import outbox
 from ..storage.outbox import OutboxRow
-from ..wire import dumps, loads_or_none
+from ..wire import dumps, loads_or_none, without_server_fields
 
 __all__ = ["Sent", "record", "send_lane", "sendable", "to_change"]
 
@@ -68,12 +69,15 @@ def sendable(
 
 def to_change(row: OutboxRow, server_version: str | None) -> Change:
     """The Remote's view of an outbox row."""
-    body = loads_or_none(row.payload) if row.payload is not None else None
+    body: dict[str, Any] | None = None
+    if row.op != "delete":
+        stored = loads_or_none(row.payload)
+        body = without_server_fields(stored if isinstance(stored, dict) else {})
     return Change(
         change_id=row.change_id,
         task_id=row.task_id,
         op=row.op,
-        body=body if isinstance(body, dict) else ({} if row.op != "delete" else None),
+        body=body,
         server_version=server_version,
     )
 

@@ -367,6 +367,7 @@ def test_an_injected_remote_gets_each_change_with_the_servers_last_version() -> 
     remote = FakeRemote()
     with TaskStore.open(":memory:", sync=SyncConfig(remote=remote, lanes=1)) as store:
         task = store.tasks.create({"status": "draft", "intent": "order"}).data
+        assert task.id is not None
         assert store.sync.flush(timeout=5)
         store.tasks.update(task.id, {"status": "requested"})
         assert store.sync.flush(timeout=5)
@@ -383,6 +384,7 @@ def test_keep_remote_stores_a_server_copy_and_queues_nothing() -> None:
     remote = FakeRemote()
     with TaskStore.open(":memory:", sync=SyncConfig(remote=remote, lanes=1)) as store:
         task = store.tasks.create({"status": "draft", "intent": "order"}).data
+        assert task.id is not None
         assert store.sync.flush(timeout=5)
         server = {
             "id": task.id,

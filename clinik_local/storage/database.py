@@ -57,8 +57,9 @@ class _Checkpointer:
     (which replaces the automatic checkpoint) wakes this thread instead; its PASSIVE
     checkpoint blocks neither writers nor readers. Should the WAL still grow far past
     the threshold (a reader pinning old pages), the writer checkpoints itself, so the
-    file stays bounded. A failed checkpoint (disk full, say) is logged and retried at
-    the next wake-up; committed data is safe in the WAL meanwhile.
+    file stays bounded. A failed checkpoint (disk full, say) is logged as a warning and
+    retried at the next wake-up (committed data is safe in the WAL meanwhile); one that
+    finds another connection checkpointing (busy) is expected and only logged at debug.
     """
 
     THRESHOLD_PAGES = 1000
@@ -76,6 +77,8 @@ class _Checkpointer:
         if pages >= self.WRITER_FALLBACK_PAGES:
             try:
                 conn.wal_checkpoint(name, apsw.SQLITE_CHECKPOINT_PASSIVE)
+            except (apsw.BusyError, apsw.LockedError):
+                pass  # another connection is checkpointing: the WAL gets bounded anyway
             except apsw.Error as exc:
                 _log.warning("writer's fallback WAL checkpoint failed: %s", storage_error(exc))
         elif pages >= self.THRESHOLD_PAGES:
@@ -106,6 +109,9 @@ class _Checkpointer:
                     return
                 try:
                     conn.wal_checkpoint(None, apsw.SQLITE_CHECKPOINT_PASSIVE)
+                except (apsw.BusyError, apsw.LockedError) as exc:
+                    # Expected: another process's checkpoint (or writer) holds the lock.
+                    _log.debug("WAL checkpoint skipped, busy: %s", exc)
                 except apsw.Error as exc:
                     _log.warning("WAL checkpoint failed (retried later): %s", storage_error(exc))
         finally:

@@ -90,7 +90,7 @@ def build(path: Path, count: int) -> None:
             done += n
             print(f"  built {done} tasks", flush=True)
         store.optimize()
-        with store.write() as conn:
+        with store._db.write() as conn:
             conn.execute("ANALYZE")
 
 

@@ -30,7 +30,9 @@ from clinik_local import TaskStore, encode_task
 from clinik_local.codec import decode_task
 from clinik_local.demo import SEED_LAB_ORDER, generate_requests
 from clinik_local.ids import new_change_id, new_task_id
-from clinik_local.tasks import _INSERT_HISTORY, _INSERT_TASK, _row
+from clinik_local.storage.rows import INSERT_HISTORY as _INSERT_HISTORY
+from clinik_local.storage.rows import INSERT_TASK as _INSERT_TASK
+from clinik_local.storage.rows import task_row as _row
 
 _INSERT_OUTBOX = (
     "INSERT INTO outbox (change_id, task_id, op, payload, base_version, created_at) "

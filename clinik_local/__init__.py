@@ -54,8 +54,8 @@ from .store import TaskStore
 from .tasks import TasksResource
 
 if TYPE_CHECKING:
-    from .server import Faults, ReferenceServer
     from .sync import DeadLetter, SyncConfig, SyncConflict, SyncEngine, SyncStatus
+    from .testing.server import Faults, ReferenceServer
 
 # Sync and the reference server pull in httpx and http.server; they load on first use
 # so that `import clinik_local` stays cheap for apps (and test suites) that never sync.
@@ -65,8 +65,8 @@ _LAZY = {
     "SyncConflict": "sync",
     "SyncEngine": "sync",
     "SyncStatus": "sync",
-    "Faults": "server",
-    "ReferenceServer": "server",
+    "Faults": "testing.server",
+    "ReferenceServer": "testing.server",
 }
 
 

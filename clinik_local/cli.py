@@ -25,7 +25,8 @@ from .errors import (
     ValidationError,
 )
 from .model import ApiResponse, Task
-from .store import TaskStore, fetch_all
+from .storage import outbox as outbox_rows
+from .store import TaskStore
 
 __all__ = ["main"]
 
@@ -146,11 +147,8 @@ def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
         counts = store.table_counts()
         version = store.schema_version()
         with store.read() as conn:
-            outbox = {
-                str(state): int(n)
-                for state, n in fetch_all(conn, "SELECT state, count(*) FROM outbox GROUP BY state")
-            }
-            oldest = fetch_all(conn, "SELECT min(created_at) FROM outbox")[0][0]
+            outbox = outbox_rows.counts_by_state(conn)
+            oldest = outbox_rows.oldest_change_at(conn)
     report = {
         "integrity": problems if problems else "ok",
         "schemaVersion": version,
@@ -169,7 +167,7 @@ def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
-    from .server import serve_forever
+    from .testing.server import serve_forever
 
     token = os.environ.get(args.token_env) if args.token_env else None
     serve_forever(args.host, args.port, args.db, token)

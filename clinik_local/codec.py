@@ -44,7 +44,8 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
-from .errors import FieldError, ValidationError, _shorten
+from .errors import FieldError, ValidationError
+from .errors import shorten as _shorten
 from .ids import ID_PATTERN, is_valid_id, new_task_id
 from .model import (
     Period,

@@ -16,8 +16,8 @@ from typing import Any, TextIO
 
 from .model import TaskIntent, TaskPriority, TaskStatus
 from .progress import Progress
-from .server import ReferenceServer
 from .store import TaskStore
+from .testing.server import ReferenceServer
 
 __all__ = ["SEED_LAB_ORDER", "generate_requests", "run_demo"]
 

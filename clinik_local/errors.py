@@ -66,7 +66,7 @@ def _digits(value: int) -> int:
     return count
 
 
-def _shorten(value: object) -> str:
+def shorten(value: object) -> str:
     """A printable, truncated form of any value; never raises.
 
     An integer too long for ``repr`` (Python refuses more than 4,300 digits) is shown
@@ -135,7 +135,7 @@ class ValidationError(ClinikError, ValueError):
         allowed: str | None = None,
     ) -> ValidationError:
         """An error about one field (``value`` omitted when it adds nothing)."""
-        shown = None if value is attrs.NOTHING else _shorten(value)
+        shown = None if value is attrs.NOTHING else shorten(value)
         return cls([FieldError(path, message, shown, allowed)])
 
     @property

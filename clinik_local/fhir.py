@@ -51,9 +51,11 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from .codec import decode_task, encode_task
-from .errors import FieldError, ValidationError, _shorten
+from .errors import FieldError, ValidationError
+from .errors import shorten as _shorten
 from .model import Task
 from .timestamps import format_instant
+from .wire import SERVER_FIELDS as _STORE_MANAGED
 
 if TYPE_CHECKING:
     from .store import TaskStore
@@ -631,9 +633,6 @@ def export_ndjson(
         if progress is not None and page:
             progress(len(page))
     return count
-
-
-_STORE_MANAGED = ("versionId", "lastModified")
 
 
 def _requests(stream: TextIO, fmt: NdjsonFormat) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from .model import TaskStatus as S
 
-__all__ = ["TERMINAL", "TRANSITIONS", "can_transition", "transition_problem"]
+__all__ = ["TERMINAL", "TERMINAL_STATUSES", "TRANSITIONS", "can_transition", "transition_problem"]
 
 TRANSITIONS: Mapping[S, frozenset[S]] = {
     S.DRAFT: frozenset({S.REQUESTED, S.READY, S.CANCELLED}),
@@ -31,6 +31,8 @@ TRANSITIONS: Mapping[S, frozenset[S]] = {
 }
 
 TERMINAL: frozenset[S] = frozenset(s for s, nexts in TRANSITIONS.items() if not nexts)
+#: The same statuses as sorted wire strings (for SQL such as search's ``overdue``).
+TERMINAL_STATUSES: tuple[str, ...] = tuple(sorted(s.value for s in TERMINAL))
 
 
 def transition_problem(old: S, new: S) -> str | None:

@@ -16,6 +16,8 @@ import attrs
 from .timestamps import now
 
 __all__ = [
+    "NO_PRIORITY_RANK",
+    "PRIORITY_RANKS",
     "ApiResponse",
     "Period",
     "Restriction",
@@ -81,6 +83,13 @@ _PRIORITY_RANK = {
     TaskPriority.ASAP: 1,
     TaskPriority.URGENT: 2,
     TaskPriority.ROUTINE: 3,
+}
+#: The rank stored (and sorted on) for a task without a priority: after every priority.
+NO_PRIORITY_RANK = 4
+#: Rank by wire value, ``None`` (no priority) included: what the store and search use.
+PRIORITY_RANKS: dict[str | None, int] = {
+    **{p.value: r for p, r in _PRIORITY_RANK.items()},
+    None: NO_PRIORITY_RANK,
 }
 
 

@@ -105,8 +105,12 @@ import attrs
 
 from . import timestamps
 from .codec import TEXT_LIMITS
-from .errors import FieldError, ValidationError, _shorten
+from .errors import FieldError, ValidationError
+from .errors import shorten as _shorten
 from .ids import ID_PATTERN, is_valid_id
+from .lifecycle import TERMINAL_STATUSES
+from .model import NO_PRIORITY_RANK as _NO_PRIORITY
+from .model import PRIORITY_RANKS as _PRIORITY_RANK
 from .model import TaskIntent, TaskPriority, TaskStatus
 
 __all__ = [
@@ -128,12 +132,7 @@ _MAX_ARMS = 16
 _MAX_TEXT = 256
 _MAX_WORDS = 16
 
-#: Statuses a task never leaves (lifecycle.TERMINAL, as wire strings).
-TERMINAL_STATUSES = ("cancelled", "completed", "failed", "rejected")
 _NOT_TERMINAL = f"status NOT IN ({', '.join(repr(s) for s in TERMINAL_STATUSES)})"
-_NO_PRIORITY = 4
-_PRIORITY_RANK: dict[str | None, int] = {p.value: p.rank for p in TaskPriority}
-_PRIORITY_RANK[None] = _NO_PRIORITY
 #: The due sort key and periodEnd filter column; matches the tasks_by_due index.
 DUE_KEY = "ifnull(period_end, '~')"
 

@@ -1,17 +1,19 @@
 """``store.tasks``: create, get, update, delete, search and count, as the remote SDK has them.
 
-Every call returns :class:`~clinik_local.model.ApiResponse`. Every mutation writes the
-task row, its history row and exactly one outbox row in one ``BEGIN IMMEDIATE``
-transaction; bad input raises before (or rolls back) anything is written.
+Every call returns :class:`~clinik_local.model.ApiResponse`. This layer owns the
+rules (validation, the lifecycle, if-match, what a no-op update is) and holds no SQL:
+every mutation is one local edit of :mod:`clinik_local.storage.rows` (task row, history
+row and exactly one outbox row) in one ``BEGIN IMMEDIATE`` transaction of the
+:class:`~clinik_local.storage.database.Database`; bad input raises before (or rolls
+back) anything is written.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
-import apsw
 import attrs
 
 from . import timestamps
@@ -20,90 +22,33 @@ from .errors import (
     FieldError,
     IllegalTransitionError,
     NotFoundError,
-    TaskExistsError,
     ValidationError,
     VersionConflictError,
-    _shorten,  # repr that survives values nested too deep for repr()
+    shorten,
 )
-from .ids import ID_PATTERN, is_valid_id, new_task_id
+from .ids import ID_PATTERN, is_valid_id
 from .lifecycle import transition_problem
-from .model import ApiResponse, Task, TaskPriority, TaskVersion
-from .outbox import STATE_BY_RANK, SYNC_RANK_SUBQUERY, enqueue, enqueue_many, sync_state_of
-from .search import compile_search, next_cursor, normalise_filters, page_query
-from .store import fetch_all
-
-if TYPE_CHECKING:
-    from .store import TaskStore
+from .model import ApiResponse, Task, TaskVersion
+from .search import compile_search, next_cursor, normalise_filters
+from .storage import outbox, rows
+from .storage.database import Database
+from .wire import SERVER_FIELDS, dumps
 
 __all__ = ["TasksResource"]
 
-_COLUMNS = (
-    "id, version, status, intent, priority, priority_rank, code, patient_id, owner_id, "
-    "requester_id, encounter_id, focus_id, business_status, authored_on, last_modified, "
-    "period_start, period_end, body"
+_READ_ONLY = dict(
+    zip(
+        SERVER_FIELDS,
+        (
+            "is managed by the store (use if_match= to guard an update)",
+            "is managed by the store",
+        ),
+        strict=True,
+    )
 )
-_INSERT_TASK = f"INSERT INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * 18)})"
-_UPDATE_TASK = """
-UPDATE tasks SET version = ?, status = ?, intent = ?, priority = ?, priority_rank = ?,
-    code = ?, patient_id = ?, owner_id = ?, requester_id = ?, encounter_id = ?,
-    focus_id = ?, business_status = ?, authored_on = ?, last_modified = ?,
-    period_start = ?, period_end = ?, body = ?
-WHERE id = ?
-"""
-_SELECT_CURRENT = "SELECT body, version FROM tasks WHERE id = ?"
-_SELECT_WITH_STATE = f"SELECT body, {SYNC_RANK_SUBQUERY} FROM tasks WHERE id = ?"
-_DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
-_INSERT_HISTORY = """
-INSERT INTO task_history (task_id, version, op, body, changed_at, override_reason)
-VALUES (?, ?, ?, ?, ?, ?)
-"""
-_SELECT_HISTORY = """
-SELECT version, op, body, changed_at, override_reason FROM task_history
-WHERE task_id = ? ORDER BY version
-"""
-_TASK_EXISTS = "SELECT 1 FROM tasks WHERE id = ?"
-
-_READ_ONLY = {
-    "versionId": "is managed by the store (use if_match= to guard an update)",
-    "lastModified": "is managed by the store",
-}
-_NO_PRIORITY_RANK = 4
 _MAX_BATCH = 1_000_000
 _MAX_OVERRIDE_REASON = 1024
 _OPTIMIZE_AFTER = 10_000
-
-
-def _dumps(wire: Mapping[str, Any]) -> str:
-    return json.dumps(wire, ensure_ascii=False, separators=(",", ":"))
-
-
-_PRIORITY_RANK = {p: p.rank for p in TaskPriority}
-
-
-def _row(task: Task, version: int, body: str) -> tuple[object, ...]:
-    # Enum members are str subclasses: apsw binds them as their wire text.
-    period = task.execution_period
-    priority = task.priority
-    return (
-        task.id,
-        version,
-        task.status,
-        task.intent,
-        priority,
-        _NO_PRIORITY_RANK if priority is None else _PRIORITY_RANK[priority],
-        task.code,
-        task.patient_id,
-        task.owner_id,
-        task.requester_id,
-        task.encounter_id,
-        task.focus_id,
-        task.business_status,
-        task.authored_on,
-        task.last_modified,
-        None if period is None else period.start,
-        None if period is None else period.end,
-        body,
-    )
 
 
 def _check_task_id(task_id: object) -> str:
@@ -124,7 +69,7 @@ def _check_if_match(if_match: object) -> str | None:
 
 def _read_only_problems(request: Mapping[str, object], prefix: str = "") -> list[FieldError]:
     return [
-        FieldError(prefix + key, message, _shorten(request[key]), "omit it")
+        FieldError(prefix + key, message, shorten(request[key]), "omit it")
         for key, message in _READ_ONLY.items()
         if key in request
     ]
@@ -157,29 +102,16 @@ def _join(prefix: str, path: str) -> str:
     return f"{prefix}{path}" if path.startswith("[") else f"{prefix}.{path}"
 
 
-_set = object.__setattr__
-
-
-def _stamp(task: Task, version: int, now: str) -> Task:
-    """Set the bookkeeping fields of a task *this module just decoded*.
-
-    lastModified never precedes authoredOn, even for a task authored "in the future"
-    (a device with a fast clock), so the invariant lastModified >= authoredOn holds.
-    The task is fresh from decode_task and not yet shared, so it is completed in place,
-    as attrs' own __init__ does for frozen classes; attrs.evolve would copy every field
-    and cost more than the rest of the stamping together.
-    """
-    _set(task, "id", task.id or new_task_id())
-    _set(task, "version_id", str(version))
-    _set(task, "last_modified", max(now, task.authored_on))
-    return task
-
-
 class TasksResource:
-    """The Tasks resource of a :class:`~clinik_local.store.TaskStore`."""
+    """The Tasks resource of a :class:`~clinik_local.store.TaskStore` (``store.tasks``).
 
-    def __init__(self, store: TaskStore) -> None:
-        self._store = store
+    Built by the store on its database; ``on_change`` is called after every committed
+    local edit (the store wakes its sync worker with it).
+    """
+
+    def __init__(self, db: Database, *, on_change: Callable[[], None] | None = None) -> None:
+        self._db = db
+        self._on_change = on_change
 
     # --- writes ------------------------------------------------------------------------
 
@@ -188,20 +120,10 @@ class TasksResource:
 
         Raises ValidationError (bad request) or TaskExistsError (id already in use).
         """
-        task = _stamp(_decode_new(request), 1, timestamps.now())
-        body = _dumps(encode_task(task))
-        assert task.id is not None
-        with self._store.write() as conn:
-            try:
-                conn.execute(_INSERT_TASK, _row(task, 1, body))
-                # An id once used by a task that was deleted stays taken: its history (and
-                # the server's copy of the id) still belong to that task.
-                conn.execute(
-                    _INSERT_HISTORY, (task.id, 1, "create", body, task.last_modified, None)
-                )
-            except apsw.ConstraintError:
-                raise TaskExistsError(task.id) from None
-            enqueue(conn, task.id, "create", body, None, task.last_modified or "")
+        task = rows.stamp(_decode_new(request), 1, timestamps.now())
+        body = dumps(encode_task(task))
+        with self._db.write() as conn:
+            rows.insert_local(conn, task, body)
         self._notify()
         return ApiResponse(task, {"syncState": "pending"})
 
@@ -224,7 +146,7 @@ class TasksResource:
                     "requests", "too many requests in one batch", index, f"at most {_MAX_BATCH}"
                 )
             try:
-                task = _stamp(_decode_new(request, f"[{index}]"), 1, now)
+                task = rows.stamp(_decode_new(request, f"[{index}]"), 1, now)
             except ValidationError as exc:
                 problems.extend(exc.errors)
                 continue
@@ -241,33 +163,11 @@ class TasksResource:
             tasks.append(task)
         if problems:
             raise ValidationError(problems)
-        bodies = [_dumps(encode_task(t)) for t in tasks]
-        rows = [_row(t, 1, b) for t, b in zip(tasks, bodies, strict=True)]
-        with self._store.write() as conn:
-            # A savepoint: on a clash, undo this batch's rows before looking. Explicit, not
-            # `with conn:`: SQLITE_FULL rolls the whole transaction back, and the context
-            # manager's RELEASE would then hide StoreFullError behind "no such savepoint".
-            conn.execute("SAVEPOINT create_many")
-            try:
-                conn.executemany(_INSERT_TASK, rows)
-                conn.execute("RELEASE create_many")
-            except apsw.ConstraintError:
-                conn.execute("ROLLBACK TO create_many")
-                existing = next(t.id for t in tasks if fetch_all(conn, _TASK_EXISTS, (t.id,)))
-                raise TaskExistsError(str(existing)) from None
-            conn.executemany(
-                _INSERT_HISTORY,
-                [
-                    (t.id, 1, "create", b, t.last_modified, None)
-                    for t, b in zip(tasks, bodies, strict=True)
-                ],
-            )
-            enqueue_many(
-                conn,
-                [(t.id or "", "create", b, None, now) for t, b in zip(tasks, bodies, strict=True)],
-            )
+        bodies = [dumps(encode_task(t)) for t in tasks]
+        with self._db.write() as conn:
+            rows.insert_local_many(conn, tasks, bodies, now)
         if len(tasks) >= _OPTIMIZE_AFTER:
-            self._store.optimize()  # a bulk import shifts the statistics the planner uses
+            self._db.optimize()  # a bulk import shifts the statistics the planner uses
         if tasks:
             self._notify()
         return ApiResponse(tasks, {"syncState": "pending", "count": len(tasks)})
@@ -301,7 +201,7 @@ class TasksResource:
         if "id" in changes and changes["id"] != task_id:
             problems.append(
                 FieldError(
-                    "id", "cannot be changed by an update", _shorten(changes["id"]), repr(task_id)
+                    "id", "cannot be changed by an update", shorten(changes["id"]), repr(task_id)
                 )
             )
         if admin_override is not None and (
@@ -313,17 +213,17 @@ class TasksResource:
                 FieldError(
                     "admin_override",
                     "must say why the lifecycle is overridden",
-                    _shorten(admin_override),
+                    shorten(admin_override),
                     f"1-{_MAX_OVERRIDE_REASON} characters",
                 )
             )
         if problems:
             raise ValidationError(problems)
-        with self._store.write() as conn:
-            rows = fetch_all(conn, _SELECT_CURRENT, (task_id,))
-            if not rows:
+        with self._db.write() as conn:
+            found = rows.current(conn, task_id)
+            if found is None:
                 raise NotFoundError(f"no task with id {task_id!r}")
-            body, version = rows[0]
+            body, version = found
             if expected is not None and expected != str(version):
                 raise VersionConflictError(task_id, expected, str(version))
             current: dict[str, Any] = json.loads(body)
@@ -342,18 +242,18 @@ class TasksResource:
                         task_id, old.status.value, new.status.value, problem
                     )
             if attrs.evolve(new, version_id=old.version_id, last_modified=old.last_modified) == old:
-                return ApiResponse(old, {"syncState": sync_state_of(conn, task_id)})
-            new_version = int(version) + 1
+                return ApiResponse(old, {"syncState": outbox.sync_state_of(conn, task_id)})
             now = max(timestamps.now(), old.last_modified or "")
-            new = _stamp(new, new_version, now)
-            new_body = _dumps(encode_task(new))
-            row = _row(new, new_version, new_body)
-            conn.execute(_UPDATE_TASK, (*row[1:], task_id))
-            conn.execute(
-                _INSERT_HISTORY,
-                (task_id, new_version, "update", new_body, new.last_modified, admin_override),
+            new = rows.stamp(new, version + 1, now)
+            new_body = dumps(encode_task(new))
+            rows.update_local(
+                conn,
+                new,
+                new_body,
+                base_version=version,
+                changed_at=new.last_modified or "",
+                reason=admin_override,
             )
-            enqueue(conn, task_id, "update", new_body, int(version), new.last_modified or "")
         self._notify()
         return ApiResponse(new, {"syncState": "pending"})
 
@@ -363,17 +263,14 @@ class TasksResource:
         """Delete a task (NotFoundError if there is none); queues the delete for sync."""
         task_id = _check_task_id(task_id)
         expected = _check_if_match(if_match)
-        with self._store.write() as conn:
-            rows = fetch_all(conn, _SELECT_CURRENT, (task_id,))
-            if not rows:
+        with self._db.write() as conn:
+            found = rows.current(conn, task_id)
+            if found is None:
                 raise NotFoundError(f"no task with id {task_id!r}")
-            body, version = rows[0]
+            body, version = found
             if expected is not None and expected != str(version):
                 raise VersionConflictError(task_id, expected, str(version))
-            now = timestamps.now()
-            conn.execute(_DELETE_TASK, (task_id,))
-            conn.execute(_INSERT_HISTORY, (task_id, int(version) + 1, "delete", body, now, None))
-            enqueue(conn, task_id, "delete", None, int(version), now)
+            rows.delete_local(conn, task_id, body, version, timestamps.now())
         self._notify()
         return ApiResponse({"id": task_id, "deleted": True}, {"syncState": "pending"})
 
@@ -382,12 +279,12 @@ class TasksResource:
     def get(self, task_id: str) -> ApiResponse[Task]:
         """The task with this id; NotFoundError if there is none."""
         task_id = _check_task_id(task_id)
-        with self._store.read() as conn:
-            rows = fetch_all(conn, _SELECT_WITH_STATE, (task_id,))
-        if not rows:
+        with self._db.read() as conn:
+            found = rows.get_with_state(conn, task_id)
+        if found is None:
             raise NotFoundError(f"no task with id {task_id!r}")
-        body, rank = rows[0]
-        return ApiResponse(task_from_stored(json.loads(body)), {"syncState": STATE_BY_RANK[rank]})
+        wire, state = found
+        return ApiResponse(task_from_stored(wire), {"syncState": state})
 
     def search(
         self,
@@ -405,18 +302,12 @@ class TasksResource:
         ``-authoredOn``, ties by id); ``total=True`` adds ``meta["total"]``.
         """
         compiled, _ = compile_search(normalise_filters(filters, keywords))
-        with self._store.read() as conn:
-            sql, params = page_query(compiled, lambda s, p: int(fetch_all(conn, s, p)[0][0]))
-            rows = fetch_all(conn, sql, params)
-            total = (
-                fetch_all(conn, compiled.count_sql, compiled.count_params)[0][0]
-                if compiled.total
-                else None
-            )
-        has_more = len(rows) > compiled.limit
-        rows = rows[: compiled.limit]
-        tasks = tasks_from_bodies([r[0] for r in rows])
-        cursor = next_cursor(compiled, rows[-1]) if has_more else None
+        with self._db.read() as conn:
+            found, total = rows.search_page(conn, compiled)
+        has_more = len(found) > compiled.limit
+        found = found[: compiled.limit]
+        tasks = tasks_from_bodies([r[0] for r in found])
+        cursor = next_cursor(compiled, found[-1]) if has_more else None
         meta: dict[str, object] = {"nextCursor": cursor, "hasMore": has_more}
         if total is not None:
             meta["total"] = int(total)
@@ -430,9 +321,9 @@ class TasksResource:
         for paging in ("cursor", "limit", "sort", "total"):
             merged.pop(paging, None)
         compiled, _ = compile_search(merged)
-        with self._store.read() as conn:
-            total = fetch_all(conn, compiled.count_sql, compiled.count_params)[0][0]
-        return ApiResponse(int(total), {})
+        with self._db.read() as conn:
+            total = rows.count_matching(conn, compiled)
+        return ApiResponse(total, {})
 
     def history(self, task_id: str) -> ApiResponse[list[TaskVersion]]:
         """Every recorded version of a task, oldest first (also after it was deleted).
@@ -441,23 +332,22 @@ class TasksResource:
         :class:`~clinik_local.model.Task`, like ``get()`` returns.
         """
         task_id = _check_task_id(task_id)
-        with self._store.read() as conn:
-            rows = fetch_all(conn, _SELECT_HISTORY, (task_id,))
-        if not rows:
+        with self._db.read() as conn:
+            found = rows.history(conn, task_id)
+        if not found:
             raise NotFoundError(f"no history for task id {task_id!r}")
         items = [
             TaskVersion(
-                version=int(v),
-                op=op,
-                changed_at=at,
-                override_reason=reason,
-                task=task_from_stored(json.loads(body)),
+                version=int(h.version),
+                op=h.op,
+                changed_at=h.changed_at,
+                override_reason=h.override_reason,
+                task=task_from_stored(json.loads(h.body)),
             )
-            for v, op, body, at, reason in rows
+            for h in found
         ]
         return ApiResponse(items, {})
 
     def _notify(self) -> None:
-        sync = self._store._sync
-        if sync is not None:
-            sync.notify_change()
+        if self._on_change is not None:
+            self._on_change()

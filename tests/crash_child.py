@@ -226,7 +226,7 @@ def check_store(path: Path, reported: Reported) -> tuple[list[str], int]:
     * the store opens for writing again.
     """
     from clinik_local import NotFoundError, TaskStore, encode_task
-    from clinik_local.store import fetch_all
+    from clinik_local.storage.connection import fetch_all
 
     problems: list[str] = []
     with TaskStore.open(path) as store:

@@ -38,7 +38,7 @@ from clinik_local import (
     TaskStore,
     ValidationError,
 )
-from clinik_local.migrations import APPLICATION_ID, SCHEMA_VERSION
+from clinik_local.storage.migrations import APPLICATION_ID, SCHEMA_VERSION
 
 PAGE = 4096
 TASKS = 200
@@ -336,7 +336,7 @@ def test_every_storage_failure_is_a_storage_error_and_the_os_error_it_resembles(
 
 
 def _limit_pages(store: TaskStore, extra: int | None) -> None:
-    with store.write() as conn:
+    with store._db.write() as conn:
         pages = int(conn.pragma("page_count"))
         conn.pragma("max_page_count", pages + extra if extra is not None else 1 << 30)
 
@@ -530,7 +530,7 @@ def test_durability_sets_synchronous_on_the_writer_and_every_reader(
     with TaskStore.open(tmp_path / "d.db", durability=durability) as store:  # type: ignore[arg-type]
         assert store.durability == durability
         store.tasks.create(_request(1))
-        with store.write() as conn:
+        with store._db.write() as conn:
             assert conn.pragma("synchronous") == level
             assert conn.pragma("journal_mode") == "wal"
         with store.read() as conn:

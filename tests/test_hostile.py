@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from clinik_local import TaskStore, ValidationError, encode_task
-from clinik_local.store import fetch_all
+from clinik_local.storage.connection import fetch_all
 
 HOSTILE = [
     "'",

@@ -30,7 +30,7 @@ if len(sys.argv) > 1:
     site.addsitedir(sys.argv[1])
     added = [p for p in sys.path if p not in before]
     sys.path[:] = added + before
-import clinik_local, clinik_local.migrations as m
+import clinik_local, clinik_local.storage.migrations as m
 from clinik_local import TaskStore
 with TaskStore.open(":memory:") as s:
     s.tasks.create({"status": "draft", "intent": "order"})

@@ -172,7 +172,7 @@ def planned() -> Iterator[TaskStore]:
             r["input"] = [{"type": "lab-panel", "valueString": rng.choice(["CBC", "CMP"])}]
         requests.append(r)
     s.tasks.create_many(requests)
-    with s.write() as conn:
+    with s._db.write() as conn:
         conn.execute("ANALYZE")
     yield s
     s.close()

@@ -179,7 +179,7 @@ def test_task_store_setup_makes_fresh_empty_stores_and_reports_its_cost() -> Non
     set-ups; the goal (< 0.2 s) is checked by reading the numbers, not by an assertion,
     since timing assertions fail on slow shared machines.
     """
-    from clinik_local.pytest_plugin import _fresh_store
+    from clinik_local.testing.pytest_plugin import _fresh_store
 
     _fresh_store().close()  # the one-time template image is built outside the timing
     best_cpu = best_wall = float("inf")

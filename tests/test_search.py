@@ -311,8 +311,8 @@ def test_derived_search_data_follows_updates_deletes_and_rollbacks(store: TaskSt
 
 def test_terminal_statuses_match_the_lifecycle_and_the_partial_index() -> None:
     from clinik_local.lifecycle import TERMINAL
-    from clinik_local.migrations import schema_sql
     from clinik_local.search import _NOT_TERMINAL, TERMINAL_STATUSES
+    from clinik_local.storage.migrations import schema_sql
 
     assert set(TERMINAL_STATUSES) == {s.value for s in TERMINAL}
     assert f"WHERE {_NOT_TERMINAL};" in schema_sql()

@@ -400,7 +400,7 @@ def test_entries_left_in_flight_by_a_crash_are_resent_with_the_same_key(
         st.tasks.create(REQUEST)
         server.faults.script = ["drop_after"]
         st.sync.run_once()  # applied on the server; the answer was lost
-        with st.write() as conn:  # as a crash between sending and recording leaves it
+        with st._db.write() as conn:  # as a crash between sending and recording leaves it
             conn.execute("UPDATE outbox SET state = 'in_flight'")
     with TaskStore.open(path, sync=make_config(server, provider)) as st:
         assert st.sync.status().in_flight == 1

@@ -98,7 +98,7 @@ class SyncMachine(RuleBasedStateMachine):
     @rule()
     def crash_mid_flight(self) -> None:
         # What a crash between sending and recording leaves behind: rows in_flight.
-        with self.store.write() as conn:
+        with self.store._db.write() as conn:
             conn.execute("UPDATE outbox SET state = 'in_flight' WHERE state = 'pending'")
         self.store.close()
         self.store = self._open()

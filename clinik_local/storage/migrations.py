@@ -35,7 +35,7 @@ def schema_sql() -> str:
     packaged = resources.files("clinik_local").joinpath("schema.sql")
     if packaged.is_file():
         return packaged.read_text(encoding="utf-8")
-    checkout = Path(__file__).resolve().parent.parent / "schema.sql"
+    checkout = Path(__file__).resolve().parents[2] / "schema.sql"
     if checkout.is_file():
         return checkout.read_text(encoding="utf-8")
     raise FileNotFoundError(

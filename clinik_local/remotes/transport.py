@@ -1,4 +1,4 @@
-"""The HTTP transport of the sync engine: one pooled keep-alive httpx client.
+"""The HTTP transport of the remotes: pooled keep-alive httpx clients, one per lane.
 
 Why httpx: a well-kept client with connection pooling, keep-alive, per-phase timeouts
 and TLS verification on by default. This module adds the rules of the contract:
@@ -9,7 +9,14 @@ and TLS verification on by default. This module adds the rules of the contract:
   again on a 401 (:meth:`Transport.refresh_token`), and never appears in a log line,
   a database row or an exception message.
 - Network failures come out as :class:`~clinik_local.errors.TransportError` (the httpx
-  exception as ``__cause__``), never as httpx exceptions.
+  exception as ``__cause__``), never as httpx exceptions: :meth:`Transport.request` is
+  the one boundary where foreign exceptions are mapped. A service that cannot be
+  reached at all is :class:`ConnectFailed` (a TransportError).
+
+The seam for tests and other wires: ``http_transport=`` takes any
+``httpx.BaseTransport`` (``httpx.MockTransport(handler)`` in unit tests), so a remote
+can be exercised without a live server. :class:`Response` carries the headers
+(``ETag``, ``Location``, ``Retry-After``, ...) for remotes that need them.
 """
 
 from __future__ import annotations
@@ -18,24 +25,37 @@ import ipaddress
 import ssl
 import threading
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 
 import attrs
 import httpx
 
-from .errors import AuthError, TransportError, ValidationError
+from ..errors import AuthError, TransportError, ValidationError
 
-__all__ = ["Response", "Transport", "check_base_url"]
+__all__ = ["ConnectFailed", "Response", "Transport", "check_base_url"]
 
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
 
 
+class ConnectFailed(TransportError):
+    """The service could not be reached at all (refused, unreachable, DNS, TLS)."""
+
+
+def _headers(value: Mapping[str, str]) -> Mapping[str, str]:
+    return MappingProxyType({k.lower(): v for k, v in value.items()})
+
+
 @attrs.frozen
 class Response:
-    """An HTTP answer: status, headers we use, and the body text."""
+    """An HTTP answer: status, headers (names lower-cased), and the body text."""
 
     status: int
+    headers: Mapping[str, str] = attrs.field(converter=_headers)
     body: str
-    retry_after: str | None = None
+
+    def header(self, name: str) -> str | None:
+        """One header's value (case-insensitive), or None."""
+        return self.headers.get(name.lower())
 
 
 def _is_loopback(host: str) -> bool:
@@ -85,6 +105,7 @@ class Transport:
         allow_insecure_http: bool = False,
         ca_bundle: str | None = None,
         lanes: int = 1,
+        http_transport: httpx.BaseTransport | None = None,
     ) -> None:
         self._base = check_base_url(base_url, allow_insecure_http)
         self._provider = token_provider
@@ -100,6 +121,7 @@ class Transport:
                 verify=verify,
                 headers={"Content-Type": "application/json", "Accept": "application/json"},
                 follow_redirects=False,
+                transport=http_transport,
             )
             for _ in range(lanes)
         ]
@@ -149,7 +171,7 @@ class Transport:
                 method, self._base + path, content=body, headers=all_headers
             )
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise _ConnectFailed(f"cannot connect to {self._base}: {type(exc).__name__}") from exc
+            raise ConnectFailed(f"cannot connect to {self._base}: {type(exc).__name__}") from exc
         except httpx.TimeoutException as exc:
             raise TransportError(f"{method} {path} timed out ({type(exc).__name__})") from exc
         except (httpx.HTTPError, OSError) as exc:
@@ -159,13 +181,9 @@ class Transport:
             # escaping under heavy load; whatever the client raises is a transport failure
             # (retried with the same key), never a crash of the sync worker.
             raise TransportError(f"{method} {path} failed: {type(exc).__name__}") from exc
-        return Response(answer.status_code, answer.text, answer.headers.get("Retry-After"))
+        return Response(answer.status_code, dict(answer.headers), answer.text)
 
     def close(self) -> None:
         """Close every lane's connection."""
         for client in self._clients:
             client.close()
-
-
-class _ConnectFailed(TransportError):
-    """The service could not be reached at all (refused, unreachable, DNS, TLS)."""

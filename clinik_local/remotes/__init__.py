@@ -1,0 +1,1 @@
+"""Remotes: the services a store syncs with, behind one protocol (:mod:`.base`)."""

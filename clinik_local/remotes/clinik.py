@@ -1,0 +1,186 @@
+"""``ClinikRemote``: the clinik sync contract (``sync-protocol.md``) over the HTTP transport.
+
+How one change goes on the wire:
+
+- every request carries the change's ``change_id`` as ``Idempotency-Key``, on every
+  retry, so a retry the server already applied is answered from its idempotency store;
+- a change of a task the server never acknowledged goes as ``POST /tasks`` (a create);
+  a later one as ``PUT /tasks/{id}`` (or ``DELETE``) with ``If-Match`` = the server's
+  version;
+- the body is the wire task without ``versionId``/``lastModified``.
+
+What each answer is (the contract's table): 2xx delivered; 404 on DELETE delivered
+(already gone); 412 a conflict carrying the server's task; 408/425/429/5xx transient
+(``Retry-After`` honoured, in seconds or as an HTTP date); 401 asks the token provider
+once more and retries once, then is :class:`~.base.AuthFailed`; any other status is
+refused for good. A network failure is transient; no connection at all is
+:class:`~.base.Unreachable`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC
+
+import httpx
+
+from ..errors import AuthError, TransportError
+from ..wire import dumps, loads_or_none, without_server_fields
+from .base import (
+    AuthFailed,
+    Change,
+    Conflict,
+    Delivered,
+    PushOutcome,
+    Refused,
+    Transient,
+    Unreachable,
+)
+from .transport import ConnectFailed, Response, Transport, check_base_url
+
+__all__ = ["TRANSIENT_STATUSES", "ClinikRemote", "parse_retry_after"]
+
+#: Statuses retried with backoff (with any other 5xx).
+TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date), or None."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+def _task_of(answer: Response) -> dict[str, object] | None:
+    data = loads_or_none(answer.body)
+    task = data.get("data") if isinstance(data, dict) else None
+    return task if isinstance(task, dict) else None
+
+
+class ClinikRemote:
+    """The remote clinik service, through a :class:`~.transport.Transport` made on first use.
+
+    ``http_transport`` (an ``httpx.BaseTransport``, e.g. ``httpx.MockTransport``) replaces
+    the network, for tests.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token_provider: Callable[[], str],
+        *,
+        timeout: float = 10.0,
+        allow_insecure_http: bool = False,
+        ca_bundle: str | None = None,
+        lanes: int = 1,
+        http_transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = check_base_url(base_url, allow_insecure_http)
+        self._provider = token_provider
+        self._timeout = timeout
+        self._allow_insecure_http = allow_insecure_http
+        self._ca_bundle = ca_bundle
+        self._lanes = lanes
+        self._http_transport = http_transport
+        self._transport: Transport | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:  # no token here, ever
+        return f"<ClinikRemote {self.base_url}>"
+
+    def _get_transport(self) -> Transport:
+        with self._lock:
+            if self._transport is None:
+                self._transport = Transport(
+                    self.base_url,
+                    self._provider,
+                    timeout=self._timeout,
+                    allow_insecure_http=self._allow_insecure_http,
+                    ca_bundle=self._ca_bundle,
+                    lanes=self._lanes,
+                    http_transport=self._http_transport,
+                )
+            return self._transport
+
+    def close(self) -> None:
+        """Close the connections; the next push opens new ones."""
+        with self._lock:
+            transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+
+    def push(self, change: Change, *, lane: int) -> PushOutcome:
+        """Send one change (see the module docstring for the mapping of answers)."""
+        headers = {"Idempotency-Key": change.change_id}
+        body: bytes | None = None
+        version = change.server_version
+        if change.op == "delete":
+            method, path = "DELETE", f"/tasks/{change.task_id}"
+            headers["If-Match"] = f'"{version}"'
+        elif change.op == "update" and version is not None:
+            method, path = "PUT", f"/tasks/{change.task_id}"
+            headers["If-Match"] = f'"{version}"'
+            body = self._wire_body(change)
+        else:
+            method, path = "POST", "/tasks"
+            body = self._wire_body(change)
+        transport = self._get_transport()
+        try:
+            answer = transport.request(method, path, body=body, headers=headers, lane=lane)
+            if answer.status == 401:
+                transport.refresh_token()  # ask the provider once more, then retry once
+                answer = transport.request(method, path, body=body, headers=headers, lane=lane)
+        except ConnectFailed as exc:
+            return Unreachable(message=str(exc))
+        except TransportError as exc:
+            return Transient(error=str(exc))
+        except AuthError as exc:
+            transport.forget_token()
+            return AuthFailed(message=str(exc))
+        return self._classify(method, answer, transport)
+
+    @staticmethod
+    def _wire_body(change: Change) -> bytes:
+        body = without_server_fields(change.body or {})
+        body["id"] = change.task_id
+        return dumps(body).encode()
+
+    @staticmethod
+    def _classify(method: str, answer: Response, transport: Transport) -> PushOutcome:
+        status = answer.status
+        if status == 401:
+            transport.forget_token()
+            return AuthFailed(message="the service refused the token (401), also a fresh one")
+        if 200 <= status < 300 or (status == 404 and method == "DELETE"):
+            if method == "DELETE":
+                return Delivered(gone=True)
+            task = _task_of(answer)
+            if task is None:
+                return Delivered()
+            version, modified = task.get("versionId"), task.get("lastModified")
+            return Delivered(
+                version=None if version is None else str(version),
+                modified=None if modified is None else str(modified),
+                task=task,
+            )
+        if status == 412:
+            return Conflict(server_task=_task_of(answer), status=status, body=answer.body)
+        if status in TRANSIENT_STATUSES or status >= 500:
+            return Transient(
+                error=f"HTTP {status}",
+                status=status,
+                retry_after=parse_retry_after(answer.header("Retry-After")),
+            )
+        return Refused(status=status, body=answer.body, error=f"HTTP {status}")

@@ -1,0 +1,1 @@
+"""Storage: everything that touches SQLite (connections, schema, task and outbox rows)."""

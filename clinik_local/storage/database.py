@@ -1,0 +1,322 @@
+"""``Database``: one store file (or memory) as one writer, query-only readers and a checkpointer.
+
+Datasette's shape: writes go through the one writer connection in ``BEGIN IMMEDIATE``
+transactions, serialised by a lock (:meth:`Database.write`); side effects queued with
+:meth:`Database.after_commit` run only after the commit succeeded, outside the lock.
+Reads on a file store use one ``query_only`` connection per thread (:meth:`Database.read`),
+so in WAL mode they never wait for a writer, in this process or another. An in-memory
+store has one connection: reads share it under the lock.
+
+Every connection is made by :func:`~clinik_local.storage.connection.open_connection`,
+including the checkpointer's, so a set-up step added there reaches all of them.
+Nothing above this layer sees ``apsw`` errors: they come out as StorageError subclasses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import apsw
+
+from ..errors import ReadOnlyStoreError, StorageError
+from .connection import (
+    MEMORY,
+    ConnectionOptions,
+    fetch_all,
+    open_connection,
+    storage_error,
+    translated,
+)
+
+__all__ = ["Database"]
+
+_log = logging.getLogger("clinik_local.storage")
+
+
+def _create_private_file(path: Path) -> None:
+    """Create the store file with mode 0600 (patient data) unless it exists already."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
+class _Checkpointer:
+    """Runs WAL checkpoints on a background thread, off the commit path.
+
+    SQLite's automatic checkpoint runs inside whichever commit crosses the threshold,
+    and (with synchronous=NORMAL) syncs the file: that one commit then takes
+    milliseconds instead of microseconds. A WAL hook on the writer connection
+    (which replaces the automatic checkpoint) wakes this thread instead; its PASSIVE
+    checkpoint blocks neither writers nor readers. Should the WAL still grow far past
+    the threshold (a reader pinning old pages), the writer checkpoints itself, so the
+    file stays bounded. A failed checkpoint (disk full, say) is logged as a warning and
+    retried at the next wake-up (committed data is safe in the WAL meanwhile); one that
+    finds another connection checkpointing (busy) is expected and only logged at debug.
+    """
+
+    THRESHOLD_PAGES = 1000
+    WRITER_FALLBACK_PAGES = 20 * THRESHOLD_PAGES
+
+    def __init__(self, path: str, options: ConnectionOptions) -> None:
+        self._path = path
+        self._options = options
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def wal_hook(self, conn: apsw.Connection, name: str, pages: int) -> int:
+        if pages >= self.WRITER_FALLBACK_PAGES:
+            try:
+                conn.wal_checkpoint(name, apsw.SQLITE_CHECKPOINT_PASSIVE)
+            except (apsw.BusyError, apsw.LockedError):
+                pass  # another connection is checkpointing: the WAL gets bounded anyway
+            except apsw.Error as exc:
+                _log.warning("writer's fallback WAL checkpoint failed: %s", storage_error(exc))
+        elif pages >= self.THRESHOLD_PAGES:
+            self._ensure_thread()
+            self._wake.set()
+        return int(apsw.SQLITE_OK)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None and not self._stopping:
+                    self._thread = threading.Thread(
+                        target=self._run, name="clinik-local-checkpoint", daemon=True
+                    )
+                    self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            conn = open_connection(self._path, "checkpointer", self._options)
+        except StorageError as exc:
+            _log.warning("cannot open the checkpoint connection: %s", exc)
+            return
+        try:
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                if self._stopping:
+                    return
+                try:
+                    conn.wal_checkpoint(None, apsw.SQLITE_CHECKPOINT_PASSIVE)
+                except (apsw.BusyError, apsw.LockedError) as exc:
+                    # Expected: another process's checkpoint (or writer) holds the lock.
+                    _log.debug("WAL checkpoint skipped, busy: %s", exc)
+                except apsw.Error as exc:
+                    _log.warning("WAL checkpoint failed (retried later): %s", storage_error(exc))
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join()
+
+
+_memory_image: bytes | None = None
+_memory_image_lock = threading.Lock()
+
+
+def _memory_template(options: ConnectionOptions) -> bytes:
+    """A serialised empty store, built once per process; new memory stores copy it."""
+    global _memory_image
+    if _memory_image is None:
+        with _memory_image_lock:
+            if _memory_image is None:
+                conn = open_connection(MEMORY, "writer", options)
+                _memory_image = bytes(conn.serialize("main"))
+                conn.close()
+    return _memory_image
+
+
+class _ReaderBox:
+    """One thread's read connection; closed by the database (or when the thread ends)."""
+
+    __slots__ = ("__weakref__", "conn")
+
+    def __init__(self, conn: apsw.Connection) -> None:
+        self.conn: apsw.Connection | None = conn
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(apsw.Error):
+                self.conn.close()
+            self.conn = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Database:
+    """The connections of one store, and the transaction discipline over them.
+
+    Thread-safe: one ``Database`` may be shared by many threads.
+    """
+
+    def __init__(self, path: str, options: ConnectionOptions) -> None:
+        """Open (creating if new, mode 0600) the store at ``path``, or ``":memory:"``."""
+        self.path = path
+        self.options = options
+        self.is_memory = path == MEMORY
+        if not self.is_memory:
+            file = Path(path)
+            if file.is_dir():
+                raise StorageError(f"{path} is a directory, not a store file")
+            with translated(path):
+                try:
+                    _create_private_file(file)
+                except PermissionError as exc:
+                    raise ReadOnlyStoreError(
+                        f"cannot create the store file {path}: {exc.strerror}"
+                    ) from exc
+                except OSError as exc:
+                    raise StorageError(f"cannot create the store file {path}: {exc}") from exc
+            self._conn = open_connection(path, "writer", options)
+        else:
+            self._conn = open_connection(path, "writer", options, image=_memory_template(options))
+        self._checkpointer: _Checkpointer | None = None
+        if not self.is_memory:
+            self._checkpointer = _Checkpointer(path, options)
+            self._conn.set_wal_hook(self._checkpointer.wal_hook)
+        self._lock = threading.RLock()
+        self._local = threading.local()
+        self._readers: weakref.WeakSet[_ReaderBox] = weakref.WeakSet()
+        self._closed = False
+        self._after_commit: list[Callable[[], None]] = []
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has been called."""
+        return self._closed
+
+    def close(self) -> None:
+        """Stop the checkpointer and close every connection. Safe to call twice."""
+        if self._closed:
+            return
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+        with self._lock:
+            self._closed = True
+            for box in list(self._readers):
+                box.close()
+            self._local = threading.local()
+            with contextlib.suppress(apsw.Error):
+                if not self.is_memory:
+                    self._conn.pragma("optimize")
+            self._conn.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError("the store is closed")
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[apsw.Connection]:
+        """A ``BEGIN IMMEDIATE`` transaction on the writer connection; commits on success.
+
+        Anything raised inside rolls the whole transaction back. apsw errors come out
+        as StorageError subclasses. Callbacks queued with :meth:`after_commit` inside
+        the block run after a successful commit, outside the lock. No network I/O in here.
+        """
+        callbacks: list[Callable[[], None]]
+        with self._lock:
+            self._check_open()
+            conn = self._conn
+            with translated(self.path):
+                conn.execute("BEGIN IMMEDIATE")
+            try:
+                with translated(self.path):  # no apsw error escapes the block either
+                    yield conn
+                    conn.execute("COMMIT")
+            except BaseException:
+                if not conn.get_autocommit():
+                    with contextlib.suppress(apsw.Error):
+                        conn.execute("ROLLBACK")
+                self._after_commit.clear()
+                raise
+            callbacks, self._after_commit = self._after_commit, []
+        for callback in callbacks:
+            callback()
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the current write transaction has committed."""
+        self._after_commit.append(callback)
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[apsw.Connection]:
+        """A connection for reading. File stores: this thread's own ``query_only`` reader,
+        never blocked by writers (WAL). Memory stores: the one connection, under the lock.
+        """
+        self._check_open()
+        if self.is_memory:
+            with self._lock:
+                try:
+                    yield self._conn
+                except apsw.Error as exc:
+                    raise storage_error(exc, self.path) from exc
+            return
+        try:
+            conn = self._local.conn
+        except AttributeError:
+            conn = self._new_reader()
+        try:
+            yield conn
+        except apsw.Error as exc:
+            raise storage_error(exc, self.path) from exc
+
+    def _new_reader(self) -> apsw.Connection:
+        conn = open_connection(self.path, "reader", self.options)
+        box = _ReaderBox(conn)
+        self._local.box = box  # closed with the thread's locals, or by close()
+        self._local.conn = conn
+        with self._lock:
+            self._readers.add(box)
+        return conn
+
+    def optimize(self) -> None:
+        """Refresh the query planner's statistics (``PRAGMA optimize``) on the writer."""
+        with self._lock:
+            self._check_open()
+            with translated(self.path):
+                self._conn.pragma("optimize")
+
+    def integrity_check(self) -> list[str]:
+        """``PRAGMA integrity_check`` problems; an empty list means the file is sound."""
+        with self.read() as conn:
+            rows = conn.execute("PRAGMA integrity_check").fetchall()
+        problems = [str(r[0]) for r in rows]
+        return [] if problems == ["ok"] else problems
+
+    def schema_version(self) -> int:
+        """The schema version stamped in the file (``PRAGMA user_version``)."""
+        with self.read() as conn:
+            return int(conn.pragma("user_version"))
+
+    def table_counts(self) -> dict[str, int]:
+        """Row count of every table."""
+        with self.read() as conn:
+            names = [
+                str(r[0])
+                for r in fetch_all(
+                    conn,
+                    "SELECT name FROM sqlite_schema WHERE type = 'table' "
+                    "AND name NOT LIKE 'sqlite_%' ORDER BY name",
+                )
+            ]
+            counts: dict[str, int] = {}
+            for name in names:
+                # Names come from sqlite_schema, not from input.
+                quoted = '"' + name.replace('"', '""') + '"'
+                counts[name] = int(fetch_all(conn, f"SELECT count(*) FROM {quoted}")[0][0])
+        return counts

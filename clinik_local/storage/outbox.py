@@ -1,0 +1,404 @@
+"""All SQL on ``outbox``, ``task_sync`` and ``sync_conflicts``: the one owner of those tables.
+
+``outbox``: one row per local change, written inside the change's own transaction by
+:mod:`.rows` (:func:`enqueue`), so the task, its history row and its outbox row commit
+together or not at all. Each row's ``change_id`` is the ``Idempotency-Key`` every
+delivery attempt of that change carries. The sync engine moves rows through their
+states (``pending`` -> ``in_flight`` -> deleted when delivered, or parked as ``dead`` /
+``conflict``) with the ``record_*`` calls, each on the caller's open write transaction.
+
+``task_sync``: the server's version of each task it acknowledged (sent as ``If-Match``).
+``sync_conflicts``: both sides of a change the server refused with 412.
+
+Rows come out as typed attrs objects (:class:`OutboxRow`, :class:`DeadLetterRow`,
+:class:`ConflictRow`), never as raw tuples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import apsw
+import attrs
+
+from ..ids import new_change_id
+from .connection import fetch_all
+
+__all__ = [
+    "STATE_BY_RANK",
+    "SYNC_RANK_SUBQUERY",
+    "ConflictRow",
+    "DeadLetterRow",
+    "Op",
+    "OutboxRow",
+    "TaskSyncState",
+    "clear_backoff",
+    "conflict_count",
+    "conflict_of",
+    "conflicts",
+    "counts_by_state",
+    "dead_letters",
+    "deliverable_count",
+    "discard_dead",
+    "drop_open_changes",
+    "enqueue",
+    "enqueue_many",
+    "forget_server_version",
+    "mark_in_flight",
+    "oldest_change_at",
+    "parked_tasks",
+    "record_conflict",
+    "record_dead",
+    "record_delivered",
+    "record_transient",
+    "record_unsent",
+    "recover_in_flight",
+    "retry_dead",
+    "select_sendable",
+    "set_server_version",
+    "sync_state_of",
+]
+
+Op = Literal["create", "update", "delete"]
+#: One task's sync state, as ``meta["syncState"]`` reports it (not the engine's state).
+TaskSyncState = Literal["pending", "synced", "conflict", "rejected"]
+
+_INSERT_CHANGE = """
+INSERT INTO outbox (change_id, task_id, op, payload, base_version, created_at)
+VALUES (?, ?, ?, ?, ?, ?)
+"""
+
+# conflict outranks rejected outranks pending; no open change at all means synced.
+_SYNC_STATE = """
+SELECT min(CASE state WHEN 'conflict' THEN 0 WHEN 'dead' THEN 1 ELSE 2 END)
+FROM outbox WHERE task_id = ?
+"""
+#: The same rank as a scalar subquery, for reads that fetch a task and its state at once.
+SYNC_RANK_SUBQUERY = (
+    "(SELECT min(CASE state WHEN 'conflict' THEN 0 WHEN 'dead' THEN 1 ELSE 2 END) "
+    "FROM outbox WHERE outbox.task_id = tasks.id)"
+)
+STATE_BY_RANK: dict[int | None, TaskSyncState] = {
+    0: "conflict",
+    1: "rejected",
+    2: "pending",
+    None: "synced",
+}
+
+_SELECT_SENDABLE = """
+SELECT o.seq, o.change_id, o.task_id, o.op, o.payload, o.attempts, o.next_attempt_at,
+       s.server_version
+FROM outbox o LEFT JOIN task_sync s ON s.task_id = o.task_id
+WHERE o.state IN ('pending', 'in_flight') AND o.seq > ?
+ORDER BY o.seq LIMIT ?
+"""
+_PARKED_TASKS = "SELECT DISTINCT task_id FROM outbox WHERE state IN ('dead', 'conflict')"
+_DELIVERABLE = """
+SELECT count(*) FROM outbox o WHERE o.state IN ('pending', 'in_flight')
+AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.task_id = o.task_id
+                AND p.state IN ('dead', 'conflict') AND p.seq < o.seq)
+"""
+_UPSERT_SYNC = """
+INSERT INTO task_sync (task_id, server_version, server_modified, synced_at) VALUES (?, ?, ?, ?)
+ON CONFLICT (task_id) DO UPDATE SET server_version = excluded.server_version,
+    server_modified = excluded.server_modified, synced_at = excluded.synced_at
+"""
+
+
+@attrs.frozen
+class OutboxRow:
+    """A change waiting to be sent, with the server's version of its task (if known)."""
+
+    seq: int
+    change_id: str
+    task_id: str
+    op: Op
+    payload: str | None
+    attempts: int
+    next_attempt_at: str | None
+    server_version: str | None
+
+
+@attrs.frozen(kw_only=True)
+class DeadLetterRow:
+    """A parked (``dead``) change as stored; the engine turns it into a DeadLetter."""
+
+    change_id: str
+    task_id: str
+    op: str
+    payload: str | None
+    status: int | None
+    body: str | None
+    error: str | None
+    attempts: int
+    created_at: str
+    parked_at: str | None
+
+
+@attrs.frozen(kw_only=True)
+class ConflictRow:
+    """A ``sync_conflicts`` row: the refused change and the server's task, as stored."""
+
+    task_id: str
+    change_id: str
+    local_body: str | None
+    server_body: str | None
+    detected_at: str
+
+
+# --- local changes ----------------------------------------------------------------------
+
+
+def enqueue(
+    conn: apsw.Connection,
+    task_id: str,
+    op: Op,
+    payload: str | None,
+    base_version: int | None,
+    created_at: str,
+) -> str:
+    """Append one change to the outbox (caller holds the write transaction)."""
+    change_id = new_change_id()
+    conn.execute(_INSERT_CHANGE, (change_id, task_id, op, payload, base_version, created_at))
+    return change_id
+
+
+def enqueue_many(
+    conn: apsw.Connection,
+    changes: list[tuple[str, Op, str | None, int | None, str]],
+) -> None:
+    """Append many changes ``(task_id, op, payload, base_version, created_at)`` at once."""
+    conn.executemany(_INSERT_CHANGE, [(new_change_id(), *change) for change in changes])
+
+
+def sync_state_of(conn: apsw.Connection, task_id: str) -> TaskSyncState:
+    """pending | synced | conflict | rejected, derived from the task's open changes."""
+    rank: int | None = fetch_all(conn, _SYNC_STATE, (task_id,))[0][0]
+    return STATE_BY_RANK[rank]
+
+
+# --- what to send -------------------------------------------------------------------------
+
+
+def select_sendable(conn: apsw.Connection, after: int, limit: int) -> list[OutboxRow]:
+    """Up to ``limit`` pending or in-flight changes after ``seq``, in order."""
+    return [
+        OutboxRow(int(seq), str(cid), str(tid), op, payload, int(attempts), next_at, version)
+        for seq, cid, tid, op, payload, attempts, next_at, version in fetch_all(
+            conn, _SELECT_SENDABLE, (after, limit)
+        )
+    ]
+
+
+def parked_tasks(conn: apsw.Connection) -> set[str]:
+    """Tasks with a dead or conflicted change: their later changes wait."""
+    return {str(r[0]) for r in fetch_all(conn, _PARKED_TASKS)}
+
+
+def deliverable_count(conn: apsw.Connection) -> int:
+    """Changes still to deliver, not counting those held back behind a parked one."""
+    return int(fetch_all(conn, _DELIVERABLE)[0][0])
+
+
+def counts_by_state(conn: apsw.Connection) -> dict[str, int]:
+    """Outbox rows per state (``pending``, ``in_flight``, ``dead``, ``conflict``)."""
+    return {
+        str(state): int(n)
+        for state, n in fetch_all(conn, "SELECT state, count(*) FROM outbox GROUP BY state")
+    }
+
+
+def conflict_count(conn: apsw.Connection) -> int:
+    """How many tasks are in conflict."""
+    return int(fetch_all(conn, "SELECT count(*) FROM sync_conflicts")[0][0])
+
+
+def oldest_change_at(conn: apsw.Connection) -> str | None:
+    """When the oldest change still in the outbox was made, or None if it is empty."""
+    oldest: str | None = fetch_all(conn, "SELECT min(created_at) FROM outbox")[0][0]
+    return oldest
+
+
+# --- the engine's bookkeeping (each on the caller's write transaction) -----------------
+
+
+def recover_in_flight(conn: apsw.Connection) -> None:
+    """Rows a dead process left ``in_flight`` go back to ``pending`` (sent again, same key)."""
+    conn.execute("UPDATE outbox SET state = 'pending' WHERE state = 'in_flight'")
+
+
+def clear_backoff(conn: apsw.Connection) -> None:
+    """Every pending change is due now (the network is back)."""
+    conn.execute(
+        "UPDATE outbox SET next_attempt_at = NULL WHERE state = 'pending' "
+        "AND next_attempt_at IS NOT NULL"
+    )
+
+
+def mark_in_flight(conn: apsw.Connection, seqs: Iterable[int]) -> None:
+    """These pending rows are about to be sent."""
+    conn.executemany(
+        "UPDATE outbox SET state = 'in_flight' WHERE seq = ? AND state = 'pending'",
+        [(seq,) for seq in seqs],
+    )
+
+
+def record_delivered(
+    conn: apsw.Connection,
+    seq: int,
+    task_id: str,
+    *,
+    version: str | None,
+    modified: str | None,
+    gone: bool,
+    now: str,
+) -> None:
+    """The server applied the change: drop the row, remember the server's version."""
+    conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+    if gone:
+        forget_server_version(conn, task_id)
+    else:
+        set_server_version(conn, task_id, version, modified, now)
+
+
+def record_unsent(conn: apsw.Connection, seq: int) -> None:
+    """The row was not sent after all (the pass stopped): back to pending."""
+    conn.execute(
+        "UPDATE outbox SET state = 'pending' WHERE seq = ? AND state = 'in_flight'", (seq,)
+    )
+
+
+def record_transient(
+    conn: apsw.Connection, seq: int, *, retry_at: str, error: str | None, status: int | None
+) -> None:
+    """A failure worth retrying: pending again, due at ``retry_at``."""
+    conn.execute(
+        "UPDATE outbox SET state = 'pending', attempts = attempts + 1, "
+        "next_attempt_at = ?, last_error = ?, last_status = ? WHERE seq = ?",
+        (retry_at, error, status, seq),
+    )
+
+
+def record_dead(
+    conn: apsw.Connection, seq: int, *, now: str, error: str, status: int | None, body: str | None
+) -> None:
+    """The server refused the change for good: park it as a dead letter."""
+    conn.execute(
+        "UPDATE outbox SET state = 'dead', attempts = attempts + 1, "
+        "next_attempt_at = ?, last_error = ?, last_status = ?, last_body = ? "
+        "WHERE seq = ?",
+        (now, error, status, body, seq),
+    )
+
+
+def record_conflict(
+    conn: apsw.Connection, row: OutboxRow, *, body: str | None, server_body: str | None, now: str
+) -> None:
+    """The server refused the change with 412: park it and keep both versions."""
+    conn.execute(
+        "UPDATE outbox SET state = 'conflict', attempts = attempts + 1, "
+        "last_error = 'version conflict (412)', last_status = 412, "
+        "last_body = ? WHERE seq = ?",
+        (body, row.seq),
+    )
+    conn.execute(
+        "INSERT OR REPLACE INTO sync_conflicts "
+        "(task_id, change_id, local_body, server_body, detected_at) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (row.task_id, row.change_id, row.payload, server_body, now),
+    )
+
+
+def set_server_version(
+    conn: apsw.Connection, task_id: str, version: object, modified: object, now: str
+) -> None:
+    """The server holds ``task_id`` at ``version`` (the next change's ``If-Match``)."""
+    conn.execute(_UPSERT_SYNC, (task_id, version, modified, now))
+
+
+def forget_server_version(conn: apsw.Connection, task_id: str) -> None:
+    """The server has no such task (any more): the next change of it is a create."""
+    conn.execute("DELETE FROM task_sync WHERE task_id = ?", (task_id,))
+
+
+# --- dead letters and conflicts ---------------------------------------------------------
+
+
+def dead_letters(conn: apsw.Connection) -> list[DeadLetterRow]:
+    """Every dead letter, oldest first."""
+    return [
+        DeadLetterRow(
+            change_id=str(r[0]),
+            task_id=str(r[1]),
+            op=str(r[2]),
+            payload=r[3],
+            status=None if r[4] is None else int(r[4]),
+            body=r[5],
+            error=r[6],
+            attempts=int(r[7]),
+            created_at=str(r[8]),
+            parked_at=r[9],
+        )
+        for r in fetch_all(
+            conn,
+            "SELECT change_id, task_id, op, payload, last_status, last_body, last_error, "
+            "attempts, created_at, next_attempt_at FROM outbox WHERE state = 'dead' "
+            "ORDER BY seq",
+        )
+    ]
+
+
+def retry_dead(conn: apsw.Connection, change_id: str) -> bool:
+    """Make a dead letter pending again, as new; False if there is no such dead letter."""
+    conn.execute(
+        "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = NULL, "
+        "last_error = NULL, last_status = NULL, last_body = NULL "
+        "WHERE change_id = ? AND state = 'dead'",
+        (change_id,),
+    )
+    return bool(conn.changes())
+
+
+def discard_dead(conn: apsw.Connection, change_id: str) -> bool:
+    """Drop a dead letter; False if there is no such dead letter."""
+    conn.execute("DELETE FROM outbox WHERE change_id = ? AND state = 'dead'", (change_id,))
+    return bool(conn.changes())
+
+
+def _conflict(r: tuple[object, ...]) -> ConflictRow:
+    return ConflictRow(
+        task_id=str(r[0]),
+        change_id=str(r[1]),
+        local_body=None if r[2] is None else str(r[2]),
+        server_body=None if r[3] is None else str(r[3]),
+        detected_at=str(r[4]),
+    )
+
+
+_SELECT_CONFLICTS = (
+    "SELECT task_id, change_id, local_body, server_body, detected_at FROM sync_conflicts"
+)
+
+
+def conflicts(conn: apsw.Connection) -> list[ConflictRow]:
+    """Every conflict, oldest first."""
+    return [
+        _conflict(r) for r in fetch_all(conn, _SELECT_CONFLICTS + " ORDER BY detected_at, task_id")
+    ]
+
+
+def conflict_of(conn: apsw.Connection, task_id: str) -> ConflictRow | None:
+    """The task's conflict, or None."""
+    rows = fetch_all(conn, _SELECT_CONFLICTS + " WHERE task_id = ?", (task_id,))
+    return _conflict(rows[0]) if rows else None
+
+
+def drop_open_changes(conn: apsw.Connection, task_id: str) -> None:
+    """Delete every open change of a task and its conflict (a resolution replaces them)."""
+    conn.execute(
+        "DELETE FROM outbox WHERE task_id = ? "
+        "AND state IN ('pending', 'in_flight', 'dead', 'conflict')",
+        (task_id,),
+    )
+    conn.execute("DELETE FROM sync_conflicts WHERE task_id = ?", (task_id,))

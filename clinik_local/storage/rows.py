@@ -1,0 +1,327 @@
+"""All SQL on ``tasks`` and ``task_history``: the one owner of those two tables.
+
+Two families of writes, kept apart on purpose (the Android FHIR engine's
+``insert`` / ``insertRemote``):
+
+**Local edits** (:func:`insert_local`, :func:`insert_local_many`, :func:`update_local`,
+:func:`delete_local`) change a task because the user did: each writes the task row,
+its history row and exactly one outbox row (through :mod:`.outbox`), on the
+connection of the caller's open ``BEGIN IMMEDIATE`` transaction, so the three commit
+together or not at all.
+
+**Server copies** (:func:`write_server_copy`, :func:`delete_server_copy`) store what
+the server said: the task row and a history row, and *no* outbox row, since there is
+nothing to send back. Conflict resolution ("keep the server's version") uses them
+today; a pull (two-way sync) lands server tasks through the same two calls.
+
+Reads: a task's body and version (:func:`current`), with its sync state
+(:func:`get_with_state`), its history (:func:`history`), and the execution of a
+compiled search (:func:`search_page`, :func:`count_matching`).
+
+Every function takes the connection it runs on and does no I/O but SQLite; the
+caller (:class:`~clinik_local.storage.database.Database`) owns the transaction. This
+is the write path a leaner implementation would replace, one function at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import apsw
+import attrs
+
+from ..codec import decode_task, encode_task
+from ..errors import TaskExistsError
+from ..ids import new_task_id
+from ..model import NO_PRIORITY_RANK, Task
+from ..search import CompiledSearch, page_query
+from ..wire import dumps, without_server_fields
+from . import outbox
+from .connection import fetch_all
+
+__all__ = [
+    "INSERT_HISTORY",
+    "INSERT_TASK",
+    "UPDATE_TASK",
+    "HistoryRow",
+    "count_matching",
+    "current",
+    "delete_local",
+    "delete_server_copy",
+    "get_with_state",
+    "history",
+    "insert_local",
+    "insert_local_many",
+    "search_page",
+    "stamp",
+    "task_row",
+    "top_version",
+    "update_local",
+    "write_server_copy",
+]
+
+_COLUMNS = (
+    "id, version, status, intent, priority, priority_rank, code, patient_id, owner_id, "
+    "requester_id, encounter_id, focus_id, business_status, authored_on, last_modified, "
+    "period_start, period_end, body"
+)
+#: Insert one task row; parameters as :func:`task_row` builds them.
+INSERT_TASK = f"INSERT INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * 18)})"
+#: Replace a task row; parameters: :func:`task_row` without the id, then the id.
+UPDATE_TASK = """
+UPDATE tasks SET version = ?, status = ?, intent = ?, priority = ?, priority_rank = ?,
+    code = ?, patient_id = ?, owner_id = ?, requester_id = ?, encounter_id = ?,
+    focus_id = ?, business_status = ?, authored_on = ?, last_modified = ?,
+    period_start = ?, period_end = ?, body = ?
+WHERE id = ?
+"""
+#: Insert one history row: (task_id, version, op, body, changed_at, override_reason).
+INSERT_HISTORY = """
+INSERT INTO task_history (task_id, version, op, body, changed_at, override_reason)
+VALUES (?, ?, ?, ?, ?, ?)
+"""
+_SELECT_CURRENT = "SELECT body, version FROM tasks WHERE id = ?"
+_SELECT_WITH_STATE = f"SELECT body, {outbox.SYNC_RANK_SUBQUERY} FROM tasks WHERE id = ?"
+_DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
+_SELECT_HISTORY = """
+SELECT version, op, body, changed_at, override_reason FROM task_history
+WHERE task_id = ? ORDER BY version
+"""
+_TOP_VERSION = "SELECT coalesce(max(version), 0) FROM task_history WHERE task_id = ?"
+# An id is taken while a task has it, and for good once it had history (a deleted task).
+_ID_TAKEN = (
+    "SELECT EXISTS (SELECT 1 FROM tasks WHERE id = ?1) "
+    "OR EXISTS (SELECT 1 FROM task_history WHERE task_id = ?1)"
+)
+
+
+@attrs.frozen
+class HistoryRow:
+    """One recorded version of a task."""
+
+    version: int
+    op: str
+    body: str
+    changed_at: str
+    override_reason: str | None
+
+
+_set = object.__setattr__
+
+
+def stamp(task: Task, version: int, now: str) -> Task:
+    """Set the bookkeeping fields of a task *the caller just decoded*; returns it.
+
+    lastModified never precedes authoredOn, even for a task authored "in the future"
+    (a device with a fast clock), so the invariant lastModified >= authoredOn holds.
+    The task is fresh from decode_task and not yet shared, so it is completed in place,
+    as attrs' own __init__ does for frozen classes; attrs.evolve would copy every field
+    and cost more than the rest of the stamping together.
+    """
+    _set(task, "id", task.id or new_task_id())
+    _set(task, "version_id", str(version))
+    _set(task, "last_modified", max(now, task.authored_on))
+    return task
+
+
+def task_row(task: Task, version: int, body: str) -> tuple[object, ...]:
+    """The parameters of :data:`INSERT_TASK` for a task at ``version`` with its body."""
+    # Enum members are str subclasses: apsw binds them as their wire text.
+    period = task.execution_period
+    priority = task.priority
+    return (
+        task.id,
+        version,
+        task.status,
+        task.intent,
+        priority,
+        NO_PRIORITY_RANK if priority is None else priority.rank,
+        task.code,
+        task.patient_id,
+        task.owner_id,
+        task.requester_id,
+        task.encounter_id,
+        task.focus_id,
+        task.business_status,
+        task.authored_on,
+        task.last_modified,
+        None if period is None else period.start,
+        None if period is None else period.end,
+        body,
+    )
+
+
+def _version_of(task: Task) -> int:
+    assert task.version_id is not None, "stamp() the task first"
+    return int(task.version_id)
+
+
+def _write_row(conn: apsw.Connection, task: Task, body: str, *, exists: bool) -> None:
+    row = task_row(task, _version_of(task), body)
+    if exists:
+        conn.execute(UPDATE_TASK, (*row[1:], task.id))
+    else:
+        conn.execute(INSERT_TASK, row)
+
+
+# --- reads ----------------------------------------------------------------------------
+
+
+def current(conn: apsw.Connection, task_id: str) -> tuple[str, int] | None:
+    """The task's stored body and local version, or None if there is no such task."""
+    rows = fetch_all(conn, _SELECT_CURRENT, (task_id,))
+    if not rows:
+        return None
+    body, version = rows[0]
+    return str(body), int(version)
+
+
+def get_with_state(
+    conn: apsw.Connection, task_id: str
+) -> tuple[dict[str, Any], outbox.TaskSyncState] | None:
+    """The stored wire task and its sync state in one read, or None."""
+    rows = fetch_all(conn, _SELECT_WITH_STATE, (task_id,))
+    if not rows:
+        return None
+    body, rank = rows[0]
+    return json.loads(body), outbox.STATE_BY_RANK[rank]
+
+
+def top_version(conn: apsw.Connection, task_id: str) -> int:
+    """The highest version the task's history records (0 for an unknown id)."""
+    return int(fetch_all(conn, _TOP_VERSION, (task_id,))[0][0])
+
+
+def history(conn: apsw.Connection, task_id: str) -> list[HistoryRow]:
+    """Every recorded version of a task, oldest first (also after it was deleted)."""
+    return [
+        HistoryRow(int(v), str(op), str(body), str(at), reason)
+        for v, op, body, at, reason in fetch_all(conn, _SELECT_HISTORY, (task_id,))
+    ]
+
+
+def search_page(conn: apsw.Connection, compiled: CompiledSearch) -> tuple[list[Any], int | None]:
+    """The rows of one page (``limit + 1`` of them when there are more; each row as
+    :mod:`clinik_local.search` lays it out, body first) and the total if asked for."""
+    sql, params = page_query(compiled, lambda s, p: int(fetch_all(conn, s, p)[0][0]))
+    rows = fetch_all(conn, sql, params)
+    total = count_matching(conn, compiled) if compiled.total else None
+    return rows, total
+
+
+def count_matching(conn: apsw.Connection, compiled: CompiledSearch) -> int:
+    """How many tasks the compiled search matches."""
+    return int(fetch_all(conn, compiled.count_sql, compiled.count_params)[0][0])
+
+
+# --- local edits: task row + history row + exactly one outbox row ---------------------
+
+
+def insert_local(conn: apsw.Connection, task: Task, body: str) -> None:
+    """A new task created here (stamped at version 1). TaskExistsError if the id is taken.
+
+    An id once used by a task that was deleted stays taken: its history (and the
+    server's copy of the id) still belong to that task.
+    """
+    assert task.id is not None
+    try:
+        conn.execute(INSERT_TASK, task_row(task, 1, body))
+        conn.execute(INSERT_HISTORY, (task.id, 1, "create", body, task.last_modified, None))
+    except apsw.ConstraintError:
+        raise TaskExistsError(task.id) from None
+    outbox.enqueue(conn, task.id, "create", body, None, task.last_modified or "")
+
+
+def insert_local_many(
+    conn: apsw.Connection, tasks: Sequence[Task], bodies: Sequence[str], now: str
+) -> None:
+    """Many new tasks at once: all of them, or (TaskExistsError naming one taken id) none."""
+    rows = [task_row(t, 1, b) for t, b in zip(tasks, bodies, strict=True)]
+    # A savepoint: on a clash, undo this batch's rows before looking. Explicit, not
+    # `with conn:`: SQLITE_FULL rolls the whole transaction back, and the context
+    # manager's RELEASE would then hide StoreFullError behind "no such savepoint".
+    conn.execute("SAVEPOINT create_many")
+    try:
+        conn.executemany(INSERT_TASK, rows)
+        # Inside the savepoint too: the id of a deleted task clashes here, on its history.
+        conn.executemany(
+            INSERT_HISTORY,
+            [
+                (t.id, 1, "create", b, t.last_modified, None)
+                for t, b in zip(tasks, bodies, strict=True)
+            ],
+        )
+        conn.execute("RELEASE create_many")
+    except apsw.ConstraintError:
+        conn.execute("ROLLBACK TO create_many")
+        taken = next(t.id for t in tasks if fetch_all(conn, _ID_TAKEN, (t.id,))[0][0])
+        raise TaskExistsError(str(taken)) from None
+    outbox.enqueue_many(
+        conn,
+        [(t.id or "", "create", b, None, now) for t, b in zip(tasks, bodies, strict=True)],
+    )
+
+
+def update_local(
+    conn: apsw.Connection,
+    task: Task,
+    body: str,
+    *,
+    base_version: int,
+    changed_at: str,
+    reason: str | None = None,
+    exists: bool = True,
+) -> None:
+    """A local edit producing ``task`` (stamped at its new version) from ``base_version``.
+
+    ``exists=False`` writes the row anew (a task deleted here that the server still
+    has, brought back by a conflict resolution); its history calls that a create.
+    """
+    assert task.id is not None
+    _write_row(conn, task, body, exists=exists)
+    op = "update" if exists else "create"
+    conn.execute(INSERT_HISTORY, (task.id, _version_of(task), op, body, changed_at, reason))
+    outbox.enqueue(conn, task.id, "update", body, base_version, changed_at)
+
+
+def delete_local(conn: apsw.Connection, task_id: str, body: str, version: int, now: str) -> None:
+    """Delete a task here (``version``/``body``: what it was); history keeps the last body."""
+    conn.execute(_DELETE_TASK, (task_id,))
+    conn.execute(INSERT_HISTORY, (task_id, version + 1, "delete", body, now, None))
+    outbox.enqueue(conn, task_id, "delete", None, version, now)
+
+
+# --- server copies: task row + history row, no outbox row -----------------------------
+
+
+def write_server_copy(
+    conn: apsw.Connection, task_id: str, wire_task: Mapping[str, Any], *, now: str, reason: str
+) -> Task:
+    """Make the local task what the server said (``wire_task``, its wire form).
+
+    Stored as the next local version; the server's ``versionId``/``lastModified`` are
+    not the local ones and are dropped here (:func:`outbox.set_server_version` keeps
+    the server's version). No outbox row: nothing goes back to the server.
+    """
+    request = without_server_fields(wire_task)
+    request["id"] = task_id
+    exists = current(conn, task_id) is not None
+    task = stamp(decode_task(request), top_version(conn, task_id) + 1, now)
+    body = dumps(encode_task(task))
+    _write_row(conn, task, body, exists=exists)
+    op = "update" if exists else "create"
+    conn.execute(INSERT_HISTORY, (task_id, _version_of(task), op, body, now, reason))
+    return task
+
+
+def delete_server_copy(conn: apsw.Connection, task_id: str, *, now: str) -> bool:
+    """The server has no such task: delete the local one (if any), no outbox row."""
+    found = current(conn, task_id)
+    if found is None:
+        return False
+    conn.execute(_DELETE_TASK, (task_id,))
+    top = top_version(conn, task_id)
+    conn.execute(INSERT_HISTORY, (task_id, top + 1, "delete", found[0], now, None))
+    return True

@@ -1,0 +1,469 @@
+"""The sync engine: delivers the outbox to a remote, exactly once; scheduling and status.
+
+``sync-protocol.md`` is the contract. How this engine keeps it:
+
+- **One key per change.** Every request of an outbox row carries its ``change_id`` as
+  ``Idempotency-Key``, on every retry and after any restart, so a retry of a change
+  the server already applied (the answer was lost) is answered from the server's
+  idempotency store and applied only once.
+- **No network I/O inside a transaction.** A pass reads a batch of rows (a short read),
+  marks them ``in_flight`` (a short write), sends them *outside* any transaction over
+  ``SyncConfig.lanes`` keep-alive connections (all changes of one task in the same
+  lane, one after another), then records every answer of the batch in one short
+  write. Local writes never wait for the network. Rows still ``in_flight`` when the
+  process died are sent again, with the same key, by the next engine on the file.
+- **Per-task order, no head-of-line blocking.** Changes of one task go in the order
+  they were made; a task whose change is parked (dead letter, conflict) or backing off
+  holds back its own later changes only, never another task's.
+- **Retries fire by themselves.** The worker thread sleeps until the earliest retry is
+  due (exponential backoff with full jitter, ``Retry-After`` honoured), or until a new
+  local change or :meth:`SyncEngine.notify_online` wakes it.
+- **Versions.** The server's ``versionId``/``lastModified`` of each delivered change go
+  to ``task_sync``; the next change of that task sends ``If-Match`` with it. The first
+  change the server has never acknowledged goes as ``POST`` (a create).
+  A delete of a task the server never acknowledged is delivered without a request.
+
+The engine owns scheduling (the worker thread, backoff, lanes) and status; the parts are
+:mod:`.push` (rows through the remote, outcomes recorded), :mod:`.conflicts` (parked
+changes) and the remote itself (:mod:`clinik_local.remotes`), which maps the wire to
+typed outcomes. What each answer does follows the contract's table: 2xx delivered; 404
+on DELETE delivered; 412 a conflict (:meth:`SyncEngine.conflicts`,
+:meth:`SyncEngine.resolve`); 400/403/404/409/413/422 and any other 4xx a dead letter
+(:meth:`SyncEngine.dead_letters`, :meth:`SyncEngine.retry`, :meth:`SyncEngine.discard`);
+401 asks the token provider again and retries once, then pauses with state
+``auth_required``; 408/425/429/5xx and network failures are retried. When the service
+cannot be reached at all, the whole engine backs off (state ``offline``) instead of
+failing row after row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import threading
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Literal
+
+import attrs
+
+from .. import timestamps
+from ..errors import StorageError
+from ..remotes.base import AuthFailed, Remote, Transient, Unreachable
+from ..storage import outbox
+from ..storage.database import Database
+from ..storage.outbox import OutboxRow
+from . import conflicts as _conflicts
+from . import push
+from .config import SyncConfig
+from .conflicts import DeadLetter, SyncConflict
+
+__all__ = ["DeadLetter", "EngineState", "SyncConfig", "SyncConflict", "SyncEngine", "SyncStatus"]
+
+_log = logging.getLogger("clinik_local.sync")
+
+#: The engine's state (not a task's sync state, which is ``storage.outbox.TaskSyncState``).
+EngineState = Literal["offline", "idle", "uploading", "backoff", "auth_required", "error"]
+
+
+@attrs.frozen(kw_only=True)
+class SyncStatus:
+    """A snapshot of sync: engine state and outbox counts.
+
+    ``state``: offline (service unreachable; retrying), idle (nothing to send),
+    uploading, backoff (waiting for a retry timer), auth_required (the token was
+    refused twice; call :meth:`SyncEngine.notify_online` once the provider has a good
+    one), error (an unexpected local failure; retried). ``next_retry_at`` and
+    ``last_success_at`` are UTC instants or None.
+    """
+
+    state: EngineState
+    pending: int
+    in_flight: int
+    dead: int
+    conflicts: int
+    last_success_at: str | None
+    next_retry_at: str | None
+    last_error: str | None
+
+
+class _StopPass(Exception):
+    """The pass cannot go on (offline, auth, stopping); unsent rows go back to pending."""
+
+
+def _instant_in(seconds: float) -> str:
+    when = datetime.fromtimestamp(time.time() + max(seconds, 0.0), UTC)
+    return timestamps.format_instant(when)
+
+
+def _seconds_until(instant: str) -> float:
+    return datetime.fromisoformat(instant).timestamp() - time.time()
+
+
+class SyncEngine:
+    """``store.sync``: the background worker and the controls of sync for one store."""
+
+    def __init__(self, db: Database, config: SyncConfig) -> None:
+        self._db = db
+        self._config = config
+        self._remote: Remote = config.make_remote()
+        self._pool: ThreadPoolExecutor | None = None
+        self._rng = random.Random(config.jitter_seed)
+        self._wake = threading.Event()
+        self._pass_lock = threading.Lock()
+        self._progress = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._recovered = False
+        self._state: EngineState = "idle"
+        self._auth_paused = False
+        self._offline_attempts = 0
+        self._offline_until: float | None = None  # time.time() seconds
+        self._next_due: float | None = None  # time.time() seconds of the earliest retry
+        self._last_success_at: str | None = None
+        self._last_error: str | None = None
+        self._callbacks: list[Callable[[SyncStatus], None]] = []
+        self._last_emitted: SyncStatus | None = None
+
+    def __repr__(self) -> str:
+        return f"<SyncEngine {self._config.describe()} {self._state}>"
+
+    # --- control ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the background worker (no-op if running)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="clinik-local-sync", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the worker after the request in progress; unsent rows stay queued."""
+        self._stopping = True
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        self._thread = None
+        with self._pass_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            self._remote.close()
+        with self._progress:
+            self._progress.notify_all()
+
+    @property
+    def running(self) -> bool:
+        """Whether the background worker is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def notify_change(self) -> None:
+        """A local change committed: wake the worker (cheap; called after every write)."""
+        self._wake.set()
+
+    def notify_online(self) -> None:
+        """The network is back (or the token provider has a good token): retry now.
+
+        Cancels every backoff wait, the engine's and each change's, and lifts an
+        ``auth_required`` pause.
+        """
+        self._auth_paused = False
+        self._offline_until = None
+        self._offline_attempts = 0
+        with contextlib.suppress(StorageError), self._db.write() as conn:
+            outbox.clear_backoff(conn)
+        self._wake.set()
+
+    def run_once(self) -> SyncStatus:
+        """One pass now, on this thread: send everything deliverable that is due.
+
+        Lifts an ``auth_required`` pause and an offline wait first (the caller asked).
+        """
+        self._auth_paused = False
+        self._offline_until = None
+        with self._pass_lock:
+            self._pass()
+        self._emit()
+        return self.status()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every deliverable change is delivered: True, or False at ``timeout``.
+
+        Parked changes (dead letters, conflicts, and later changes of their tasks) do
+        not count. Without a running worker the passes run on this thread. Returns
+        False at once when sync is paused for ``auth_required``.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._deliverable() == 0:
+                return True
+            if self._auth_paused or time.monotonic() >= deadline:
+                return False
+            if self.running:
+                self._wake.set()
+                with self._progress:
+                    self._progress.wait(min(0.05, max(deadline - time.monotonic(), 0)))
+                continue
+            with self._pass_lock:
+                self._pass()
+            self._emit()
+            if self._deliverable() == 0:
+                return True
+            wait = deadline - time.monotonic()
+            due = self._wait_seconds()
+            if due is not None:
+                wait = min(wait, due)
+            if wait > 0 and not self._auth_paused:
+                self._wake.wait(wait)
+                self._wake.clear()
+
+    # --- status ------------------------------------------------------------------------------
+
+    def status(self) -> SyncStatus:
+        """Where sync stands now (one short read)."""
+        with self._db.read() as conn:
+            counts = outbox.counts_by_state(conn)
+            conflicts = outbox.conflict_count(conn)
+        state = self._state
+        if self._auth_paused:
+            state = "auth_required"
+        next_retry: str | None = None
+        due = self._offline_until if self._offline_until is not None else self._next_due
+        if due is not None and state in ("offline", "backoff"):
+            next_retry = timestamps.format_instant(datetime.fromtimestamp(due, UTC))
+        return SyncStatus(
+            state=state,
+            pending=int(counts.get("pending", 0)),
+            in_flight=int(counts.get("in_flight", 0)),
+            dead=int(counts.get("dead", 0)),
+            conflicts=int(conflicts),
+            last_success_at=self._last_success_at,
+            next_retry_at=next_retry,
+            last_error=self._last_error,
+        )
+
+    def on_status_change(self, callback: Callable[[SyncStatus], None]) -> Callable[[], None]:
+        """Call ``callback(status)`` whenever the status changes; returns an unsubscribe."""
+        self._callbacks.append(callback)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._callbacks.remove(callback)
+
+        return unsubscribe
+
+    def _emit(self) -> None:
+        with self._progress:
+            self._progress.notify_all()
+        if not self._callbacks:
+            return
+        try:
+            status = self.status()
+        except StorageError:
+            return
+        if status == self._last_emitted:
+            return
+        self._last_emitted = status
+        for callback in list(self._callbacks):
+            try:
+                callback(status)
+            except Exception:
+                _log.exception("sync status callback failed")
+
+    def _set_state(self, state: EngineState) -> None:
+        if state != self._state:
+            self._state = state
+            self._emit()
+
+    # --- dead letters and conflicts ----------------------------------------------------------
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Every parked change, oldest first, with the server's status and body."""
+        return _conflicts.dead_letters(self._db)
+
+    def retry(self, change_id: str) -> None:
+        """Send a dead letter again (e.g. after the server's data was fixed)."""
+        _conflicts.retry(self._db, change_id)
+        self._wake.set()
+
+    def discard(self, change_id: str) -> None:
+        """Drop a dead letter for good (the local task keeps its state)."""
+        _conflicts.discard(self._db, change_id)
+        self._wake.set()
+
+    def conflicts(self) -> list[SyncConflict]:
+        """Every task in conflict, with the local change and the server's current task."""
+        return _conflicts.conflicts(self._db)
+
+    def resolve(
+        self, task_id: str, keep: Literal["local", "remote"] | Mapping[str, object]
+    ) -> None:
+        """Settle a conflict; the result is based on the server's current version.
+
+        ``keep="local"``: the local task (as it is now) goes to the server as a new
+        change with ``If-Match`` = the server's version. ``keep="remote"``: the local
+        task becomes the server's version; nothing is sent. A mapping (a merged wire
+        request; ``versionId``/``lastModified`` in it are ignored) becomes the local
+        task and is sent as a new change on the server's version. Every open change
+        of the task is replaced by that one change.
+        """
+        _conflicts.resolve(self._db, task_id, keep)
+        self._wake.set()
+
+    # --- the worker --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                with self._pass_lock:
+                    if not self._stopping:
+                        self._pass()
+            except Exception as exc:  # a local failure (disk full, locked): retry later
+                _log.warning("sync pass failed: %s", type(exc).__name__)
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                self._offline_attempts += 1
+                self._offline_until = time.time() + self._backoff(self._offline_attempts)
+                self._set_state("error")
+            self._emit()
+            if self._stopping:
+                break
+            wait = None if self._auth_paused else self._wait_seconds()
+            if wait is None or wait > 0:
+                self._wake.wait(wait)
+
+    def _wait_seconds(self) -> float | None:
+        dues = [d for d in (self._offline_until, self._next_due) if d is not None]
+        if not dues:
+            return None
+        return max(min(dues) - time.time(), 0.0)
+
+    def _backoff(self, attempts: int) -> float:
+        exponent = min(max(attempts - 1, 0), 60)
+        ceiling = min(self._config.backoff_cap, self._config.backoff_base * math.pow(2, exponent))
+        return self._rng.uniform(0, ceiling)
+
+    def _deliverable(self) -> int:
+        with self._db.read() as conn:
+            return outbox.deliverable_count(conn)
+
+    def _pass(self) -> None:
+        """One pass over the outbox (caller holds the pass lock)."""
+        if self._auth_paused:
+            self._set_state("auth_required")
+            return
+        if self._offline_until is not None and self._offline_until > time.time():
+            return
+        self._offline_until = None
+        if not self._recovered:
+            with self._db.write() as conn:
+                outbox.recover_in_flight(conn)
+            self._recovered = True
+        with self._db.read() as conn:
+            blocked = outbox.parked_tasks(conn)
+        self._next_due = None
+        after = 0
+        limit = self._config.batch_size
+        try:
+            while not self._stopping:
+                now = timestamps.now()
+                with self._db.read() as conn:
+                    chunk = outbox.select_sendable(conn, after, limit)
+                if not chunk:
+                    break
+                after = chunk[-1].seq
+                batch = push.sendable(
+                    chunk, blocked, now, lambda at: self._note_due(_seconds_until(at) + time.time())
+                )
+                if batch:
+                    self._set_state("uploading")
+                    self._send_batch(batch, blocked)
+        except _StopPass:
+            return
+        if self._next_due is not None:
+            self._set_state("backoff")
+        else:
+            self._set_state("idle")
+
+    def _note_due(self, when: float) -> None:
+        if self._next_due is None or when < self._next_due:
+            self._next_due = when
+
+    def _send_batch(self, batch: list[OutboxRow], blocked: set[str]) -> None:
+        with self._db.write() as conn:
+            outbox.mark_in_flight(conn, (row.seq for row in batch))
+        halt = threading.Event()
+        lanes = self._config.lanes
+
+        def lane_of(
+            part: list[OutboxRow], lane: int
+        ) -> tuple[list[push.Sent], list[AuthFailed | Unreachable]]:
+            return push.send_lane(self._remote, part, blocked, halt, lane, lambda: self._stopping)
+
+        if lanes == 1 or len(batch) < 2 * lanes:
+            sent, stops = lane_of(batch, 0)
+        else:
+            # Each task's changes stay in one lane, in order; lanes overlap one
+            # request's round trip with another's, over their own connections.
+            parts: list[list[OutboxRow]] = [[] for _ in range(lanes)]
+            for row in batch:
+                parts[zlib.crc32(row.task_id.encode()) % lanes].append(row)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(lanes - 1, thread_name_prefix="clinik-sync-lane")
+            futures = [
+                self._pool.submit(lane_of, part, lane)
+                for lane, part in enumerate(parts[1:], start=1)
+            ]
+            sent, stops = lane_of(parts[0], 0)
+            for future in futures:
+                more_sent, more_stops = future.result()
+                sent.extend(more_sent)
+                stops.extend(more_stops)
+        for stop in stops:
+            self._stop_for(stop)
+        for item in sent:
+            if item.outcome is not None and not (
+                isinstance(item.outcome, Transient) and item.outcome.status is None
+            ):
+                self._offline_attempts = 0  # the service answered
+        self._record(sent)
+        self._emit()
+        if halt.is_set():
+            raise _StopPass()
+
+    def _stop_for(self, outcome: AuthFailed | Unreachable) -> None:
+        """The batch stopped: the service is unreachable (back off) or refused the token."""
+        if isinstance(outcome, Unreachable):
+            self._last_error = outcome.message
+            self._offline_attempts += 1
+            self._offline_until = time.time() + self._backoff(self._offline_attempts)
+            self._set_state("offline")
+        else:
+            self._auth_paused = True
+            self._last_error = outcome.message
+            self._set_state("auth_required")
+
+    def _retry_delay(self, row: OutboxRow, outcome: Transient) -> float:
+        if outcome.retry_after is not None:
+            delay = min(float(outcome.retry_after), self._config.max_retry_after)
+        else:
+            delay = self._backoff(row.attempts + 1)
+        self._note_due(time.time() + delay)
+        if not self._auth_paused:
+            self._last_error = outcome.error
+        return delay
+
+    def _record(self, sent: list[push.Sent]) -> None:
+        """Write the answers of one batch in one short transaction."""
+        now = timestamps.now()
+        with self._db.write() as conn:
+            delivered = push.record(conn, sent, now, self._retry_delay, _instant_in)
+        if delivered:
+            self._last_success_at = now

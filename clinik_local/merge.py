@@ -1,0 +1,503 @@
+"""Field-level three-way merge of local changes onto a newer server version (rebase).
+
+Pure functions over wire-form task mappings (camelCase, as :mod:`clinik_local.codec`
+writes them and as the server sends them); no I/O, imports only core modules. The
+sync engine calls :func:`rebase` when a task with undelivered local changes meets a
+newer server version: a pulled change-log item, or the ``data`` of a ``412`` answer.
+
+Terms
+-----
+*base*
+    The last server copy the local changes were made on (``None``: the task was created
+    locally and the server has never acknowledged it; it counts as the empty task).
+*server*
+    The server's new version (``None``: the server deleted the task).
+*change*
+    One undelivered local change: a *patch* (``{wire field: new value}``, ``None`` for a
+    cleared field; see :func:`patch_of`) or the :data:`DELETE` marker.
+
+Granularity: top-level wire fields
+----------------------------------
+A patch names whole top-level wire fields (:data:`MERGE_FIELDS`): ``note``,
+``ownerId``, ``status`` ... and also ``executionPeriod``, ``restriction``, ``input``,
+``output``, ``basedOn`` and ``partOf`` as whole values. This is the predictable choice:
+a conflict is always about one field a user sees as one thing, and no merge can build a
+value neither side wrote. Going finer would buy little and cost correctness: a
+``Period``'s ``start <= end`` spans its two ends (merging them separately can build a
+period that neither side had and that is invalid), and list items have no identity to
+merge by (two devices each appending an input is a conflict, shown, not a guess at an
+order). ``id``, ``versionId`` and ``lastModified`` (:data:`SERVER_MANAGED`) are never
+part of a patch: a merged task carries the server's. Fields this version of the library
+does not know (a newer server's) are never patched either: they pass through from the
+server's copy untouched, so a ``PUT`` of the merged task does not erase them.
+
+Values are compared as JSON values: an absent field, ``null`` and an empty list are the
+same (the codec omits all three); ``true`` is not ``1``; ``1`` and ``1.0`` are the same
+number; object key order does not matter, list order does.
+
+The rules, per field ``f`` (``b``, ``l``, ``s`` its base, local and server values)
+----------------------------------------------------------------------------------
+* local did not change it (``l == b``): the server's value;
+* only local changed it (``s == b``), or both changed it to the same value: ``l``;
+* both changed it to different values: a ``"field"`` conflict;
+* the local side changed ``status`` and the lifecycle forbids the server's new status
+  -> the local one (server ``cancelled``, local ``in-progress``): also a ``"lifecycle"``
+  reason (it always comes with the ``status`` field conflict; it tells a resolver that
+  keeping the local status would need an administrative override). A server status
+  change under a local edit of other fields merges (a note on a task the server
+  cancelled is kept, the task stays cancelled);
+* local update vs server delete: ``"update vs delete"``; local delete vs a server
+  version that differs from the base: ``"delete vs update"`` (the local side is
+  named first in every reason); both deleted: deleted, nothing to send;
+* a merged task that must be sent is validated with :func:`~clinik_local.codec.decode_task`
+  (its known fields and ``id``; ``versionId``/``lastModified`` are the server's and are
+  re-stamped on the next write): a failure is an ``"invalid"`` conflict carrying the
+  :class:`~clinik_local.errors.ValidationError`'s paths, never an exception. This is how
+  a server value this version refuses (a longer text than its limits, a status it does
+  not know) surfaces when a local change must be sent on top of it. A merge that equals
+  the server's task is not validated: it is a server copy, stored as the server sent it.
+
+Conflicts: the three sides come with every conflict (:class:`Conflict`), so a conflict
+record loses nothing, and the reasons are a pure function of them:
+``three_way(c.base, c.local, c.server).reasons == c.reasons`` (recompute them after any
+later local edit instead of storing them).
+
+Laws (tested): ``three_way(b, b, s)`` is ``s`` with nothing to send; ``three_way(b, l, b)``
+is ``l`` (with the base's server-managed fields); rebasing the changes one at a time
+ends where rebasing all of them at once does, whenever no step conflicts.
+
+For the sync engine (design)
+----------------------------
+*Outbox rows record the fields they set.* Add a nullable ``patch`` column (JSON object,
+``patch_of(previous local wire, new local wire)``) beside ``payload``: ``tasks.update``
+has both bodies in hand at write time (patching the local bodies, not the server copy,
+keeps unknown server fields out of patches). A create row's patch is its payload
+(``patch_of(None, payload)``); a delete row (``op = 'delete'``) is :data:`DELETE`.
+Rows written before the column existed: derive the patch from consecutive bodies
+(``patch_of(task_history body at base_version or the previous row's payload, payload)``).
+The invariant to test: on :data:`MERGE_FIELDS`, the local task equals
+``apply_patch(base, squash(pending changes))``.
+
+*Base copies.* One row per task in a server-copy table (``task_id``, ``version_id``,
+``body`` = the server's wire JSON exactly as sent, unknown fields included,
+``deleted``), replaced by every server copy: a pulled item, the ``data`` of a
+``200``/``201`` answer, the ``data`` of a ``412``. No row means ``base=None``. It
+doubles as the next ``If-Match`` (``task_sync.server_version`` today).
+
+*Feeding rebase.* When a server version arrives for a task with pending rows that are
+not in flight (a pulled item whose ``changeId`` is not one of ours; the ``data`` of a
+``412``, with the refused row and every later row of the task; ``None`` for a ``404`` on
+``PUT``), call ``rebase(base_copy, server_task, [row changes in seq order])`` and, in one
+transaction:
+
+* :class:`Merged` -> store the server copy as the new base; replace the task's pending
+  rows by one row for ``send`` (none when ``send is None``) under a NEW change id (the
+  server may have stored its 412 under the old key and would replay it), with
+  ``op``/``if_match`` from the result; write ``task`` as the local task (``None``:
+  delete it locally). Build the ``PUT`` body from ``task`` (or
+  ``apply_patch(base_copy, squash(pending))`` for later rows) so unknown server fields
+  survive a ``PUT``;
+* :class:`Conflict` -> store the new server copy as the base of the next attempt and
+  keep a conflict record with ``base``, ``server`` and the task's CURRENT local copy
+  (``result.local`` is it, computed from the changes); later local edits keep appending
+  rows and update the record's local side; the rows stay parked until resolved.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, TypeAlias
+
+import attrs
+
+from .codec import decode_task, wire_name
+from .errors import FieldError, ValidationError
+from .lifecycle import transition_problem
+from .model import Task, TaskStatus
+
+__all__ = [
+    "DELETE",
+    "DELETE_VS_UPDATE",
+    "FIELD",
+    "INVALID",
+    "LIFECYCLE",
+    "MERGE_FIELDS",
+    "SERVER_MANAGED",
+    "UPDATE_VS_DELETE",
+    "Change",
+    "Conflict",
+    "ConflictReason",
+    "Merged",
+    "Patch",
+    "ReasonKind",
+    "RebaseResult",
+    "apply_patch",
+    "patch_of",
+    "rebase",
+    "squash",
+    "three_way",
+]
+
+#: Wire fields the server assigns; never part of a patch.
+SERVER_MANAGED: frozenset[str] = frozenset({"id", "versionId", "lastModified"})
+#: Every wire field a patch may set: the model's top-level wire fields, less SERVER_MANAGED.
+MERGE_FIELDS: tuple[str, ...] = tuple(
+    sorted(
+        name
+        for name in (wire_name(a.name) for a in attrs.fields(Task))
+        if name not in SERVER_MANAGED
+    )
+)
+_MERGE_FIELD_SET = frozenset(MERGE_FIELDS)
+_VALIDATED_FIELDS = _MERGE_FIELD_SET | {"id"}
+
+
+class _Delete(enum.Enum):
+    DELETE = "delete"
+
+    def __repr__(self) -> str:
+        return "DELETE"
+
+
+#: The marker for a local change that deleted the task.
+DELETE: Literal[_Delete.DELETE] = _Delete.DELETE
+
+Patch: TypeAlias = dict[str, Any]
+"""Top-level wire field -> its new value; ``None`` means the field was cleared."""
+Change: TypeAlias = Mapping[str, Any] | Literal[_Delete.DELETE]
+"""One local change: a patch, or :data:`DELETE`."""
+
+ReasonKind: TypeAlias = Literal[
+    "field", "update vs delete", "delete vs update", "lifecycle", "invalid"
+]
+#: The same field changed on both sides to different values.
+FIELD: ReasonKind = "field"
+#: The local side updated the task; the server deleted it.
+UPDATE_VS_DELETE: ReasonKind = "update vs delete"
+#: The local side deleted the task; the server changed it since the base.
+DELETE_VS_UPDATE: ReasonKind = "delete vs update"
+#: Both changed ``status``, and the local status is not allowed from the server's.
+LIFECYCLE: ReasonKind = "lifecycle"
+#: The merged task does not validate (``paths`` says where).
+INVALID: ReasonKind = "invalid"
+
+
+@attrs.frozen(kw_only=True)
+class ConflictReason:
+    """Why a rebase could not merge, one reason per problem.
+
+    ``field`` is the wire field for ``"field"`` and ``"lifecycle"`` reasons (``None``
+    otherwise) and ``base``/``local``/``server`` its three values (``None`` = absent).
+    ``paths`` are the ValidationError's wire paths for ``"invalid"``.
+    """
+
+    kind: ReasonKind
+    message: str
+    field: str | None = None
+    base: Any = None
+    local: Any = None
+    server: Any = None
+    paths: tuple[str, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class Merged:
+    """The changes merged. Store ``task``; send ``send`` (unless ``None``).
+
+    ``task``: the merged wire task (the server's ``id``/``versionId``/``lastModified``
+    and unknown fields); ``None`` when the task ends deleted.
+    ``send``: what still has to reach the server, relative to its new version: a patch,
+    :data:`DELETE`, or ``None`` when the merge equals the server's task.
+    ``op``: the request that delivers ``send``: ``"create"`` (``POST`` the full task: the
+    server has no version of it), ``"update"`` (``PUT`` ``task`` with ``If-Match:
+    if_match``), ``"delete"`` (``DELETE`` with ``If-Match: if_match``), or ``None``.
+    """
+
+    task: dict[str, Any] | None
+    send: Patch | Literal[_Delete.DELETE] | None
+    op: Literal["create", "update", "delete"] | None
+    if_match: str | None
+
+
+@attrs.frozen(kw_only=True)
+class Conflict:
+    """The changes could not merge; nothing is lost.
+
+    ``reasons`` (at least one); ``base`` and ``server`` as given (normalised: absent,
+    ``null`` and empty-list fields dropped); ``local`` the current local task, i.e. the
+    base with every change applied (``None`` when the local side deleted it).
+    """
+
+    reasons: tuple[ConflictReason, ...]
+    base: dict[str, Any] | None
+    server: dict[str, Any] | None
+    local: dict[str, Any] | None
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The wire fields in conflict (``"field"`` reasons), in field-name order."""
+        return tuple(r.field for r in self.reasons if r.kind == FIELD and r.field is not None)
+
+
+RebaseResult: TypeAlias = Merged | Conflict
+
+
+# --- values ----------------------------------------------------------------------------
+
+
+def _absent(value: object) -> bool:
+    return value is None or (isinstance(value, list) and not value)
+
+
+def _canon(value: object) -> object:
+    """A form in which ``==`` is JSON-value equality (bools apart from numbers)."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, Mapping):
+        return {k: _canon(v) for k, v in value.items() if not _absent(v)}
+    if isinstance(value, (list, tuple)):
+        return [_canon(v) for v in value]
+    return value
+
+
+def _same(a: object, b: object) -> bool:
+    if _absent(a) or _absent(b):
+        return _absent(a) and _absent(b)
+    return _canon(a) == _canon(b)
+
+
+def _normalised(wire: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if wire is None:
+        return None
+    if not isinstance(wire, Mapping):
+        raise ValidationError.single("$", "a wire task must be a mapping", wire)
+    return {k: v for k, v in wire.items() if not _absent(v)}
+
+
+# --- patches ---------------------------------------------------------------------------
+
+
+def patch_of(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> Patch:
+    """The top-level wire fields ``after`` sets differently from ``before``.
+
+    A field ``after`` lacks (or has as ``null`` / ``[]``) maps to ``None``. Only
+    :data:`MERGE_FIELDS` count: server-managed fields and fields this version does not
+    know are ignored. ``before=None`` is the empty task, so the patch of a create is
+    every field it sets. ``apply_patch(before, patch_of(before, after))`` equals
+    ``after`` on :data:`MERGE_FIELDS`.
+    """
+    old = _normalised(before) or {}
+    new = _normalised(after) or {}
+    patch: Patch = {}
+    for name in MERGE_FIELDS:
+        if not _same(old.get(name), new.get(name)):
+            patch[name] = new.get(name)
+    return patch
+
+
+def _check_patch(change: Mapping[str, Any], where: str) -> None:
+    unknown = sorted(k for k in change if k not in _MERGE_FIELD_SET)
+    if unknown:
+        raise ValidationError(
+            [
+                FieldError(
+                    f"{where}.{key}",
+                    "is not a field a change may set",
+                    None,
+                    ", ".join(MERGE_FIELDS),
+                )
+                for key in unknown
+            ]
+        )
+
+
+def apply_patch(wire: Mapping[str, Any] | None, patch: Mapping[str, Any]) -> dict[str, Any]:
+    """``wire`` (``None``: the empty task) with ``patch`` applied; ``None`` values clear.
+
+    Refuses (ValidationError) a patch key outside :data:`MERGE_FIELDS`.
+    """
+    _check_patch(patch, "patch")
+    out = _normalised(wire) or {}
+    for name, value in patch.items():
+        if _absent(value):
+            out.pop(name, None)
+        else:
+            out[name] = value
+    return out
+
+
+def squash(changes: Sequence[Change]) -> Patch | Literal[_Delete.DELETE]:
+    """The net effect of ``changes`` in order: one patch, or :data:`DELETE`.
+
+    Later patches win field by field; a :data:`DELETE` must be the last change (a deleted
+    task's id is never used again), anything after it is a ValidationError.
+    """
+    net: Patch = {}
+    for index, change in enumerate(changes):
+        if change is DELETE:
+            if index != len(changes) - 1:
+                raise ValidationError.single(
+                    f"changes[{index + 1}]", "a change after a delete", allowed="DELETE last"
+                )
+            return DELETE
+        if not isinstance(change, Mapping):
+            raise ValidationError.single(
+                f"changes[{index}]", "is neither a patch nor DELETE", change
+            )
+        _check_patch(change, f"changes[{index}]")
+        net.update(change)
+    return net
+
+
+# --- rebase ----------------------------------------------------------------------------
+
+
+def rebase(
+    base: Mapping[str, Any] | None,
+    server: Mapping[str, Any] | None,
+    changes: Sequence[Change],
+) -> RebaseResult:
+    """Replay the undelivered local ``changes`` (made on ``base``) onto ``server``.
+
+    See the module docstring for the rules and for how the sync engine uses the result.
+    Raises only :class:`~clinik_local.errors.ValidationError`, for malformed arguments (a
+    non-mapping task, a patch key outside :data:`MERGE_FIELDS`, a change after
+    :data:`DELETE`); every problem of the merge itself is a :class:`Conflict`.
+    """
+    base_n = _normalised(base)
+    server_n = _normalised(server)
+    net = squash(changes)
+    local = None if net is DELETE else apply_patch(base_n, net)
+    return _merge(base_n, local, server_n)
+
+
+def three_way(
+    base: Mapping[str, Any] | None,
+    local: Mapping[str, Any] | None,
+    server: Mapping[str, Any] | None,
+) -> RebaseResult:
+    """Merge whole snapshots: ``local`` (``None``: deleted locally) made on ``base``.
+
+    The same as ``rebase(base, server, [patch_of(base, local)])`` (or ``[DELETE]``).
+    """
+    change: Change = DELETE if local is None else patch_of(base, local)
+    return rebase(base, server, [change])
+
+
+def _merge(
+    base: dict[str, Any] | None,
+    local: dict[str, Any] | None,
+    server: dict[str, Any] | None,
+) -> RebaseResult:
+    empty: dict[str, Any] = {}
+    before = base if base is not None else empty
+    if_match = None if server is None else _version(server)
+
+    def conflict(*reasons: ConflictReason) -> Conflict:
+        return Conflict(reasons=reasons, base=base, server=server, local=local)
+
+    if local is None:  # the local side deleted the task
+        if server is None:
+            return Merged(task=None, send=None, op=None, if_match=None)
+        if base is not None and not patch_of(base, server):
+            return Merged(task=None, send=DELETE, op="delete", if_match=if_match)
+        return conflict(
+            ConflictReason(
+                kind=DELETE_VS_UPDATE,
+                message="this device deleted the task; the server changed it since",
+            )
+        )
+
+    local_changes = patch_of(before, local)
+    if server is None:
+        if base is not None:  # the server deleted the task
+            if not local_changes:
+                return Merged(task=None, send=None, op=None, if_match=None)
+            return conflict(
+                ConflictReason(
+                    kind=UPDATE_VS_DELETE,
+                    message="this device changed "
+                    + ", ".join(local_changes)
+                    + "; the server deleted the task",
+                )
+            )
+        if not local_changes:  # never existed anywhere
+            return Merged(task=None, send=None, op=None, if_match=None)
+        problem = _invalid(local)
+        if problem is not None:
+            return conflict(problem)
+        return Merged(task=local, send=local_changes, op="create", if_match=None)
+
+    merged = dict(server)
+    reasons: list[ConflictReason] = []
+    for name, value in local_changes.items():
+        theirs = server.get(name)
+        if _same(theirs, value):
+            continue
+        if _same(theirs, before.get(name)):
+            if value is None:
+                merged.pop(name, None)
+            else:
+                merged[name] = value
+            continue
+        reasons.append(
+            ConflictReason(
+                kind=FIELD,
+                message=f"{name} was changed on this device and on the server, differently",
+                field=name,
+                base=before.get(name),
+                local=value,
+                server=theirs,
+            )
+        )
+        if name == "status":
+            why = _lifecycle_problem(theirs, value)
+            if why is not None:
+                reasons.append(
+                    ConflictReason(
+                        kind=LIFECYCLE,
+                        message=f"the server's status {theirs!r} cannot move to this "
+                        f"device's {value!r}: {why}",
+                        field=name,
+                        base=before.get(name),
+                        local=value,
+                        server=theirs,
+                    )
+                )
+    if reasons:
+        return conflict(*reasons)
+    send = patch_of(server, merged)
+    if not send:
+        return Merged(task=merged, send=None, op=None, if_match=if_match)
+    problem = _invalid(merged)
+    if problem is not None:
+        return conflict(problem)
+    return Merged(task=merged, send=send, op="update", if_match=if_match)
+
+
+def _invalid(merged: Mapping[str, Any]) -> ConflictReason | None:
+    """An ``"invalid"`` reason when the merged task fails the codec, else ``None``."""
+    try:
+        decode_task({k: v for k, v in merged.items() if k in _VALIDATED_FIELDS})
+    except ValidationError as exc:
+        return ConflictReason(
+            kind=INVALID, message=f"the merged task is not valid: {exc}", paths=exc.paths
+        )
+    return None
+
+
+def _version(server: Mapping[str, Any]) -> str | None:
+    version = server.get("versionId")
+    return version if isinstance(version, str) else None
+
+
+def _lifecycle_problem(server_status: object, local_status: object) -> str | None:
+    if not isinstance(server_status, str) or not isinstance(local_status, str):
+        return None
+    try:
+        old = TaskStatus(server_status)
+        new = TaskStatus(local_status)
+    except ValueError:  # a status this version does not know: the field conflict says it
+        return None
+    return transition_problem(old, new)

@@ -35,36 +35,55 @@ Values are compared as JSON values: an absent field, ``null`` and an empty list 
 same (the codec omits all three); ``true`` is not ``1``; ``1`` and ``1.0`` are the same
 number; object key order does not matter, list order does.
 
-The rules, per field ``f`` (``b``, ``l``, ``s`` its base, local and server values)
-----------------------------------------------------------------------------------
-* local did not change it (``l == b``): the server's value;
-* only local changed it (``s == b``), or both changed it to the same value: ``l``;
-* both changed it to different values: a ``"field"`` conflict;
-* the local side changed ``status`` and the lifecycle forbids the server's new status
-  -> the local one (server ``cancelled``, local ``in-progress``): also a ``"lifecycle"``
-  reason (it always comes with the ``status`` field conflict; it tells a resolver that
-  keeping the local status would need an administrative override). A server status
-  change under a local edit of other fields merges (a note on a task the server
-  cancelled is kept, the task stays cancelled);
-* local update vs server delete: ``"update vs delete"``; local delete vs a server
-  version that differs from the base: ``"delete vs update"`` (the local side is
-  named first in every reason); both deleted: deleted, nothing to send;
-* a merged task that must be sent is validated with :func:`~clinik_local.codec.decode_task`
-  (its known fields and ``id``; ``versionId``/``lastModified`` are the server's and are
-  re-stamped on the next write): a failure is an ``"invalid"`` conflict carrying the
-  :class:`~clinik_local.errors.ValidationError`'s paths, never an exception. This is how
-  a server value this version refuses (a longer text than its limits, a status it does
-  not know) surfaces when a local change must be sent on top of it. A merge that equals
-  the server's task is not validated: it is a server copy, stored as the server sent it.
+The rules, per field ``f``
+-------------------------
+The changes are replayed in order. For each field, its *history* on the device is the
+base's value followed by the value each change set it to (a field a change names counts
+as set, even to the value it had):
+
+* no change set ``f``: the server's value;
+* the server's value is in ``f``'s history: the device's last value. That covers "only
+  the device changed it" (the server's value is the base's), "both changed it to the
+  same value", and "the device reached the server's value and went on from there" (its
+  later edits were made on the value the server has);
+* otherwise: a ``"field"`` conflict (base, device's last and server values given).
+
+So ``three_way`` is the classic rule (``l == b``: server's; ``s == b`` or ``s == l``:
+``l``; else conflict), and replaying changes one at a time ends where replaying their
+:func:`squash` does whenever the squash merges (a squash only forgets history).
+
+The other reasons
+-----------------
+* ``"lifecycle"``: ``status`` is in conflict and the lifecycle does not allow the
+  server's status -> the device's (server ``cancelled``, device ``in-progress``). It
+  always comes with the ``status`` field conflict and tells a resolver that keeping the
+  device's status would need an administrative override. A server status change under
+  a device's edit of other fields merges (a note on a task the server cancelled is kept;
+  the task stays cancelled): the device's transition was checked against the base, and
+  it did not change the status;
+* ``"update vs delete"``: the device set any field, the server deleted the task;
+  ``"delete vs update"``: the device deleted the task, the server's version differs from
+  the base (or there is no base). The device's side is named first. Both deleted:
+  deleted, nothing to send;
+* ``"invalid"``: a merged task that must be sent is validated with
+  :func:`~clinik_local.codec.decode_task` (its known fields and ``id``; ``versionId`` and
+  ``lastModified`` are the server's, re-stamped on the next write), and a failure is
+  this conflict with the :class:`~clinik_local.errors.ValidationError`'s paths, never
+  an exception. This is how a server value this version refuses (a text longer than its
+  limits, a status it does not know) surfaces when a local change must go on top of it.
+  A merge equal to the server's task is not validated: it is a server copy, stored as
+  the server sent it.
 
 Conflicts: the three sides come with every conflict (:class:`Conflict`), so a conflict
 record loses nothing, and the reasons are a pure function of them:
-``three_way(c.base, c.local, c.server).reasons == c.reasons`` (recompute them after any
-later local edit instead of storing them).
+``three_way(c.base, c.local, c.server).reasons == c.reasons`` for a conflict of
+:func:`three_way` (so a conflict record need not store them: recompute them from its
+three sides, also after a later local edit changed its local side).
 
 Laws (tested): ``three_way(b, b, s)`` is ``s`` with nothing to send; ``three_way(b, l, b)``
 is ``l`` (with the base's server-managed fields); rebasing the changes one at a time
-ends where rebasing all of them at once does, whenever no step conflicts.
+(each onto the previous result), rebasing them together, and rebasing their squash end
+in the same task whenever the one-at-a-time replay, or the squash, merges.
 
 For the sync engine (design)
 ----------------------------
@@ -358,7 +377,7 @@ def rebase(
     server: Mapping[str, Any] | None,
     changes: Sequence[Change],
 ) -> RebaseResult:
-    """Replay the undelivered local ``changes`` (made on ``base``) onto ``server``.
+    """Replay the undelivered local ``changes`` (made on ``base``, in order) onto ``server``.
 
     See the module docstring for the rules and for how the sync engine uses the result.
     Raises only :class:`~clinik_local.errors.ValidationError`, for malformed arguments (a
@@ -369,7 +388,16 @@ def rebase(
     server_n = _normalised(server)
     net = squash(changes)
     local = None if net is DELETE else apply_patch(base_n, net)
-    return _merge(base_n, local, server_n)
+    # Every value each touched field had on the device: the base's, then each change's.
+    before: dict[str, Any] = base_n if base_n is not None else {}
+    history: dict[str, list[Any]] = {}
+    for change in changes:
+        if change is not DELETE:
+            for name, value in change.items():
+                history.setdefault(name, [before.get(name)]).append(
+                    None if _absent(value) else value
+                )
+    return _merge(base_n, local, server_n, history)
 
 
 def three_way(
@@ -389,6 +417,7 @@ def _merge(
     base: dict[str, Any] | None,
     local: dict[str, Any] | None,
     server: dict[str, Any] | None,
+    history: dict[str, list[Any]],
 ) -> RebaseResult:
     empty: dict[str, Any] = {}
     before = base if base is not None else empty
@@ -409,37 +438,38 @@ def _merge(
             )
         )
 
-    local_changes = patch_of(before, local)
     if server is None:
         if base is not None:  # the server deleted the task
-            if not local_changes:
+            if not history:
                 return Merged(task=None, send=None, op=None, if_match=None)
             return conflict(
                 ConflictReason(
                     kind=UPDATE_VS_DELETE,
                     message="this device changed "
-                    + ", ".join(local_changes)
+                    + ", ".join(sorted(history))
                     + "; the server deleted the task",
                 )
             )
-        if not local_changes:  # never existed anywhere
+        created = patch_of(None, local)
+        if not created:  # never existed anywhere
             return Merged(task=None, send=None, op=None, if_match=None)
         problem = _invalid(local)
         if problem is not None:
             return conflict(problem)
-        return Merged(task=local, send=local_changes, op="create", if_match=None)
+        return Merged(task=local, send=created, op="create", if_match=None)
 
     merged = dict(server)
     reasons: list[ConflictReason] = []
-    for name, value in local_changes.items():
+    for name in sorted(history):
         theirs = server.get(name)
-        if _same(theirs, value):
-            continue
-        if _same(theirs, before.get(name)):
-            if value is None:
+        mine = local.get(name)
+        if any(_same(theirs, seen) for seen in history[name]):
+            # The device had the server's value at some point (the base's: only the device
+            # changed it); everything it set from there on was made on that value.
+            if mine is None:
                 merged.pop(name, None)
             else:
-                merged[name] = value
+                merged[name] = mine
             continue
         reasons.append(
             ConflictReason(
@@ -447,21 +477,21 @@ def _merge(
                 message=f"{name} was changed on this device and on the server, differently",
                 field=name,
                 base=before.get(name),
-                local=value,
+                local=mine,
                 server=theirs,
             )
         )
         if name == "status":
-            why = _lifecycle_problem(theirs, value)
+            why = _lifecycle_problem(theirs, mine)
             if why is not None:
                 reasons.append(
                     ConflictReason(
                         kind=LIFECYCLE,
                         message=f"the server's status {theirs!r} cannot move to this "
-                        f"device's {value!r}: {why}",
+                        f"device's {mine!r}: {why}",
                         field=name,
                         base=before.get(name),
-                        local=value,
+                        local=mine,
                         server=theirs,
                     )
                 )

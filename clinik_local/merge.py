@@ -93,33 +93,40 @@ has both bodies in hand at write time (patching the local bodies, not the server
 keeps unknown server fields out of patches). A create row's patch is its payload
 (``patch_of(None, payload)``); a delete row (``op = 'delete'``) is :data:`DELETE`.
 Rows written before the column existed: derive the patch from consecutive bodies
-(``patch_of(task_history body at base_version or the previous row's payload, payload)``).
-The invariant to test: on :data:`MERGE_FIELDS`, the local task equals
-``apply_patch(base, squash(pending changes))``.
+(``patch_of(task_history body at base_version, or the previous row's payload, payload)``).
+Pass the rows' changes one per row, in ``seq`` order, not pre-squashed: the replay uses
+every value a field had on the device. The invariant to test: on :data:`MERGE_FIELDS`,
+the local task equals ``apply_patch(base, squash(pending changes))``.
 
 *Base copies.* One row per task in a server-copy table (``task_id``, ``version_id``,
-``body`` = the server's wire JSON exactly as sent, unknown fields included,
-``deleted``), replaced by every server copy: a pulled item, the ``data`` of a
-``200``/``201`` answer, the ``data`` of a ``412``. No row means ``base=None``. It
-doubles as the next ``If-Match`` (``task_sync.server_version`` today).
+``body`` = the server's wire JSON exactly as sent, unknown fields included, or a
+``deleted`` mark), replaced by every server copy the device accepts: a pulled item
+(one of our own ``changeId`` too: it is our change, applied), the ``data`` of a
+``200``/``201`` answer, the ``server`` of a :class:`Merged` rebase. No row:
+``base=None``. Its ``version_id`` is the next ``If-Match`` (``task_sync`` today).
+While a conflict is open the base stays where it was: the parked rows are patches on it.
 
-*Feeding rebase.* When a server version arrives for a task with pending rows that are
-not in flight (a pulled item whose ``changeId`` is not one of ours; the ``data`` of a
-``412``, with the refused row and every later row of the task; ``None`` for a ``404`` on
-``PUT``), call ``rebase(base_copy, server_task, [row changes in seq order])`` and, in one
-transaction:
+*Feeding rebase.* A server version for a task with pending rows, none in flight (a row
+in flight: wait for its answer; it will be a 2xx or a 412), comes from a pulled item
+not of our own, the ``data`` of a ``412`` (the refused row and every later row of the
+task are the changes; a 412 without a task in ``data`` is transient: ``GET /tasks/{id}``
+instead), or ``None`` for a ``404`` on ``PUT``. Call
+``rebase(base_copy, server_task, [each row's change])`` and, in one transaction:
 
-* :class:`Merged` -> store the server copy as the new base; replace the task's pending
-  rows by one row for ``send`` (none when ``send is None``) under a NEW change id (the
-  server may have stored its 412 under the old key and would replay it), with
-  ``op``/``if_match`` from the result; write ``task`` as the local task (``None``:
-  delete it locally). Build the ``PUT`` body from ``task`` (or
-  ``apply_patch(base_copy, squash(pending))`` for later rows) so unknown server fields
-  survive a ``PUT``;
-* :class:`Conflict` -> store the new server copy as the base of the next attempt and
-  keep a conflict record with ``base``, ``server`` and the task's CURRENT local copy
-  (``result.local`` is it, computed from the changes); later local edits keep appending
-  rows and update the record's local side; the rows stay parked until resolved.
+* :class:`Merged` -> the server task becomes the base copy; the task's pending rows
+  are replaced by one row for ``send`` (none when ``send is None``) under a NEW change
+  id (the server may have stored its 412 under the old key and would replay it), with
+  ``op`` and ``if_match`` from the result; ``task`` is written as the local task (the
+  store stamps its local version as for any write; ``None``: delete it locally; history
+  marks the write as a rebase). Build ``PUT`` bodies as ``task``, and for later rows
+  ``apply_patch(base_copy, squash(pending))``, so unknown server fields survive a ``PUT``;
+* :class:`Conflict` -> the rows are parked and a conflict record keeps ``base``,
+  ``server`` and ``local`` (the task's current local copy, which ``result.local``
+  equals on :data:`MERGE_FIELDS`). Later local edits append rows as usual and update
+  the record's local side (recompute its reasons with :func:`three_way`). A newer server
+  version runs ``rebase`` again from the same base and rows, replacing the record or
+  merging it away. ``resolve`` writes its result as one new row on the record's server
+  version, which becomes the base copy.
 """
 
 from __future__ import annotations

@@ -58,8 +58,8 @@ SERVER_ONLY_VALUES: list[tuple[str, object]] = [
     ("ownerId", "has space"),
     ("priority", "whenever"),
 ]
-SETTINGS = settings(max_examples=50)
-ORACLE = settings(max_examples=200)
+SETTINGS = settings(max_examples=40)
+ORACLE = settings(max_examples=150)
 
 
 # --- building triples ------------------------------------------------------------------
@@ -461,7 +461,7 @@ JSON = st.recursive(
 )
 
 
-@settings(max_examples=100)
+@settings(max_examples=60)
 @given(triples(), st.dictionaries(st.sampled_from([*FIELDS, "futureField"]), JSON, max_size=4))
 def test_any_server_body_gives_a_result_never_an_exception(
     triple: Triple, junk: dict[str, Any]
@@ -472,7 +472,7 @@ def test_any_server_body_gives_a_result_never_an_exception(
     assert isinstance(result, (Merged, Conflict))
 
 
-@settings(max_examples=100)
+@settings(max_examples=60)
 @given(st.one_of(st.none(), bases()), bases())
 def test_apply_patch_of_a_patch_gives_the_after_task(
     before: dict[str, Any] | None, after: dict[str, Any]

@@ -277,3 +277,35 @@ def set_path(request: dict[str, Any], path: str, value: object) -> dict[str, Any
                 del target[existing]
         target[last] = value
     return out
+
+
+def wire_field_values() -> dict[str, st.SearchStrategy[Any]]:
+    """A strategy per top-level wire field a local change may set (every field of the
+    model but ``id``, ``versionId`` and ``lastModified``), each drawing valid values in
+    normalised form; ids and codes come from few values, so two sides often coincide.
+    For merge properties: random field edits of ``valid_requests()``."""
+    return {
+        "status": st.sampled_from(STATUSES),
+        "intent": st.sampled_from(INTENTS),
+        "authoredOn": instants(),
+        "priority": st.sampled_from(PRIORITIES),
+        "code": st.sampled_from(["lab-order", "referral", "imaging"]),
+        "statusReason": texts(10),
+        "businessStatus": texts(10),
+        "description": texts(10),
+        "note": texts(10),
+        "reasonCode": texts(10),
+        "patientId": small_ids("pt"),
+        "ownerId": small_ids("prac"),
+        "requesterId": small_ids("req"),
+        "encounterId": small_ids("enc"),
+        "focusId": small_ids("focus"),
+        "executionPeriod": periods(),
+        "basedOn": st.lists(small_ids("order"), min_size=1, max_size=2),
+        "partOf": st.lists(small_ids("parent"), min_size=1, max_size=2),
+        "input": st.lists(input_outputs(), min_size=1, max_size=2),
+        "output": st.lists(input_outputs(), min_size=1, max_size=2),
+        "restriction": st.fixed_dictionaries(
+            {"repetitions": st.integers(1, 5)}, optional={"period": periods()}
+        ),
+    }

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clinik_local import ReferenceServer, TaskStore, to_fhir
+from tests.peers import medplum as medplum_module
 from tests.peers.fault_proxy import (
     CLINIK_ERROR_BODY,
     FORWARDED,
@@ -32,7 +34,7 @@ from tests.peers.fault_proxy import (
     Fault,
     FaultProxy,
 )
-from tests.peers.medplum import CLINIK_ID_SYSTEM, MedplumPeer, run_medplum_peer
+from tests.peers.medplum import CLINIK_ID_SYSTEM, MedplumPeer, MedplumPeerError, run_medplum_peer
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 TEST_SYSTEM = "urn:clinik-local:test"
@@ -99,6 +101,15 @@ def test_peer_reports_the_medplum_4x_engine_it_runs(
     metadata = fhir.get("/metadata").json()
     assert metadata["fhirVersion"] == "4.0.1"
     assert metadata["software"]["version"] == "4.5.2"
+
+
+def test_a_peer_not_installed_fails_naming_the_npm_ci_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(medplum_module, "PEER_DIR", tmp_path)
+    peer = run_medplum_peer()
+    with pytest.raises(MedplumPeerError, match=r"run `npm ci --prefix tests/peers/medplum`"):
+        peer.__enter__()
 
 
 def test_put_with_a_client_id_creates_the_task_under_that_id(fhir: httpx.Client) -> None:

@@ -484,6 +484,7 @@ def _limit(text: str | None, default: int) -> int:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive
+    default_request_version = "HTTP/1.0"  # a garbled request line still gets status + headers
     disable_nagle_algorithm = True  # or every keep-alive answer waits ~40 ms (delayed ACK)
     timeout = 60  # a client that stops sending mid-request frees its thread
     server: _HTTPServer

@@ -347,7 +347,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="run the reference clinik server (the sync contract) on 127.0.0.1",
         epilog="example: CLINIK_TOKEN=secret clinik-local serve --port 8080 --db server.db",
     )
-    serve.add_argument("--host", default="127.0.0.1", help="a loopback address to listen on (others are refused)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="a loopback address to listen on (others are refused)"
+    )
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--db", default=":memory:", help="the server's own SQLite file")
     serve.add_argument(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -73,8 +74,9 @@ def server_process() -> Iterator[str]:
     if SERVER_KIND == "minimal":
         command = [sys.executable, "-c", MINIMAL_SERVER]
     else:
-        command = [sys.executable, "-m", "clinik_local.server", "--port", "0", "--token", TOKEN]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        command = [sys.executable, "-m", "clinik_local.server", "--port", "0"]
+    env = {**os.environ, "CLINIK_TOKEN": TOKEN}  # the server takes its token from the env
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout is not None
         words = proc.stdout.readline().split()

@@ -170,7 +170,13 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     from .testing.server import serve_forever
 
     token = os.environ.get(args.token_env) if args.token_env else None
-    serve_forever(args.host, args.port, args.db, token)
+    if not token and args.token_file is None:
+        raise ValidationError.single(
+            "token",
+            f"set {args.token_env or 'CLINIK_TOKEN'} to the bearer token the server accepts, "
+            "or pass --token-file FILE to have a random one written there (0600)",
+        )
+    serve_forever(args.host, args.port, args.db, token, token_file=args.token_file)
     return EXIT_OK
 
 
@@ -339,14 +345,21 @@ def _build_parser() -> argparse.ArgumentParser:
         help="run the reference clinik server (the sync contract) on 127.0.0.1",
         epilog="example: CLINIK_TOKEN=secret clinik-local serve --port 8080 --db server.db",
     )
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="a loopback address to listen on (others are refused)"
+    )
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--db", default=":memory:", help="the server's own SQLite file")
     serve.add_argument(
         "--token-env",
         default="CLINIK_TOKEN",
-        help="environment variable holding the accepted bearer token (default CLINIK_TOKEN; "
-        "unset: a random token is printed)",
+        help="environment variable holding the accepted bearer token (default CLINIK_TOKEN); "
+        "the token is never printed",
+    )
+    serve.add_argument(
+        "--token-file",
+        default=None,
+        help="with the variable unset: write a random token to this file (created 0600)",
     )
     serve.set_defaults(run=_cmd_serve)
 

@@ -9,9 +9,27 @@ from __future__ import annotations
 
 import sys
 
-from .testing.server import FAULT_KINDS, FaultKind, Faults, ReferenceServer, main, serve_forever
+from .testing.server import (
+    FAULT_KINDS,
+    READ_FAULT_KINDS,
+    FaultKind,
+    Faults,
+    ReferenceServer,
+    ServerStoppedError,
+    main,
+    serve_forever,
+)
 
-__all__ = ["FAULT_KINDS", "FaultKind", "Faults", "ReferenceServer", "main", "serve_forever"]
+__all__ = [
+    "FAULT_KINDS",
+    "READ_FAULT_KINDS",
+    "FaultKind",
+    "Faults",
+    "ReferenceServer",
+    "ServerStoppedError",
+    "main",
+    "serve_forever",
+]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -47,7 +47,18 @@ PACKAGE = Path(clinik_local.__file__).resolve().parent
 #: ranks only; groups of the same rank (storage/remotes, tasks/sync) never import
 #: each other.
 RANKS = {"core": 0, "storage": 1, "remotes": 1, "tasks": 2, "sync": 2, "store": 3, "tools": 4}
-CORE = {"errors", "timestamps", "ids", "model", "lifecycle", "wire", "codec", "search", "fhir"}
+CORE = {
+    "errors",
+    "timestamps",
+    "ids",
+    "model",
+    "lifecycle",
+    "wire",
+    "codec",
+    "search",
+    "fhir",
+    "merge",
+}
 TOOLS = {"aio", "cli", "demo", "progress", "server", "pytest_plugin", "testing", ""}
 
 
@@ -404,7 +415,7 @@ def test_keep_remote_stores_a_server_copy_and_queues_nothing() -> None:
         assert got.meta["syncState"] == "synced"
         assert store.sync.status().pending == 0
         last = store.tasks.history(task.id).data[-1]
-        assert (last["op"], last["overrideReason"]) == ("update", "sync conflict")
+        assert (last.op, last.override_reason) == ("update", "sync conflict")
     assert len(remote.changes) == 2  # nothing was sent for the resolution
 
 

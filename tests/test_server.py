@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -223,11 +224,10 @@ def test_server_runs_as_its_own_process_and_persists_to_a_file(tmp_path: Any) ->
             "0",
             "--db",
             str(db),
-            "--token",
-            "t",
         ],
         stdout=subprocess.PIPE,
         text=True,
+        env={**os.environ, "CLINIK_TOKEN": "t"},
     )
     try:
         assert proc.stdout is not None

@@ -1,61 +1,115 @@
-"""The reference clinik Tasks server: the whole sync contract, on 127.0.0.1, for demos and tests.
+"""The reference clinik Tasks server: the whole sync contract, on loopback, for demos and tests.
 
-It implements ``sync-protocol.md`` (``POST``/``PUT``/``DELETE /tasks``, reads, the
-changes feed, bearer auth, ``Idempotency-Key`` replay, ``If-Match`` / ``412``,
-``409 id_conflict``) on Python's ``ThreadingHTTPServer`` with HTTP/1.1 keep-alive and
-``TCP_NODELAY``. State lives in its own SQLite database (a file, or memory) through apsw.
+It implements ``sync-protocol.md``: writes (``POST``/``PUT``/``DELETE /tasks``) with
+bearer auth, ``Idempotency-Key`` replay, ``If-Match`` / ``412`` and ``409 id_conflict``;
+reads (``GET /tasks/{id}``, ``GET /tasks`` with filters and paging); the change log
+(``GET /tasks/changes``) and bootstrap (``meta.changesCursor`` on the first ``GET /tasks``
+page). It runs on Python's ``ThreadingHTTPServer`` with HTTP/1.1 keep-alive and
+``TCP_NODELAY``, and keeps its state in its own SQLite database (a file created 0600, or
+memory) through apsw. It never imports the local store: it stands in for a remote service.
 
 Use it in-process::
 
     with ReferenceServer(token="secret") as server:
-        server.url            # "http://127.0.0.1:<free port>"
+        server.url                         # "http://127.0.0.1:<free port>/api/v1"
         server.faults.rate = 0.25          # mixed faults on a quarter of the writes
+        server.faults.read_rate = 0.25     # ... and of the reads (log pages, listings)
+        server.put_task(task)              # a write by "another client" (changeId null)
         server.applied_counts()            # how often each idempotency key was applied
 
-or as its own process: ``python -m clinik_local.server --port 8080`` (which calls
-:func:`serve_forever`). Fault injection, per test, on writes only:
+or as its own process: ``CLINIK_TOKEN=secret python -m clinik_local.server --port 8080``
+(which calls :func:`serve_forever`). It listens on loopback addresses only, and never
+prints its token: it takes it from an environment variable, or writes a random one to a
+0600 ``--token-file``.
 
-``drop_before``  close the connection without answering, nothing applied;
-``drop_after``   apply, then close the connection without answering;
+The change log. Every accepted write (create, replace, delete; by a client or through
+the test API) appends one log entry in the same transaction, so the log is in commit
+order, never shows an uncommitted write and has no gaps. An entry keeps the task as the
+write left it, the write's ``Idempotency-Key`` (its ``changeId``; null for the test
+API's writes), and the filter fields (``status``, ``priority``, ``code``, ``patientId``,
+``ownerId``, ``requesterId``) just before and just after the write: a filtered log
+includes the entry when either side matched. Entry positions are consecutive integers;
+a write's ``versionId`` is the decimal text of its position (unique across the server,
+increasing; clients must treat it as opaque). A log cursor is ``<epoch>-<position>``,
+where the epoch is random per database, so a cursor from another (reset) server
+database is answered ``410`` rather than silently skipping writes. Retention:
+``log_retention`` (default 7 days) drops entries older than that when the log is read;
+``compact_log(keep_last=n)`` drops all but the newest ``n`` now. A ``since`` before the
+oldest kept position, or from another epoch, is ``410 cursor_expired``.
+
+Fault injection, per request, set from a test through :attr:`ReferenceServer.faults`.
+Writes draw from ``rate``/``kinds``/``script``; reads (every ``GET``: log pages,
+listings, single tasks) draw separately from ``read_rate``/``read_kinds``/``read_script``
+(both off by default):
+
+``drop_before``  close the connection without answering; nothing applied;
+``drop_after``   apply (a read: compute the page), then close without answering; on the
+                 log this is a lost log page;
 ``error_5xx``    answer 503 without applying;
 ``rate_limit``   answer 429 with ``Retry-After`` (``faults.retry_after``);
 ``slow``         wait ``faults.slow_seconds``, then handle normally;
-``token_expiry`` the current token stops working (401); ``server.token`` is the new one.
+``token_expiry`` the current token stops working (401); ``server.token`` is the new one;
+``short_page``   reads only: answer a shorter page than asked (at least one item), with
+                 ``hasMore`` true (a legal answer clients must page through).
 
-``faults.reject_ids`` answers 422 to every write of those task ids. ``faults.script``
-is a list of fault kinds applied, one per write, before any random ones.
+``faults.reject_ids`` answers 422 to every write of those task ids. The scripts are
+lists of fault kinds applied, one per request, before any random ones.
+
+Bad requests get the contract's error envelope and status and the server keeps
+serving: unknown routes ``404``, wrong methods ``405``, a malformed ``Content-Length``
+``400``, a body over 1 MiB ``413``, unknown or repeated query parameters ``400``.
+Request bodies may be sent with ``Transfer-Encoding: chunked``. The id ``changes`` is
+refused at create (``422``): ``GET /tasks/changes`` is the log, so such a task could
+never be read back. An unexpected error is answered ``500 internal_error`` and kept in
+:attr:`ReferenceServer.internal_errors` for tests to check.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
+import os
 import random
+import re
 import secrets
 import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import timedelta
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Literal
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import apsw
 import attrs
 
 from .. import timestamps
 from ..codec import decode_task, encode_task
-from ..errors import ValidationError
+from ..errors import ClinikError, NotFoundError, ValidationError
 from ..ids import is_valid_id
 from ..wire import SERVER_FIELDS as _SERVER_FIELDS
 from ..wire import dumps as _dumps
 
-__all__ = ["FAULT_KINDS", "FaultKind", "Faults", "ReferenceServer", "serve_forever"]
+__all__ = [
+    "FAULT_KINDS",
+    "READ_FAULT_KINDS",
+    "FaultKind",
+    "Faults",
+    "ReferenceServer",
+    "ServerStoppedError",
+    "serve_forever",
+]
 
-FaultKind = Literal["drop_before", "drop_after", "error_5xx", "rate_limit", "slow", "token_expiry"]
+FaultKind = Literal[
+    "drop_before", "drop_after", "error_5xx", "rate_limit", "slow", "token_expiry", "short_page"
+]
 FAULT_KINDS: tuple[FaultKind, ...] = (
     "drop_before",
     "drop_after",
@@ -64,7 +118,19 @@ FAULT_KINDS: tuple[FaultKind, ...] = (
     "slow",
     "token_expiry",
 )
+READ_FAULT_KINDS: tuple[FaultKind, ...] = (
+    "drop_before",
+    "drop_after",
+    "error_5xx",
+    "rate_limit",
+    "slow",
+    "short_page",
+)
 MAX_BODY_BYTES = 1 << 20
+_DRAIN_BYTES = 8 << 20  # an over-long body up to this size is read and discarded (see 413)
+_RESERVED_IDS = frozenset({"changes"})
+_DEFAULT_RETENTION = timedelta(days=7)
+# The contract's filter names and the column each one is kept in.
 _FILTERS = {
     "patientId": "patient_id",
     "ownerId": "owner_id",
@@ -73,18 +139,28 @@ _FILTERS = {
     "priority": "priority",
     "code": "code",
 }
+_COLUMNS = tuple(_FILTERS.values())
+_CURSOR = re.compile(r"([0-9a-f]{8})-([0-9]{1,18})")
+_LIMIT = re.compile(r"[0-9]{1,4}")
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,19}")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")
 
-_SCHEMA = """
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS tasks (
     id TEXT PRIMARY KEY, version_id TEXT NOT NULL, last_modified TEXT NOT NULL,
     status TEXT, priority TEXT, code TEXT, patient_id TEXT, owner_id TEXT,
     requester_id TEXT, body TEXT NOT NULL
 ) WITHOUT ROWID;
--- changes: the feed; seq doubles as the versionId of the write (unique, increasing).
-CREATE TABLE IF NOT EXISTS changes (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, task_id TEXT NOT NULL,
-    deleted INTEGER NOT NULL, body TEXT
+-- log: one entry per accepted write, in commit order; seq is the versionId of the write.
+-- existed/b_*: the task just before the write; deleted/a_*: just after it.
+CREATE TABLE IF NOT EXISTS log (
+    seq INTEGER PRIMARY KEY, task_id TEXT NOT NULL, deleted INTEGER NOT NULL, body TEXT,
+    change_id TEXT, committed_at REAL NOT NULL, existed INTEGER NOT NULL,
+    {", ".join(f"b_{c} TEXT" for c in _COLUMNS)},
+    {", ".join(f"a_{c} TEXT" for c in _COLUMNS)}
 );
+-- meta: epoch (random per database), head (last position), floor (last dropped position).
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 -- idempotency: the stored first answer of every applied key, replayed on a retry.
 CREATE TABLE IF NOT EXISTS idempotency (
     key TEXT PRIMARY KEY, method TEXT NOT NULL, path TEXT NOT NULL,
@@ -99,9 +175,18 @@ CREATE TABLE IF NOT EXISTS applied_log (
 """
 
 
+class ServerStoppedError(ClinikError, RuntimeError):
+    """The reference server was stopped; its database is closed."""
+
+
 @attrs.define
 class Faults:
-    """What goes wrong, per write request (mutable; set it from a test)."""
+    """What goes wrong, per request (mutable; set it from a test).
+
+    Writes draw from ``rate``/``kinds``/``script``, reads from
+    ``read_rate``/``read_kinds``/``read_script``; ``injected`` and ``injected_reads``
+    count what was drawn.
+    """
 
     rate: float = 0.0
     kinds: tuple[FaultKind, ...] = FAULT_KINDS
@@ -111,27 +196,53 @@ class Faults:
     slow_seconds: float = 0.05
     seed: int = 0
     injected: dict[str, int] = attrs.field(factory=dict)
+    read_rate: float = 0.0
+    read_kinds: tuple[FaultKind, ...] = READ_FAULT_KINDS
+    read_script: list[FaultKind] = attrs.field(factory=list)
+    injected_reads: dict[str, int] = attrs.field(factory=dict)
     _rng: random.Random = attrs.field(init=False, factory=random.Random)
+    _read_rng: random.Random = attrs.field(init=False, factory=random.Random)
 
     def __attrs_post_init__(self) -> None:
-        self._rng.seed(self.seed)
+        self.reseed(self.seed)
 
     def reseed(self, seed: int) -> None:
-        """Restart the random fault sequence from ``seed``."""
+        """Restart the random fault sequences (writes and reads) from ``seed``."""
         self.seed = seed
         self._rng.seed(seed)
+        self._read_rng.seed(seed + 1)
 
     def draw(self) -> FaultKind | None:
         """The fault for the next write, if any (scripted first, then random)."""
-        if self.script:
-            kind: FaultKind | None = self.script.pop(0)
-        elif self.rate > 0 and self.kinds and self._rng.random() < self.rate:
-            kind = self._rng.choice(self.kinds)
-        else:
-            kind = None
-        if kind is not None:
-            self.injected[kind] = self.injected.get(kind, 0) + 1
-        return kind
+        return _draw(self.script, self.rate, self.kinds, self._rng, self.injected)
+
+    def draw_read(self) -> FaultKind | None:
+        """The fault for the next read, if any (scripted first, then random)."""
+        return _draw(
+            self.read_script, self.read_rate, self.read_kinds, self._read_rng, self.injected_reads
+        )
+
+    def short_length(self, length: int) -> int:
+        """How many of ``length`` items a ``short_page`` answer keeps (1 .. length-1)."""
+        return self._read_rng.randint(1, length - 1) if length > 1 else length
+
+
+def _draw(
+    script: list[FaultKind],
+    rate: float,
+    kinds: tuple[FaultKind, ...],
+    rng: random.Random,
+    counts: dict[str, int],
+) -> FaultKind | None:
+    if script:
+        kind: FaultKind | None = script.pop(0)
+    elif rate > 0 and kinds and rng.random() < rate:
+        kind = rng.choice(kinds)
+    else:
+        kind = None
+    if kind is not None:
+        counts[kind] = counts.get(kind, 0) + 1
+    return kind
 
 
 class _Answer(Exception):
@@ -145,6 +256,7 @@ class _Answer(Exception):
         field: str | None = None,
         data: object = None,
         headers: dict[str, str] | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         error: dict[str, object] = {"code": code, "message": message}
@@ -155,33 +267,70 @@ class _Answer(Exception):
         if data is not None:
             self.envelope["data"] = data
         self.headers = headers or {}
+        self.close = close  # the request's framing is unknown: answer, then close
+
+    def as_validation_error(self) -> ValidationError:
+        """The same refusal as the library's own error (for the in-process test API)."""
+        error = self.envelope["error"]
+        assert isinstance(error, dict)
+        return ValidationError.single(str(error.get("field") or "task"), str(error["message"]))
 
 
-def fetch_all(
-    conn: apsw.Connection, sql: str, params: tuple[object, ...] = ()
+class _Hangup(Exception):
+    """The client went away mid-request: close without answering."""
+
+
+def _fetch_all(
+    conn: apsw.Connection, sql: str, params: Sequence[object] = ()
 ) -> list[tuple[Any, ...]]:
-    """Run one statement and drain it. The server's own helper: it stands in for the
-    remote service and shares no storage code with the local store."""
-    rows: list[tuple[Any, ...]] = conn.execute(sql, params).fetchall()
+    """Run one statement and drain it (rows typed loosely for callers)."""
+    rows: list[tuple[Any, ...]] = conn.execute(sql, tuple(params)).fetchall()
     return rows
 
 
+def _create_private(path: str) -> None:
+    """Create ``path`` 0600 if it does not exist (SQLite gives its -wal/-shm the same mode)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+
+
 class _State:
-    """The server's data, behind one lock (one SQLite connection)."""
+    """The server's data, behind one lock (one SQLite connection).
+
+    Every read and write takes the lock, and a write holds it until its COMMIT: a
+    reader never sees an uncommitted write, and log positions follow commit order.
+    """
 
     def __init__(self, db: str) -> None:
         self.lock = threading.Lock()
+        self.closed = False
+        if db not in ("", ":memory:") and not db.startswith("file:"):
+            _create_private(db)
         self.conn = apsw.Connection(db)
         self.conn.set_busy_timeout(5000)
         if db != ":memory:":
             self.conn.pragma("journal_mode", "wal")
             self.conn.pragma("synchronous", "normal")
-        self.conn.execute(_SCHEMA)
+        with self.transaction("BEGIN IMMEDIATE") as conn:
+            old_layout = bool(_fetch_all(conn, "SELECT 1 FROM sqlite_schema WHERE name='changes'"))
+            conn.execute(_SCHEMA)
+            if not _fetch_all(conn, "SELECT 1 FROM meta WHERE key = 'epoch'"):
+                conn.execute(
+                    "INSERT INTO meta VALUES ('epoch', ?), ('head', '0'), ('floor', '0')",
+                    (secrets.token_hex(4),),
+                )
+            if old_layout:
+                _migrate_changes(conn)
+            meta = dict(_fetch_all(conn, "SELECT key, value FROM meta"))
+        self.epoch = str(meta["epoch"])
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[apsw.Connection]:
+    def transaction(self, begin: str = "BEGIN") -> Iterator[apsw.Connection]:
+        """One transaction under the lock (``BEGIN IMMEDIATE`` for writes)."""
         with self.lock:
-            self.conn.execute("BEGIN IMMEDIATE")
+            if self.closed:
+                raise ServerStoppedError("the reference server is stopped; its database is closed")
+            self.conn.execute(begin)
             try:
                 yield self.conn
             except BaseException:
@@ -189,16 +338,73 @@ class _State:
                 raise
             self.conn.execute("COMMIT")
 
+    def write(self) -> contextlib.AbstractContextManager[apsw.Connection]:
+        return self.transaction("BEGIN IMMEDIATE")
+
     def rows(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        with self.transaction() as conn:
+            return _fetch_all(conn, sql, params)
+
+    def close(self) -> None:
         with self.lock:
-            return fetch_all(self.conn, sql, tuple(params))
+            if not self.closed:
+                self.closed = True
+                self.conn.close()
+
+
+def _migrate_changes(conn: apsw.Connection) -> None:
+    """Rebuild the log from an older server database's ``changes`` table, then drop it."""
+    previous: dict[str, tuple[Any, ...]] = {}
+    head = 0
+    for seq, task_id, deleted, body in _fetch_all(
+        conn, "SELECT seq, task_id, deleted, body FROM changes ORDER BY seq"
+    ):
+        after = None if deleted or body is None else _filter_values(json.loads(body))
+        before = previous.pop(task_id, None)
+        _insert_entry(conn, int(seq), task_id, None if after is None else body, None, before, after)
+        if after is not None:
+            previous[task_id] = after
+        head = int(seq)
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'head'", (str(head),))
+    conn.execute("DROP TABLE changes")
+
+
+def _filter_values(task: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The task's filter fields, in ``_COLUMNS`` order."""
+    return tuple(task.get(name) for name in _FILTERS)
+
+
+def _insert_entry(
+    conn: apsw.Connection,
+    seq: int,
+    task_id: str,
+    body: str | None,
+    change_id: str | None,
+    before: tuple[Any, ...] | None,
+    after: tuple[Any, ...] | None,
+) -> None:
+    empty = (None,) * len(_COLUMNS)
+    conn.execute(
+        f"INSERT INTO log VALUES ({','.join('?' * (7 + 2 * len(_COLUMNS)))})",
+        (
+            seq,
+            task_id,
+            int(after is None),
+            body,
+            change_id,
+            time.time(),
+            int(before is not None),
+            *(before or empty),
+            *(after or empty),
+        ),
+    )
 
 
 def _decode_body(raw: bytes, task_id: str | None) -> dict[str, Any]:
     """Validate a task body the way the real service does (400 / 422)."""
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise _Answer(400, "bad_request", "the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise _Answer(400, "bad_request", "the body must be a JSON object")
@@ -208,8 +414,7 @@ def _decode_body(raw: bytes, task_id: str | None) -> dict[str, Any]:
         if body.get("id", task_id) != task_id:
             raise _Answer(422, "validation_error", "id does not match the path", "id")
         body["id"] = task_id
-    if not isinstance(body.get("id"), str) or not is_valid_id(body["id"]):
-        raise _Answer(422, "validation_error", "id is missing or malformed", "id")
+    _check_id(body.get("id"))
     try:
         task = decode_task(body)
     except ValidationError as exc:
@@ -218,9 +423,67 @@ def _decode_body(raw: bytes, task_id: str | None) -> dict[str, Any]:
     return encode_task(task)
 
 
+def _check_id(value: object) -> str:
+    if not isinstance(value, str) or not is_valid_id(value):
+        raise _Answer(422, "validation_error", "id is missing or malformed", "id")
+    if value in _RESERVED_IDS:
+        raise _Answer(
+            422,
+            "validation_error",
+            f"the id {value!r} is reserved: GET /tasks/{value} is the change log",
+            "id",
+        )
+    return value
+
+
+def _parse_query(text: str, allowed: Sequence[str]) -> dict[str, str]:
+    """The query string as one value per name; unknown or repeated names are a 400."""
+    try:
+        pairs = parse_qsl(text, keep_blank_values=True, max_num_fields=64)
+    except ValueError:
+        raise _Answer(400, "bad_request", "too many query parameters") from None
+    query: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in allowed:
+            raise _Answer(
+                400,
+                "bad_request",
+                f"unknown query parameter {name!r}; allowed: {', '.join(allowed)}",
+                name,
+            )
+        if name in query:
+            raise _Answer(400, "bad_request", f"{name} is given twice", name)
+        query[name] = value
+    return query
+
+
+def _filter_clauses(query: Mapping[str, str], prefix: str) -> tuple[list[str], list[object]]:
+    """SQL for the contract's filters on columns named ``prefix + column``."""
+    clauses: list[str] = []
+    params: list[object] = []
+    for name, column in _FILTERS.items():
+        if name in query:
+            values = [v for v in query[name].split(",") if v]
+            if not values:
+                raise _Answer(400, "bad_request", f"{name} needs at least one value", name)
+            clauses.append(f"{prefix}{column} IN ({','.join('?' * len(values))})")
+            params.extend(values)
+    return clauses, params
+
+
+def _limit(text: str | None, default: int) -> int:
+    if text is None:
+        return default
+    if not _LIMIT.fullmatch(text) or not 1 <= int(text) <= 1000:
+        raise _Answer(400, "bad_request", "limit must be a whole number 1-1000", "limit")
+    return int(text)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive
+    default_request_version = "HTTP/1.0"  # a garbled request line still gets status + headers
     disable_nagle_algorithm = True  # or every keep-alive answer waits ~40 ms (delayed ACK)
+    timeout = 60  # a client that stops sending mid-request frees its thread
     server: _HTTPServer
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet: tests, no token leaks
@@ -235,8 +498,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(payload)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(payload)
+        if getattr(self, "command", "") != "HEAD":
+            self.wfile.write(payload)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (bad request line, huge headers): as an envelope."""
+        self.close_connection = True
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "error"
+        names = {501: "not_implemented", 414: "uri_too_long", 431: "headers_too_large"}
+        error = {"code": names.get(code, "bad_request"), "message": message or phrase}
+        self._send(code, {"error": error})
 
     def _drop(self) -> None:
         self.close_connection = True
@@ -244,11 +521,121 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
 
     def _read_body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
+        """The request body, framed by Content-Length or chunked; 400/411/413/501 otherwise."""
+        lengths = self.headers.get_all("Content-Length") or []
+        codings = [
+            c.strip().lower()
+            for value in self.headers.get_all("Transfer-Encoding") or []
+            for c in value.split(",")
+        ]
+        if codings:
+            if lengths:
+                raise _Answer(
+                    400,
+                    "bad_request",
+                    "Content-Length and Transfer-Encoding together are refused",
+                    close=True,
+                )
+            if codings != ["chunked"]:
+                raise _Answer(
+                    501,
+                    "not_implemented",
+                    "only Transfer-Encoding: chunked is supported",
+                    close=True,
+                )
+            return self._read_chunked()
+        if not lengths:
+            return b""
+        text = lengths[0].strip()
+        if len({v.strip() for v in lengths}) != 1 or not _CONTENT_LENGTH.fullmatch(text):
+            raise _Answer(
+                400, "bad_request", "Content-Length must be one whole number of bytes", close=True
+            )
+        length = int(text)
         if length > MAX_BODY_BYTES:
-            self.close_connection = True
+            if length <= _DRAIN_BYTES:  # read it away, so the client reads our answer
+                self._discard(length)
+            raise _Answer(
+                413,
+                "too_large",
+                f"the body is over {MAX_BODY_BYTES} bytes",
+                close=length > _DRAIN_BYTES,
+            )
+        data = self.rfile.read(length) if length else b""
+        if len(data) < length:
+            raise _Hangup
+        return data
+
+    def _discard(self, length: int) -> None:
+        while length > 0:
+            chunk = self.rfile.read(min(length, 1 << 16))
+            if not chunk:
+                raise _Hangup
+            length -= len(chunk)
+
+    def _read_chunked(self) -> bytes:
+        body = bytearray()
+        total = 0
+        while True:
+            line = self.rfile.readline(1024)
+            if not line:
+                raise _Hangup
+            size_text = line.split(b";", 1)[0].strip()
+            if not line.endswith(b"\n") or not _CHUNK_SIZE.fullmatch(size_text):
+                raise _Answer(400, "bad_request", "malformed chunked body", close=True)
+            size = int(size_text, 16)
+            if size == 0:
+                break
+            total += size
+            if total > _DRAIN_BYTES:
+                raise _Answer(
+                    413, "too_large", f"the body is over {MAX_BODY_BYTES} bytes", close=True
+                )
+            if total > MAX_BODY_BYTES:
+                self._discard(size)
+            else:
+                chunk = self.rfile.read(size)
+                if len(chunk) < size:
+                    raise _Hangup
+                body += chunk
+            if self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                raise _Answer(400, "bad_request", "malformed chunked body", close=True)
+        for _ in range(64):  # trailer fields, ignored, up to the blank line
+            line = self.rfile.readline(8192)
+            if not line:
+                raise _Hangup
+            if line in (b"\r\n", b"\n"):
+                break
+        else:
+            raise _Answer(400, "bad_request", "too many trailer fields", close=True)
+        if total > MAX_BODY_BYTES:
             raise _Answer(413, "too_large", f"the body is over {MAX_BODY_BYTES} bytes")
-        return self.rfile.read(length) if length else b""
+        return bytes(body)
+
+    def _route(self, method: str) -> tuple[str, str | None]:
+        """(route, task id): route is "collection", "log" or "item"; 404/405 otherwise."""
+        path = urlsplit(self.path).path
+        base = self.server.owner.base_path
+        if not path.startswith(base + "/"):
+            raise _Answer(404, "not_found", "no such endpoint")
+        segments = path[len(base) + 1 :].removesuffix("/").split("/")
+        allowed: tuple[str, ...]
+        if segments == ["tasks"]:
+            route, task_id, allowed = "collection", None, ("GET", "POST")
+        elif segments == ["tasks", "changes"]:
+            route, task_id, allowed = "log", None, ("GET",)
+        elif len(segments) == 2 and segments[0] == "tasks" and segments[1]:
+            route, task_id, allowed = "item", segments[1], ("GET", "PUT", "DELETE")
+        else:
+            raise _Answer(404, "not_found", "no such endpoint")
+        if method not in allowed:
+            raise _Answer(
+                405,
+                "method_not_allowed",
+                f"{method} is not allowed here; allowed: {', '.join(allowed)}",
+                headers={"Allow": ", ".join(allowed)},
+            )
+        return route, task_id
 
     def _dispatch(self, method: str) -> None:
         owner = self.server.owner
@@ -256,40 +643,36 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             raw = self._read_body()
             owner.check_auth(self.headers.get("Authorization"))
-            parts = urlsplit(self.path)
-            path = parts.path.rstrip("/")
-            base = owner.base_path
-            if not path.startswith(base + "/tasks") and path != base + "/tasks":
-                raise _Answer(404, "not_found", "no such endpoint")
-            rest = path[len(base) + len("/tasks") :]
-            query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+            route, task_id = self._route(method)
             if method == "GET":
-                if rest == "":
-                    self._send(200, owner.search(query))
-                elif rest == "/changes":
-                    self._send(200, owner.changes(query))
-                else:
-                    self._send(200, {"data": owner.get(rest[1:]), "meta": {}})
-                return
-            task_id = rest[1:] if rest.startswith("/") else None
-            if (method == "POST") != (task_id is None):
-                raise _Answer(405, "method_not_allowed", f"{method} is not allowed here")
-            self._write(method, task_id, raw)
+                self._read(route, task_id)
+            else:
+                self._write(method, task_id, raw)
         except _Answer as answer:
+            if answer.close:
+                self.close_connection = True
             self._send(answer.status, answer.envelope, answer.headers)
+        except _Hangup:
+            self.close_connection = True
+        except ServerStoppedError:
+            self.close_connection = True
+            self._send(503, {"error": {"code": "unavailable", "message": "the server is stopping"}})
+        except OSError:  # the client went away or stopped sending (socket timeout)
+            self.close_connection = True
+        except Exception:
+            owner.internal_errors.append(traceback.format_exc())
+            self.close_connection = True
+            self._send(500, {"error": {"code": "internal_error", "message": "internal error"}})
 
-    def _write(self, method: str, task_id: str | None, raw: bytes) -> None:
+    def _injected(self, fault: FaultKind | None) -> bool:
+        """Act on the faults that happen before handling; True when the request is done."""
         owner = self.server.owner
-        key = self.headers.get("Idempotency-Key")
-        if not key:
-            raise _Answer(400, "missing_idempotency_key", "writes need an Idempotency-Key")
-        fault = owner.faults_draw()
         if fault == "token_expiry":
             owner.expire_token()
             raise _Answer(401, "unauthorized", "the token has expired")
         if fault == "drop_before":
             self._drop()
-            return
+            return True
         if fault == "error_5xx":
             raise _Answer(503, "unavailable", "injected server error")
         if fault == "rate_limit":
@@ -301,6 +684,41 @@ class _Handler(BaseHTTPRequestHandler):
             )
         if fault == "slow":
             time.sleep(owner.faults.slow_seconds)
+        return False
+
+    def _read(self, route: str, task_id: str | None) -> None:
+        owner = self.server.owner
+        query = urlsplit(self.path).query
+        if route == "collection":
+            parsed = _parse_query(query, (*_FILTERS, "limit", "cursor"))
+        elif route == "log":
+            parsed = _parse_query(query, (*_FILTERS, "limit", "since"))
+        else:
+            parsed = _parse_query(query, ())
+        fault = owner.faults_draw(read=True)
+        if self._injected(fault):
+            return
+        short = fault == "short_page"
+        if route == "collection":
+            envelope: dict[str, object] = owner.search(parsed, short_page=short)
+        elif route == "log":
+            envelope = owner.changes(parsed, short_page=short)
+        else:
+            assert task_id is not None
+            envelope = {"data": owner.get(task_id), "meta": {}}
+        if fault == "drop_after":
+            self._drop()
+            return
+        self._send(200, envelope)
+
+    def _write(self, method: str, task_id: str | None, raw: bytes) -> None:
+        owner = self.server.owner
+        key = self.headers.get("Idempotency-Key")
+        if not key:
+            raise _Answer(400, "missing_idempotency_key", "writes need an Idempotency-Key")
+        fault = owner.faults_draw(read=False)
+        if self._injected(fault):
+            return
         if_match = self.headers.get("If-Match")
         status, envelope = owner.apply(method, task_id, raw, key, if_match)
         if fault == "drop_after":
@@ -320,6 +738,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._dispatch("DELETE")
 
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
@@ -329,17 +750,40 @@ class _HTTPServer(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that went away mid-answer (killed, timed out) is normal here.
-        if isinstance(sys.exc_info()[1], ConnectionError):
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             return
         super().handle_error(request, client_address)
 
 
+class _HTTPServer6(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
+def _check_loopback(host: str) -> None:
+    if host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValidationError.single(
+            "host",
+            "the reference server listens on loopback only",
+            host,
+            allowed="127.0.0.1 (any 127.0.0.0/8 address), ::1 or localhost",
+        )
+
+
 class ReferenceServer:
-    """A real HTTP server implementing the sync contract, on ``host`` (127.0.0.1).
+    """A real HTTP server implementing the sync contract, on a loopback ``host``.
 
     ``port=0`` picks a free port; :attr:`url` is the base URL to configure a client
-    with. ``db`` is a SQLite file, or ``":memory:"``. ``token`` is the bearer token
-    it accepts (``None``: a random one; read :attr:`token`).
+    with. ``db`` is a SQLite file (created 0600), or ``":memory:"``. ``token`` is the
+    bearer token it accepts (``None``: a random one; read :attr:`token`).
+    ``log_retention`` is how long the change log keeps entries (a ``timedelta`` or
+    seconds; ``None``: forever). A non-loopback ``host``, or a port out of range or in
+    use, is a :class:`~clinik_local.errors.ValidationError` naming it.
     """
 
     def __init__(
@@ -351,18 +795,36 @@ class ReferenceServer:
         token: str | None = None,
         base_path: str = "/api/v1",
         faults: Faults | None = None,
+        log_retention: timedelta | float | None = _DEFAULT_RETENTION,
     ) -> None:
+        _check_loopback(host)
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValidationError.single("port", "not a TCP port", port, allowed="0-65535")
         self.host = host
         self.base_path = base_path.rstrip("/")
         self.faults = faults if faults is not None else Faults()
-        self._state = _State(db)
+        if isinstance(log_retention, timedelta):
+            log_retention = log_retention.total_seconds()
+        self.log_retention: float | None = log_retention
+        self.internal_errors: list[str] = []
         self._token = token if token is not None else secrets.token_urlsafe(16)
         self._token_lock = threading.Lock()
         self._faults_lock = threading.Lock()
         self._requests = 0
-        self._httpd = _HTTPServer((host, port), _Handler)
+        server_class = _HTTPServer6 if ":" in host else _HTTPServer
+        try:
+            self._httpd = server_class((host, port), _Handler)
+        except OSError as exc:
+            raise ValidationError.single(
+                "port", f"cannot listen on {host} port {port}: {exc.strerror or exc}"
+            ) from None
         self._httpd.owner = self
         self.port: int = self._httpd.server_address[1]
+        try:
+            self._state = _State(db)
+        except BaseException:
+            self._httpd.server_close()
+            raise
         self._thread: threading.Thread | None = None
 
     # --- running -----------------------------------------------------------------------
@@ -370,10 +832,13 @@ class ReferenceServer:
     @property
     def url(self) -> str:
         """The base URL of the API, e.g. ``http://127.0.0.1:54321/api/v1``."""
-        return f"http://{self.host}:{self.port}{self.base_path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}{self.base_path}"
 
     def start(self) -> ReferenceServer:
         """Serve on a background thread; returns self."""
+        if self._state.closed:
+            raise ServerStoppedError("a stopped reference server cannot start again")
         if self._thread is None:
             self._thread = threading.Thread(
                 target=self._httpd.serve_forever,
@@ -389,14 +854,13 @@ class ReferenceServer:
         self._httpd.serve_forever(poll_interval=0.2)
 
     def stop(self) -> None:
-        """Stop serving and close the socket and the database."""
+        """Stop serving and close the socket and the database (twice is harmless)."""
         if self._thread is not None:
             self._httpd.shutdown()
             self._thread.join()
             self._thread = None
         self._httpd.server_close()
-        with self._state.lock:
-            self._state.conn.close()
+        self._state.close()
 
     def __enter__(self) -> ReferenceServer:
         return self.start()
@@ -428,9 +892,12 @@ class ReferenceServer:
         if header is None or not secrets.compare_digest(header.encode(), expected.encode()):
             raise _Answer(401, "unauthorized", "missing, expired or revoked token")
 
-    def faults_draw(self) -> FaultKind | None:
+    def faults_draw(self, *, read: bool = False) -> FaultKind | None:
         with self._faults_lock:
-            return self.faults.draw()
+            kind = self.faults.draw_read() if read else self.faults.draw()
+        if kind == "short_page" and not read:
+            return None
+        return kind
 
     def count_request(self) -> None:
         with self._faults_lock:
@@ -459,7 +926,7 @@ class ReferenceServer:
             )
         expected = None if if_match is None else if_match.strip().removeprefix("W/").strip('"')
         with self._state.write() as conn:
-            stored = fetch_all(
+            stored = _fetch_all(
                 conn, "SELECT method, path, status, body FROM idempotency WHERE key = ?", (key,)
             )
             if stored:
@@ -475,7 +942,7 @@ class ReferenceServer:
                     )
                 return int(s_status), str(s_body)
             try:
-                status, envelope = self._apply(conn, method, target, body, expected)
+                status, envelope = self._apply(conn, method, target, body, expected, key)
             except _Answer as answer:
                 return answer.status, _dumps(answer.envelope)
             text = _dumps(envelope)
@@ -497,9 +964,11 @@ class ReferenceServer:
         task_id: str,
         body: dict[str, Any] | None,
         expected: str | None,
+        change_id: str | None,
     ) -> tuple[int, dict[str, object]]:
-        rows = fetch_all(conn, "SELECT version_id, body FROM tasks WHERE id = ?", (task_id,))
-        current = json.loads(rows[0][1]) if rows else None
+        """One write inside the caller's transaction, with its log entry."""
+        rows = _fetch_all(conn, "SELECT body FROM tasks WHERE id = ?", (task_id,))
+        current: dict[str, Any] | None = json.loads(rows[0][0]) if rows else None
         if method == "POST":
             if current is not None:
                 raise _Answer(409, "id_conflict", f"a task with id {task_id!r} exists", "id")
@@ -509,31 +978,22 @@ class ReferenceServer:
             raise _Answer(
                 412, "version_conflict", "the task changed since that version", data=current
             )
+        seq = int(_fetch_all(conn, "SELECT value FROM meta WHERE key = 'head'")[0][0]) + 1
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'head'", (str(seq),))
+        before = None if current is None else _filter_values(current)
         if method == "DELETE":
             conn.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
-            conn.execute("INSERT INTO changes (task_id, deleted) VALUES (?, 1)", (task_id,))
+            _insert_entry(conn, seq, task_id, None, change_id, before, None)
             return 200, {"data": {"id": task_id, "deleted": True}, "meta": {}}
         assert body is not None
-        conn.execute("INSERT INTO changes (task_id, deleted) VALUES (?, 0)", (task_id,))
-        seq = conn.last_insert_rowid()
         task = {**body, "versionId": str(seq), "lastModified": timestamps.now()}
         text = _dumps(task)
-        conn.execute("UPDATE changes SET body = ? WHERE seq = ?", (text, seq))
+        after = _filter_values(task)
+        _insert_entry(conn, seq, task_id, text, change_id, before, after)
         conn.execute(
-            "INSERT OR REPLACE INTO tasks (id, version_id, last_modified, status, priority, "
-            "code, patient_id, owner_id, requester_id, body) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (
-                task_id,
-                task["versionId"],
-                task["lastModified"],
-                task.get("status"),
-                task.get("priority"),
-                task.get("code"),
-                task.get("patientId"),
-                task.get("ownerId"),
-                task.get("requesterId"),
-                text,
-            ),
+            f"INSERT OR REPLACE INTO tasks (id, version_id, last_modified, {', '.join(_COLUMNS)}, "
+            "body) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (task_id, task["versionId"], task["lastModified"], *after, text),
         )
         return (201 if method == "POST" else 200), {"data": task, "meta": {}}
 
@@ -546,50 +1006,112 @@ class ReferenceServer:
         result: dict[str, Any] = json.loads(rows[0][0])
         return result
 
-    def search(self, query: dict[str, str]) -> dict[str, object]:
-        clauses: list[str] = []
-        params: list[object] = []
-        for name, column in _FILTERS.items():
-            if name in query:
-                values = [v for v in query[name].split(",") if v]
-                clauses.append(f"{column} IN ({','.join('?' * len(values))})")
-                params.extend(values)
+    def search(self, query: Mapping[str, str], *, short_page: bool = False) -> dict[str, object]:
+        """One page of ``GET /tasks`` (the first page also carries ``changesCursor``)."""
+        clauses, params = _filter_clauses(query, "")
         limit = _limit(query.get("limit"), 20)
-        if query.get("cursor"):
+        first = not query.get("cursor")
+        if not first:
+            if not is_valid_id(query["cursor"]):
+                raise _Answer(400, "bad_request", "cursor must be a nextCursor of /tasks", "cursor")
             clauses.append("id > ?")
             params.append(query["cursor"])
         where = " AND ".join(clauses) or "1"
-        rows = self._state.rows(
-            f"SELECT id, body FROM tasks WHERE {where} ORDER BY id LIMIT ?", [*params, limit + 1]
-        )
+        # The page and the log position in one read transaction: writes after this
+        # position are exactly those the page may not show.
+        with self._state.transaction() as conn:
+            head = self._head(conn)
+            rows = _fetch_all(
+                conn,
+                f"SELECT id, body FROM tasks WHERE {where} ORDER BY id LIMIT ?",
+                [*params, limit + 1],
+            )
         more = len(rows) > limit
         rows = rows[:limit]
-        return {
-            "data": [json.loads(r[1]) for r in rows],
-            "meta": {"nextCursor": rows[-1][0] if more else None, "hasMore": more},
-        }
+        if short_page and len(rows) > 1:
+            rows = rows[: self.faults.short_length(len(rows))]
+            more = True
+        meta: dict[str, object] = {"nextCursor": rows[-1][0] if more else None, "hasMore": more}
+        if first:
+            meta["changesCursor"] = self._cursor(head)
+        return {"data": [json.loads(r[1]) for r in rows], "meta": meta}
 
-    def changes(self, query: dict[str, str]) -> dict[str, object]:
-        since = query.get("since") or "0"
-        if not since.isdigit():
-            raise _Answer(400, "bad_request", "since must be a cursor from nextCursor", "since")
+    def changes(self, query: Mapping[str, str], *, short_page: bool = False) -> dict[str, object]:
+        """One page of ``GET /tasks/changes``: the log after ``since``, oldest first."""
         limit = _limit(query.get("limit"), 100)
-        rows = self._state.rows(
-            "SELECT seq, task_id, deleted, body FROM changes WHERE seq > ? ORDER BY seq LIMIT ?",
-            (int(since), limit + 1),
-        )
+        before, params_before = _filter_clauses(query, "b_")
+        after, params_after = _filter_clauses(query, "a_")
+        since_text = query.get("since") or None
+        with self._state.write() as conn:  # a write: it may drop expired entries first
+            self._expire(conn)
+            floor = int(_fetch_all(conn, "SELECT value FROM meta WHERE key = 'floor'")[0][0])
+            since = floor if since_text is None else self._position(since_text, conn, floor)
+            sql = "SELECT seq, task_id, deleted, body, change_id FROM log WHERE seq > ?"
+            params: list[object] = [since]
+            if before:
+                sql += (
+                    f" AND ((existed AND {' AND '.join(before)})"
+                    f" OR (NOT deleted AND {' AND '.join(after)}))"
+                )
+                params += [*params_before, *params_after]
+            rows = _fetch_all(conn, sql + " ORDER BY seq LIMIT ?", [*params, limit + 1])
         more = len(rows) > limit
         rows = rows[:limit]
+        if short_page and len(rows) > 1:
+            rows = rows[: self.faults.short_length(len(rows))]
+            more = True
         items: list[dict[str, object]] = []
-        for _seq, task_id, deleted, body in rows:
+        for seq, task_id, deleted, body, change_id in rows:
             item: dict[str, object] = {"id": task_id, "deleted": bool(deleted)}
             if not deleted:
                 item["task"] = json.loads(body)
+            item["versionId"] = str(seq)
+            item["changeId"] = change_id
             items.append(item)
-        cursor = str(rows[-1][0]) if rows else since
+        cursor = self._cursor(rows[-1][0]) if rows else (since_text or self._cursor(since))
         return {"data": items, "meta": {"nextCursor": cursor, "hasMore": more}}
 
-    # --- what tests look at ----------------------------------------------------------------
+    def _head(self, conn: apsw.Connection) -> int:
+        return int(_fetch_all(conn, "SELECT value FROM meta WHERE key = 'head'")[0][0])
+
+    def _cursor(self, position: int) -> str:
+        return f"{self._state.epoch}-{position}"
+
+    def _position(self, text: str, conn: apsw.Connection, floor: int) -> int:
+        """The log position a ``since`` cursor names: 400 if forged, 410 if expired."""
+        match = _CURSOR.fullmatch(text)
+        if match is None:
+            raise _Answer(
+                400, "bad_request", "since must be a nextCursor or changesCursor", "since"
+            )
+        if match[1] != self._state.epoch:
+            raise _Answer(
+                410, "cursor_expired", "this cursor is from another server database", "since"
+            )
+        position = int(match[2])
+        if position > self._head(conn):
+            raise _Answer(400, "bad_request", "since names a position this log never had", "since")
+        if position < floor:
+            raise _Answer(410, "cursor_expired", "the log no longer reaches back to since", "since")
+        return position
+
+    def _expire(self, conn: apsw.Connection) -> None:
+        """Drop the entries older than ``log_retention`` (a prefix of the log)."""
+        if self.log_retention is None:
+            return
+        cutoff = time.time() - self.log_retention
+        last = _fetch_all(conn, "SELECT max(seq) FROM log WHERE committed_at < ?", (cutoff,))
+        if last[0][0] is not None:
+            self._drop_through(conn, int(last[0][0]))
+
+    def _drop_through(self, conn: apsw.Connection, position: int) -> None:
+        conn.execute("DELETE FROM log WHERE seq <= ?", (position,))
+        conn.execute(
+            "UPDATE meta SET value = ? WHERE key = 'floor' AND CAST(value AS INTEGER) < ?",
+            (str(position), position),
+        )
+
+    # --- what tests look at and do ------------------------------------------------------
 
     def tasks(self) -> dict[str, dict[str, Any]]:
         """Every live task on the server, by id (wire form, with versionId/lastModified)."""
@@ -611,22 +1133,78 @@ class ReferenceServer:
             )
         ]
 
-    def put_task(self, task: dict[str, Any]) -> dict[str, Any]:
-        """Write a task as another client would (no key): for conflict tests."""
-        body = _decode_body(_dumps(task).encode(), None)
+    def changes_cursor(self) -> str:
+        """The log position right now (what a ``changesCursor`` taken now would be)."""
+        with self._state.transaction() as conn:
+            return self._cursor(self._head(conn))
+
+    def compact_log(self, keep_last: int = 0) -> str:
+        """Drop all but the newest ``keep_last`` log entries; returns the oldest valid cursor.
+
+        A ``since`` before the returned cursor is answered ``410 cursor_expired``.
+        """
+        if keep_last < 0:
+            raise ValidationError.single("keep_last", "must be 0 or more", keep_last)
         with self._state.write() as conn:
-            exists = fetch_all(conn, "SELECT 1 FROM tasks WHERE id = ?", (body["id"],))
-            _, envelope = self._apply(conn, "PUT" if exists else "POST", body["id"], body, None)
+            head = self._head(conn)
+            self._drop_through(conn, max(0, head - keep_last))
+            floor = int(_fetch_all(conn, "SELECT value FROM meta WHERE key = 'floor'")[0][0])
+        return self._cursor(floor)
+
+    def put_task(self, task: Mapping[str, Any], *, validate: bool = True) -> dict[str, Any]:
+        """Create or replace a task as another client would (no key: changeId null).
+
+        ``validate=False`` stores the wire form as given (only the id is checked), e.g. a
+        field this clinik-local version does not know, or a text over its limits.
+        Returns the task as stored, with its new versionId.
+        """
+        try:
+            if validate:
+                body = _decode_body(_dumps(task).encode(), None)
+            else:
+                body = {k: v for k, v in task.items() if k not in _SERVER_FIELDS}
+                _check_id(body.get("id"))
+            with self._state.write() as conn:
+                exists = _fetch_all(conn, "SELECT 1 FROM tasks WHERE id = ?", (body["id"],))
+                method = "PUT" if exists else "POST"
+                _, envelope = self._apply(conn, method, body["id"], body, None, None)
+        except _Answer as answer:
+            raise answer.as_validation_error() from None
         result: dict[str, Any] = envelope["data"]  # type: ignore[assignment]
         return result
 
+    def update_task(
+        self, task_id: str, changes: Mapping[str, Any], *, validate: bool = True
+    ) -> dict[str, Any]:
+        """Change some fields of a task as another client would (``None`` removes a field).
 
-def _limit(text: str | None, default: int) -> int:
-    if text is None:
-        return default
-    if not text.isdigit() or not 1 <= int(text) <= 1000:
-        raise _Answer(400, "bad_request", "limit must be 1-1000", "limit")
-    return int(text)
+        Raises :class:`~clinik_local.errors.NotFoundError` when there is no such task.
+        """
+        rows = self._state.rows("SELECT body FROM tasks WHERE id = ?", (task_id,))
+        if not rows:
+            raise NotFoundError(f"no task with id {task_id!r} on the server")
+        current = json.loads(rows[0][0])
+        merged = {**current, **changes, "id": task_id}
+        return self.put_task({k: v for k, v in merged.items() if v is not None}, validate=validate)
+
+    def delete_task(self, task_id: str) -> None:
+        """Delete a task as another client would (a log entry with changeId null).
+
+        Raises :class:`~clinik_local.errors.NotFoundError` when there is no such task.
+        """
+        try:
+            with self._state.write() as conn:
+                self._apply(conn, "DELETE", task_id, None, None, None)
+        except _Answer:
+            raise NotFoundError(f"no task with id {task_id!r} on the server") from None
+
+
+def _write_token_file(path: str, token: str) -> None:
+    """Write ``token`` to a new or truncated file readable by its owner only."""
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        handle.write(token + "\n")
 
 
 def serve_forever(
@@ -635,17 +1213,33 @@ def serve_forever(
     db: str = ":memory:",
     token: str | None = None,
     *,
+    token_file: str | None = None,
     announce: bool = True,
 ) -> None:
     """Run a :class:`ReferenceServer` in this process until interrupted.
 
-    With ``announce``, prints one line ``listening on <url> token <token>`` to stdout
-    first (a parent process reads it to learn the port when ``port=0``).
+    The bearer token is ``token``; without one, a random token is written to
+    ``token_file`` (created 0600). The token is never printed. With ``announce``,
+    prints one line ``listening on <url>`` to stdout first (a parent process reads it
+    to learn the port when ``port=0``).
     """
+    if not token:
+        if token_file is None:
+            raise ValidationError.single(
+                "token", "give the bearer token to accept, or a file to write a random one to"
+            )
+        token = secrets.token_urlsafe(24)
     server = ReferenceServer(host=host, port=port, db=db, token=token)
-    if announce:
-        print(f"listening on {server.url} token {server.token}", flush=True)
     try:
+        if token_file is not None:
+            try:
+                _write_token_file(token_file, token)
+            except OSError as exc:
+                raise ValidationError.single(
+                    "token_file", f"cannot write it: {exc.strerror or exc}", token_file
+                ) from None
+        if announce:
+            print(f"listening on {server.url}", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         pass
@@ -654,14 +1248,29 @@ def serve_forever(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m clinik_local.server --port N [--db FILE] [--token T]``."""
+    """``CLINIK_TOKEN=T python -m clinik_local.server --port N [--db FILE]``."""
     parser = argparse.ArgumentParser(prog="python -m clinik_local.server")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="a loopback address")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--db", default=":memory:")
-    parser.add_argument("--token", default=None)
+    parser.add_argument(
+        "--token-env", default="CLINIK_TOKEN", help="variable holding the bearer token"
+    )
+    parser.add_argument(
+        "--token-file", default=None, help="without the variable: write a random token here"
+    )
     args = parser.parse_args(argv)
-    serve_forever(args.host, args.port, args.db, args.token)
+    try:
+        serve_forever(
+            args.host,
+            args.port,
+            args.db,
+            os.environ.get(args.token_env),
+            token_file=args.token_file,
+        )
+    except ClinikError as exc:
+        print(f"clinik-local server: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -79,12 +79,31 @@ def _check_installed() -> str:
             "the Medplum FHIR peer needs Node.js 20.19+ (`node` is not on PATH); "
             f"install it, then run `{INSTALL_COMMAND}`"
         )
-    if not (PEER_DIR / "node_modules" / "@medplum" / "fhir-router" / "package.json").is_file():
+    marker = PEER_DIR / "node_modules" / "@medplum" / "fhir-router" / "package.json"
+    if not marker.is_file():
+        _install_peer()
+    if not marker.is_file():
         raise MedplumPeerError(
             f"the Medplum FHIR peer is not installed ({PEER_DIR / 'node_modules'} is missing): "
             f"run `{INSTALL_COMMAND}` from the repository root"
         )
     return node
+
+
+def _install_peer() -> None:
+    """Install the peer from its package-lock.json (``npm ci``), once, on first use.
+
+    So that the README's one test command works on a fresh clone; CI runs the same
+    ``npm ci`` up front. A failure is reported by the caller's clear error.
+    """
+    npm = shutil.which("npm")
+    if npm is None:
+        return
+    subprocess.run(  # noqa: S603 - a fixed command on the repository's own folder
+        [npm, "ci", "--prefix", str(PEER_DIR), "--no-audit", "--no-fund", "--loglevel=error"],
+        check=False,
+        timeout=600,
+    )
 
 
 def _read_lines(stream: IO[str], lines: queue.Queue[str | None]) -> None:

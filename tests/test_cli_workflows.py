@@ -45,7 +45,8 @@ def run_cli(
         timeout=timeout,
         check=False,
         cwd=cwd,
-        env={**base, "PYTHONWARNINGS": "error", **(env or {})},
+        # PYTHONPATH: the child runs this tree's clinik_local, whatever its working directory
+        env={**base, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "error", **(env or {})},
     )
 
 

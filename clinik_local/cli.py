@@ -911,7 +911,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--sync-changes",
         type=_count,
-        default=2_000,
+        default=1_000,
         help="changes made offline, then synced to a local reference server (0: skip)",
     )
     demo.set_defaults(run=_cmd_demo)

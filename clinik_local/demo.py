@@ -296,7 +296,7 @@ def run_demo(
     tasks: int = 20_000,
     seed: int = 7,
     out: TextIO | None = None,
-    sync_changes: int = 2_000,
+    sync_changes: int = 1_000,
     *,
     replace: bool = True,
 ) -> int:

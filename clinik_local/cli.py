@@ -426,14 +426,22 @@ def _cmd_tasks_history(args: argparse.Namespace, out: TextIO) -> int:
     with _open_existing(args.db) as store:
         response = store.tasks.history(args.id)
     if args.json:
-        _envelope_out(response.data, response.meta, True, out)
+        versions = [
+            {
+                "version": v.version,
+                "op": v.op,
+                "changedAt": v.changed_at,
+                "overrideReason": v.override_reason,
+                "task": encode_task(v.task),
+            }
+            for v in response.data
+        ]
+        _envelope_out(versions, response.meta, True, out)
         return EXIT_OK
-    for item in response.data:
-        task = item["task"]
-        status = task.get("status", "-") if isinstance(task, dict) else "-"
-        reason = item.get("overrideReason")
-        line = f"v{item['version']:<4} {item['op']:<7} {item['changedAt']}  {status}"
-        print(line + (f"  (override: {reason})" if reason else ""), file=out)
+    for v in response.data:
+        line = f"v{v.version:<4} {v.op:<7} {v.changed_at}  {v.task.status.value}"
+        reason = f"  (override: {v.override_reason})" if v.override_reason else ""
+        print(line + reason, file=out)
     return EXIT_OK
 
 

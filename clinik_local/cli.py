@@ -1,34 +1,49 @@
-"""The ``clinik-local`` command line: demo, tasks, check (and sync, serve, export, import).
+"""The ``clinik-local`` command line: demo, tasks, check, sync, serve, export, import.
 
-Exit codes: 0 success; 1 ``check`` found problems; 2 bad usage or bad input
-(ValidationError); 3 not found; 4 storage error (locked, corrupt, foreign, newer,
-read-only, full); 5 sync error; 130 interrupted. Errors go to stderr as one readable
-line (``--json`` prints them as JSON there too), results to stdout.
+Results go to stdout (valid JSON wherever the result is data); progress and errors go
+to stderr. Every failure is one readable line on stderr, ``clinik-local: error: ...``
+(with ``--json``: one JSON object there instead), and exits with one of the codes of
+:data:`EXIT_CODES` (also listed by ``clinik-local --help``).
+
+Commands that only read or change what a store holds refuse a ``--db`` file that does
+not exist, so a mistyped path never turns into a new, empty store reporting success.
+Only ``tasks create``, ``import``, ``demo`` and ``serve`` create a store file, and a
+``tasks create`` or ``import`` that fails removes the file it created.
+
+The CLI uses the library's public API only (``TaskStore``, ``store.tasks``,
+``store.sync``, ``SyncConfig``, the NDJSON helpers).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
+from . import __version__
 from .codec import encode_task
 from .errors import (
     ClinikError,
     ConflictError,
+    FieldError,
     NotFoundError,
     StorageError,
     SyncError,
     ValidationError,
 )
-from .model import ApiResponse, Task
 from .storage import outbox as outbox_rows
 from .store import TaskStore
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from .sync import SyncConfig, SyncStatus
+
+__all__ = ["EXIT_CODES", "main"]
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -36,28 +51,191 @@ EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_STORAGE = 4
 EXIT_SYNC = 5
+EXIT_UNREACHABLE = 6
+EXIT_PARKED = 7
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
 
-_EPILOG = """\
+#: Every exit code of ``clinik-local`` and what it means.
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (EXIT_OK, "success"),
+    (EXIT_PROBLEMS, "`check` found problems in the store"),
+    (
+        EXIT_USAGE,
+        "bad usage or bad input: an unknown option or value, invalid JSON, a refused "
+        "field (ValidationError), an input file that is not UTF-8, a version or "
+        "lifecycle conflict",
+    ),
+    (
+        EXIT_NOT_FOUND,
+        "not found: no such task, dead letter or conflict; the --db store file or the "
+        "input file does not exist",
+    ),
+    (
+        EXIT_STORAGE,
+        "storage or system error: the store is locked, corrupt, foreign, newer, "
+        "read-only or full; an output file cannot be written; the port is in use",
+    ),
+    (
+        EXIT_SYNC,
+        "sync error: no token in the environment variable, the token was refused, "
+        "or `sync run --wait` ran out before every change was delivered",
+    ),
+    (
+        EXIT_UNREACHABLE,
+        "`sync run`: the service is unreachable (reported after the first failed "
+        "connection; --wait-online keeps retrying until --wait)",
+    ),
+    (
+        EXIT_PARKED,
+        "`sync run` delivered what it could, but dead letters or conflicts remain",
+    ),
+    (EXIT_INTERNAL, "internal error (a bug in clinik-local; CLINIK_TRACEBACK=1 shows it)"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
+    (EXIT_BROKEN_PIPE, "the reader of stdout went away (e.g. `| head`)"),
+)
+
+_MEMORY = ":memory:"
+_DEMO_DB = "clinik-demo.db"  # demo.DEFAULT_DB (not imported: demo loads the server)
+_FORMATS = {"wire": "wire", "r4": "R4", "r5": "R5"}
+_MAX_FIELDS_SHOWN = 5  # per error line; --json shows up to _MAX_FIELDS_JSON
+_MAX_FIELDS_JSON = 50
+_MAX_LINE = 1_000
+# Local sync commands (status, dead letters, conflicts, retry, discard, resolve) read and
+# write the store's outbox only; the engine needs a config but this process never sends.
+_LOCAL_ONLY_URL = "http://127.0.0.1:9/local-only"
+
+_EPILOG = (
+    """\
 examples:
-  clinik-local demo                                  # 100,000 tasks in memory
-  clinik-local demo --db clinic.db --tasks 20000
+  clinik-local demo                                  # ./clinik-demo.db, 20,000 tasks
+  clinik-local demo --db :memory: --tasks 100000
   echo '{"status":"requested","intent":"order"}' | clinik-local tasks create --db clinic.db
-  clinik-local tasks get task_01J... --db clinic.db --json
-  clinik-local tasks search --db clinic.db status=requested,received ownerId=prac_lab_tech
+  clinik-local tasks get task_01J... --db clinic.db
+  clinik-local tasks update task_01J... --db clinic.db --data '{"status":"accepted"}' --if-match 1
+  clinik-local tasks search --db clinic.db status=requested,received ownerId=prac_lab_tech limit=5
   clinik-local check --db clinic.db
-  clinik-local export --db clinic.db --format R4 --out tasks.ndjson
-  clinik-local import --db other.db --format R4 tasks.ndjson
+  clinik-local export --db clinic.db --format r4 --out tasks.ndjson
+  clinik-local import --db other.db --format r4 tasks.ndjson
   CLINIK_TOKEN=secret clinik-local serve --port 8080
   CLINIK_TOKEN=secret clinik-local sync run --db clinic.db --url http://127.0.0.1:8080/api/v1
+  clinik-local sync status --db clinic.db
+
+exit codes:
 """
+    + "\n".join(f"  {code:<4} {text}" for code, text in EXIT_CODES)
+    + "\n"
+)
 
 
-def _json_out(value: object, out: TextIO) -> None:
-    out.write(json.dumps(value, ensure_ascii=False, indent=None, separators=(",", ":")) + "\n")
+class _Failure(Exception):
+    """A failure the CLI itself detects: one line for stderr and its exit code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
-def _task_out(task: Task) -> dict[str, Any]:
-    return encode_task(task)
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and the exit code is EXIT_USAGE)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# --- argument types -------------------------------------------------------------------
+
+
+def _format_name(text: str) -> str:
+    try:
+        return _FORMATS[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+            f"unknown format {text!r} (allowed: wire, R4, R5, in any case)"
+        ) from None
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is out of range (0-65535; 0 picks a free one)")
+    return port
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 86_400:
+        raise argparse.ArgumentTypeError(f"{text} is out of range (0-86400 seconds)")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+# --- output ---------------------------------------------------------------------------
+
+
+def _json_out(value: object, out: TextIO, pretty: bool = False) -> None:
+    if pretty:
+        out.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
+    else:
+        out.write(json.dumps(value, ensure_ascii=False, separators=(",", ":")) + "\n")
+
+
+def _envelope_out(data: object, meta: object, as_json: bool, out: TextIO) -> None:
+    """``{"data": ..., "meta": ...}``: compact with --json, indented for people."""
+    _json_out({"data": data, "meta": meta}, out, pretty=not as_json)
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.splitlines())
+    if len(text) > _MAX_LINE:
+        text = text[: _MAX_LINE - 1] + "…"
+    return text
+
+
+def _error_text(exc: BaseException) -> str:
+    """The error as one readable line: a long list of field problems is cut short."""
+    if isinstance(exc, ValidationError) and len(exc.errors) > _MAX_FIELDS_SHOWN:
+        shown = "; ".join(str(e) for e in exc.errors[:_MAX_FIELDS_SHOWN])
+        rest = len(exc.errors) - _MAX_FIELDS_SHOWN
+        return _one_line(f"{len(exc.errors):,} invalid fields: {shown}; and {rest:,} more")
+    return _one_line(str(exc))
+
+
+def _report(exc: BaseException, code: int, as_json: bool) -> int:
+    text = _error_text(exc)
+    if as_json:
+        name = "CliError" if isinstance(exc, _Failure) else type(exc).__name__
+        error: dict[str, object] = {"error": name, "message": text, "exitCode": code}
+        if isinstance(exc, ValidationError):
+            error["fields"] = [
+                {"path": e.path, "message": e.message, "allowed": e.allowed}
+                for e in exc.errors[:_MAX_FIELDS_JSON]
+            ]
+            if len(exc.errors) > _MAX_FIELDS_JSON:
+                error["moreFields"] = len(exc.errors) - _MAX_FIELDS_JSON
+        print(json.dumps(error, ensure_ascii=False), file=sys.stderr)
+    else:
+        print(f"clinik-local: error: {text}", file=sys.stderr)
+    return code
+
+
+# --- input ----------------------------------------------------------------------------
 
 
 def _parse_filters(pairs: Sequence[str]) -> dict[str, object]:
@@ -68,67 +246,220 @@ def _parse_filters(pairs: Sequence[str]) -> dict[str, object]:
             raise ValidationError.single(
                 "filter", "expected NAME=VALUE (commas mean any of)", pair, "e.g. status=requested"
             )
+        if name in filters:
+            raise ValidationError.single(
+                name, "is given twice; give one NAME=VALUE (commas mean any of)", pair
+            )
         filters[name] = None if value == "" else value
     return filters
 
 
-def _read_request(data: str | None) -> object:
-    text = data if data is not None else sys.stdin.read()
+def _read_json(data: str | None, what: str) -> object:
+    """``data`` as JSON, or stdin when it is None (``-`` also means stdin)."""
+    if data is None or data == "-":
+        if sys.stdin.isatty():
+            print(f"reading the {what} JSON from stdin (end with Ctrl-D)", file=sys.stderr)
+        data = sys.stdin.read()
     try:
-        return json.loads(text)
+        return json.loads(data)
     except json.JSONDecodeError as exc:
-        raise ValidationError.single("request", f"is not valid JSON: {exc}", text) from None
+        raise ValidationError.single(what, f"is not valid JSON: {exc}", data) from None
+
+
+def _count_ndjson_lines(path: str) -> int:
+    """How many non-blank lines the file has; refuses a missing or non-UTF-8 file."""
+    total = 0
+    try:
+        with open(path, "rb") as source:
+            for line_no, raw in enumerate(source, 1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ValidationError.single(
+                        f"{path} line {line_no}",
+                        f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                        f"{exc.start + 1})",
+                        allowed="UTF-8 NDJSON: one JSON object per line",
+                    ) from None
+                if text.strip():
+                    total += 1
+    except FileNotFoundError:
+        raise _Failure(EXIT_NOT_FOUND, f"cannot read {path}: the file does not exist") from None
+    except IsADirectoryError:
+        raise _Failure(EXIT_USAGE, f"cannot read {path}: it is a directory, not a file") from None
+    except OSError as exc:
+        raise _Failure(EXIT_STORAGE, f"cannot read {path}: {exc.strerror or exc}") from None
+    return total
+
+
+# --- stores ---------------------------------------------------------------------------
+
+
+def _existing(path: str) -> str:
+    """``path`` if a store can be there; a missing file is refused, never created."""
+    if path != _MEMORY and not os.path.lexists(path):
+        raise _Failure(
+            EXIT_NOT_FOUND,
+            f"no store at {path}: the file does not exist (check --db; only `tasks create` "
+            "and `import` start a new store)",
+        )
+    return path
+
+
+def _open_existing(path: str, sync: SyncConfig | None = None) -> TaskStore:
+    return TaskStore.open(_existing(path), sync=sync)
+
+
+@contextlib.contextmanager
+def _removed_if_failed(path: str) -> Iterator[None]:
+    """A store file this command creates is removed again (with -wal/-shm) if it fails."""
+    created = path != _MEMORY and not os.path.lexists(path)
+    try:
+        yield
+    except BaseException:
+        if created:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path + suffix)
+        raise
+
+
+@contextlib.contextmanager
+def _private_output(path: str) -> Iterator[TextIO]:
+    """A new file for an export: mode 0600 (patient data, like the store), whole or absent.
+
+    The tasks go to a temporary file beside ``path``, renamed over it only once complete,
+    so a failed export never leaves half a file. A device or pipe (``/dev/stdout``) is
+    written directly.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise _Failure(EXIT_STORAGE, f"cannot write {path}: it is a directory")
+    if target.exists() and not target.is_file():
+        with open(path, "w", encoding="utf-8") as stream:
+            yield stream
+        return
+    import tempfile
+
+    try:
+        fd, partial = tempfile.mkstemp(
+            dir=target.parent, prefix=f".{target.name}.", suffix=".partial"
+        )
+    except FileNotFoundError:
+        raise _Failure(
+            EXIT_STORAGE, f"cannot write {path}: the directory {target.parent} does not exist"
+        ) from None
+    except OSError as exc:
+        raise _Failure(EXIT_STORAGE, f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as stream:
+            yield stream
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
+        raise
+
+
+# --- demo, tasks, check ---------------------------------------------------------------
 
 
 def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     from .demo import run_demo
 
     return run_demo(
-        db=args.db, tasks=args.tasks, seed=args.seed, out=out, sync_changes=args.sync_changes
+        db=args.db,
+        tasks=args.tasks,
+        seed=args.seed,
+        out=out,
+        sync_changes=args.sync_changes,
+        replace=args.db == _DEMO_DB,
     )
 
 
 def _cmd_tasks_create(args: argparse.Namespace, out: TextIO) -> int:
-    request = _read_request(args.data)
-    with TaskStore.open(args.db) as store:
+    request = _read_json(args.data, "request")
+    if not isinstance(request, (dict, list)):
+        raise ValidationError.single("request", "expected a JSON object or array", request)
+    with _removed_if_failed(args.db), TaskStore.open(args.db) as store:
         if isinstance(request, list):
             many = store.tasks.create_many(request)
             if args.json:
-                _json_out({"data": [_task_out(t) for t in many.data], "meta": many.meta}, out)
+                _envelope_out([encode_task(t) for t in many.data], many.meta, True, out)
             else:
                 for task in many.data:
                     print(task.id, file=out)
             return EXIT_OK
-        if not isinstance(request, dict):
-            raise ValidationError.single("request", "expected a JSON object or array", request)
         response = store.tasks.create(request)
-    _print_task_response(response, args.json, out)
+    _envelope_out(encode_task(response.data), response.meta, args.json, out)
     return EXIT_OK
 
 
-def _print_task_response(response: ApiResponse[Task], as_json: bool, out: TextIO) -> None:
-    if as_json:
-        _json_out({"data": _task_out(response.data), "meta": response.meta}, out)
-    else:
-        print(json.dumps(_task_out(response.data), ensure_ascii=False, indent=2), file=out)
-        print(f"# syncState: {response.meta.get('syncState')}", file=out)
-
-
 def _cmd_tasks_get(args: argparse.Namespace, out: TextIO) -> int:
-    with TaskStore.open(args.db) as store:
+    with _open_existing(args.db) as store:
         response = store.tasks.get(args.id)
-    _print_task_response(response, args.json, out)
+    _envelope_out(encode_task(response.data), response.meta, args.json, out)
+    return EXIT_OK
+
+
+def _cmd_tasks_update(args: argparse.Namespace, out: TextIO) -> int:
+    changes = _read_json(args.data, "changes")
+    if not isinstance(changes, dict):
+        raise ValidationError.single(
+            "changes", "expected a JSON object of the wire fields to change", changes
+        )
+    with _open_existing(args.db) as store:
+        response = store.tasks.update(
+            args.id, changes, if_match=args.if_match, admin_override=args.admin_override
+        )
+    _envelope_out(encode_task(response.data), response.meta, args.json, out)
+    return EXIT_OK
+
+
+def _cmd_tasks_delete(args: argparse.Namespace, out: TextIO) -> int:
+    with _open_existing(args.db) as store:
+        response = store.tasks.delete(args.id, if_match=args.if_match)
+    _envelope_out(response.data, response.meta, args.json, out)
+    return EXIT_OK
+
+
+def _cmd_tasks_history(args: argparse.Namespace, out: TextIO) -> int:
+    with _open_existing(args.db) as store:
+        response = store.tasks.history(args.id)
+    if args.json:
+        versions = [
+            {
+                "version": v.version,
+                "op": v.op,
+                "changedAt": v.changed_at,
+                "overrideReason": v.override_reason,
+                "task": encode_task(v.task),
+            }
+            for v in response.data
+        ]
+        _envelope_out(versions, response.meta, True, out)
+        return EXIT_OK
+    for v in response.data:
+        line = f"v{v.version:<4} {v.op:<7} {v.changed_at}  {v.task.status.value}"
+        reason = f"  (override: {v.override_reason})" if v.override_reason else ""
+        print(line + reason, file=out)
     return EXIT_OK
 
 
 def _cmd_tasks_search(args: argparse.Namespace, out: TextIO) -> int:
     filters = _parse_filters(args.filters)
-    with TaskStore.open(args.db) as store:
-        page = store.tasks.search(
-            filters, limit=args.limit, **({"cursor": args.cursor} if args.cursor else {})
-        )
+    for name, flag in (("limit", args.limit), ("cursor", args.cursor)):
+        if flag is None:
+            continue
+        if name in filters:
+            raise ValidationError.single(
+                name, f"is given twice: as --{name} and as {name}=...; give one", flag
+            )
+        filters[name] = flag
+    with _open_existing(args.db) as store:
+        page = store.tasks.search(filters)
     if args.json:
-        _json_out({"data": [_task_out(t) for t in page.data], "meta": page.meta}, out)
+        _envelope_out([encode_task(t) for t in page.data], page.meta, True, out)
         return EXIT_OK
     for task in page.data:
         print(
@@ -142,7 +473,7 @@ def _cmd_tasks_search(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
-    with TaskStore.open(args.db) as store:
+    with _open_existing(args.db) as store:
         problems = store.integrity_check()
         counts = store.table_counts()
         version = store.schema_version()
@@ -167,6 +498,8 @@ def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
+    import socket
+
     from .testing.server import serve_forever
 
     token = os.environ.get(args.token_env) if args.token_env else None
@@ -176,14 +509,63 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
             f"set {args.token_env or 'CLINIK_TOKEN'} to the bearer token the server accepts, "
             "or pass --token-file FILE to have a random one written there (0600)",
         )
-    serve_forever(args.host, args.port, args.db, token, token_file=args.token_file)
+    try:
+        serve_forever(args.host, args.port, args.db, token, token_file=args.token_file)
+    except ValidationError as exc:
+        # The server refuses a port it cannot bind (in use, no permission) by name; for the
+        # CLI that is a system problem (exit 4), not bad usage.
+        first = exc.errors[0] if exc.errors else None
+        if first is not None and first.path == "port" and "cannot listen" in first.message:
+            raise _Failure(
+                EXIT_STORAGE, f"cannot listen on {args.host}:{args.port}: {first.message}"
+            ) from None
+        raise
+    except socket.gaierror as exc:
+        raise _Failure(EXIT_USAGE, f"cannot listen on {args.host!r}: {exc.strerror}") from None
+    except OSError as exc:
+        if isinstance(exc, ClinikError):
+            raise
+        raise _Failure(
+            EXIT_STORAGE, f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
+        ) from None
     return EXIT_OK
 
 
-def _sync_store(args: argparse.Namespace) -> TaskStore:
+# --- sync -----------------------------------------------------------------------------
+
+
+def _flag_error(error: FieldError) -> FieldError:
+    """A SyncConfig field problem, named by its command-line flag."""
+    flags = {"base_url": "--url", "timeout": "--timeout", "ca_bundle": "--ca-bundle"}
+    message = error.message.replace("allow_insecure_http=True", "--allow-insecure-http")
+    return FieldError(flags.get(error.path, error.path), message, error.value, error.allowed)
+
+
+def _check_ca_bundle(path: str) -> None:
+    import ssl
+
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise ValidationError.single(
+            "--ca-bundle", f"cannot be used: {reason}", path, "a PEM file of CA certificates"
+        ) from None
+
+
+def _remote_config(args: argparse.Namespace) -> SyncConfig:
+    """The SyncConfig of ``sync run``, every problem named by its flag or variable."""
     from .sync import SyncConfig
 
     variable = args.token_env
+    if not os.environ.get(variable):
+        raise _Failure(
+            EXIT_SYNC,
+            f"no bearer token: the environment variable {variable} is not set or empty "
+            "(set it, or name another variable with --token-env)",
+        )
+    if args.ca_bundle is not None:
+        _check_ca_bundle(args.ca_bundle)
 
     def token_provider() -> str:
         token = os.environ.get(variable)
@@ -191,124 +573,216 @@ def _sync_store(args: argparse.Namespace) -> TaskStore:
             raise SyncError(f"no token: set the environment variable {variable}")
         return token
 
-    config = SyncConfig(base_url=args.url, token_provider=token_provider, timeout=args.timeout)
-    return TaskStore.open(args.db, sync=config)
+    try:
+        return SyncConfig(
+            base_url=args.url,
+            token_provider=token_provider,
+            timeout=args.timeout,
+            allow_insecure_http=args.allow_insecure_http,
+            ca_bundle=args.ca_bundle,
+        )
+    except ValidationError as exc:
+        raise ValidationError([_flag_error(e) for e in exc.errors]) from None
 
 
-def _status_dict(store: TaskStore) -> dict[str, object]:
+def _local_sync_store(args: argparse.Namespace) -> TaskStore:
+    """The store with sync controls that only touch its outbox: nothing is sent."""
+    from .sync import SyncConfig
+
+    def no_token() -> str:
+        raise SyncError("this command works on the local store only")
+
+    config = SyncConfig(base_url=_LOCAL_ONLY_URL, token_provider=no_token)
+    return _open_existing(args.db, sync=config)
+
+
+def _status_dict(status: SyncStatus) -> dict[str, object]:
     import attrs
 
-    return attrs.asdict(store.sync.status())
+    return attrs.asdict(status)
 
 
-def _cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
-    import attrs
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
+
+def _cmd_sync_run(args: argparse.Namespace, out: TextIO) -> int:
+    """Deliver the outbox now; stop early, with a distinct code, when offline."""
     from .progress import Progress
 
-    with _sync_store(args) as store:
+    config = _remote_config(args)
+    with _open_existing(args.db, sync=config) as store:
+        sync = store.sync
+        before = sync.status()
+        total = before.pending + before.in_flight
+        deadline = time.monotonic() + args.wait
+        with Progress("syncing changes", total) as bar:
+            noted: set[tuple[str, str | None]] = set()
+
+            def on_status(status: SyncStatus) -> None:
+                bar.advance(max(total - status.pending - status.in_flight - bar.done, 0))
+                news = (status.state, status.last_error)
+                # Offline without --wait-online ends the run at once, with its own line.
+                quiet = status.state == "offline" and not args.wait_online
+                if status.state in ("offline", "backoff") and news not in noted and not quiet:
+                    noted.add(news)
+                    why = status.last_error or "no answer"
+                    bar.note(f"sync: {status.state} ({why}); next try at {status.next_retry_at}")
+
+            unsubscribe = sync.on_status_change(on_status)
+            try:
+                while True:
+                    # Short slices (at least one attempt, even with --wait 0), so that
+                    # being offline is noticed right after the first failed connection.
+                    slice_seconds = max(min(0.25, deadline - time.monotonic()), 0.05)
+                    flushed = sync.flush(timeout=slice_seconds)
+                    state = sync.status().state
+                    if flushed or state == "auth_required":
+                        break
+                    if state == "offline" and not args.wait_online:
+                        break
+                    if time.monotonic() >= deadline:
+                        break
+            finally:
+                unsubscribe()
+        status = sync.status()
+    _json_out({"flushed": flushed, "status": _status_dict(status)}, out, pretty=not args.json)
+    waiting = _plural(status.pending + status.in_flight, "change")
+    if flushed:
+        if status.dead or status.conflicts:
+            raise _Failure(
+                EXIT_PARKED,
+                f"{_plural(status.dead, 'dead letter')} and {_plural(status.conflicts, 'conflict')}"
+                " remain: see `clinik-local sync dead-letters` and `sync conflicts`, then "
+                "`sync retry|discard|resolve`",
+            )
+        return EXIT_OK
+    if status.state == "auth_required":
+        raise _Failure(
+            EXIT_SYNC,
+            f"the service refused the token from {args.token_env} ({status.last_error}); "
+            f"{waiting} stay queued",
+        )
+    if status.state == "offline":
+        advice = (
+            f"still unreachable after --wait {args.wait:g} s"
+            if args.wait_online
+            else "run again later, or pass --wait-online to keep retrying up to --wait"
+        )
+        raise _Failure(
+            EXIT_UNREACHABLE,
+            f"the service at {args.url} is unreachable ({status.last_error}); {waiting} stay "
+            f"queued: {advice}",
+        )
+    raise _Failure(
+        EXIT_SYNC,
+        f"gave up after --wait {args.wait:g} s: {waiting} not delivered yet (state "
+        f"{status.state}; last error {status.last_error})",
+    )
+
+
+def _cmd_sync_local(args: argparse.Namespace, out: TextIO) -> int:
+    import attrs
+
+    with _local_sync_store(args) as store:
         sync = store.sync
         result: object
         if args.action == "status":
-            result = _status_dict(store)
-        elif args.action == "run":
-            total = sync.status().pending
-            with Progress("syncing changes", total) as bar:
-                unsubscribe = sync.on_status_change(
-                    lambda s: bar.advance(max(total - s.pending - bar.done, 0))
-                )
-                delivered = sync.flush(timeout=args.wait)
-                unsubscribe()
-            result = {"flushed": delivered, "status": _status_dict(store)}
+            status = sync.status()
+            result = {
+                "pending": status.pending,
+                "in_flight": status.in_flight,
+                "dead": status.dead,
+                "conflicts": status.conflicts,
+            }
         elif args.action == "dead-letters":
             result = [attrs.asdict(d) for d in sync.dead_letters()]
         elif args.action == "conflicts":
             result = [attrs.asdict(c) for c in sync.conflicts()]
         elif args.action == "retry":
             sync.retry(args.change_id)
-            result = {"retried": args.change_id}
-        else:
+            result = {"retried": args.change_id, "sent": "on the next `sync run`"}
+        elif args.action == "discard":
             sync.discard(args.change_id)
             result = {"discarded": args.change_id}
-    if args.json:
-        _json_out(result, out)
-    else:
-        print(json.dumps(result, ensure_ascii=False, indent=2), file=out)
-    if args.action == "run" and isinstance(result, dict) and not result["flushed"]:
-        return EXIT_SYNC
+        else:
+            keep: Any = args.keep
+            if args.merged is not None:
+                keep = _read_json(args.merged, "merged task")
+                if not isinstance(keep, dict):
+                    raise ValidationError.single(
+                        "--merged", "expected a JSON object (the merged task)", keep
+                    )
+            sync.resolve(args.task_id, keep)
+            kept = args.keep or "merged"
+            result = {"resolved": args.task_id, "kept": kept}
+            if kept != "remote":
+                result["sent"] = "on the next `sync run`"
+    _json_out(result, out, pretty=not args.json)
     return EXIT_OK
+
+
+# --- export, import -------------------------------------------------------------------
 
 
 def _cmd_export(args: argparse.Namespace, out: TextIO) -> int:
     from .fhir import export_ndjson
     from .progress import Progress
 
-    with TaskStore.open(args.db) as store:
+    with _open_existing(args.db) as store:
         total = store.tasks.count().data
-        target = open(args.out, "w", encoding="utf-8") if args.out != "-" else out  # noqa: SIM115
-        try:
+        with contextlib.ExitStack() as stack:
+            target = out if args.out == "-" else stack.enter_context(_private_output(args.out))
             with Progress(f"exporting {args.format}", total) as bar:
                 written = export_ndjson(store, target, args.format, progress=bar.advance)
-        finally:
-            if target is not out:
-                target.close()
-    print(f"exported {written:,} tasks ({args.format})", file=sys.stderr)
+    print(f"exported {_plural(written, 'task')} ({args.format})", file=sys.stderr)
     return EXIT_OK
+
+
+def _format_hint(exc: ValidationError, fmt: str) -> ValidationError:
+    """Name the likely cause when a whole file is of another format than --format."""
+    mentions_resource_type = any(e.path.endswith("resourceType") for e in exc.errors)
+    if not mentions_resource_type:
+        return exc
+    if fmt == "wire":  # an unknown field resourceType: FHIR resources read as wire form
+        hint = "the file looks like FHIR Task resources: try --format R4 or --format R5"
+    else:  # resourceType missing or not Task: not FHIR Task resources
+        hint = "the file does not hold FHIR Task resources: try --format wire"
+    return ValidationError([FieldError("--format", hint, repr(fmt)), *exc.errors])
 
 
 def _cmd_import(args: argparse.Namespace, out: TextIO) -> int:
     from .fhir import import_ndjson
     from .progress import Progress
 
-    with open(args.file, encoding="utf-8") as counting:
-        total = sum(1 for line in counting if line.strip())
+    total = _count_ndjson_lines(args.file)  # before the store: a bad file creates nothing
     with (
+        _removed_if_failed(args.db),
         TaskStore.open(args.db) as store,
         open(args.file, encoding="utf-8") as source,
         Progress(f"importing {args.format}", total) as bar,
     ):
-        created = import_ndjson(store, source, args.format, progress=bar.advance)
+        try:
+            created = import_ndjson(store, source, args.format, progress=bar.advance)
+        except ValidationError as exc:
+            raise _format_hint(exc, args.format) from None
     if args.json:
         _json_out({"imported": created}, out)
     else:
-        print(f"imported {created:,} tasks ({args.format})", file=out)
+        print(f"imported {_plural(created, 'task')} ({args.format})", file=out)
     return EXIT_OK
+
+
+# --- the parser -----------------------------------------------------------------------
 
 
 def _add_db(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--db", required=required, help="the store file")
-    parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    parser.add_argument("--json", action="store_true", help="compact, machine-readable JSON")
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="clinik-local",
-        description="Local clinik Tasks store: demo, inspection, sync and FHIR tools.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_EPILOG,
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    demo = sub.add_parser(
-        "demo",
-        help="create the seed's lab order and N realistic tasks, then search them",
-        description="Create the seed's lab order and N realistic tasks, run each search "
-        "and a deep page, and print what each step took.",
-    )
-    demo.add_argument("--db", default=":memory:", help="store file (default: in memory)")
-    demo.add_argument(
-        "--tasks", type=int, default=100_000, help="tasks to generate (default 100000)"
-    )
-    demo.add_argument("--seed", type=int, default=7, help="random seed for generated tasks")
-    demo.add_argument(
-        "--sync-changes",
-        type=int,
-        default=2_000,
-        help="changes made offline, then synced to a local reference server (0: skip)",
-    )
-    demo.set_defaults(run=_cmd_demo)
-
-    tasks = sub.add_parser("tasks", help="create, get and search tasks (JSON in and out)")
+def _add_tasks(sub: Any) -> None:
+    tasks = sub.add_parser("tasks", help="create, get, update, delete, search tasks (JSON)")
     tasks_sub = tasks.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = tasks_sub.add_parser(
         "create",
@@ -319,20 +793,151 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_db(create)
     create.add_argument("--data", help="the wire-form request JSON (default: read stdin)")
     create.set_defaults(run=_cmd_tasks_create)
-    get = tasks_sub.add_parser("get", help="print one task")
+
+    get = tasks_sub.add_parser("get", help="print one task with its sync state (JSON)")
     get.add_argument("id")
     _add_db(get)
     get.set_defaults(run=_cmd_tasks_get)
+
+    update = tasks_sub.add_parser(
+        "update",
+        help="change fields of a task: given keys replace, null clears",
+        epilog="example: clinik-local tasks update task_01J... --db clinic.db "
+        '--data \'{"status":"accepted"}\' --if-match 1',
+    )
+    update.add_argument("id")
+    _add_db(update)
+    update.add_argument("--data", help="the changes as wire-form JSON (default: read stdin)")
+    update.add_argument("--if-match", help="only if the task is still at this versionId")
+    update.add_argument(
+        "--admin-override", metavar="REASON", help="let a status change the lifecycle forbids"
+    )
+    update.set_defaults(run=_cmd_tasks_update)
+
+    delete = tasks_sub.add_parser("delete", help="delete a task (queued for sync)")
+    delete.add_argument("id")
+    _add_db(delete)
+    delete.add_argument("--if-match", help="only if the task is still at this versionId")
+    delete.set_defaults(run=_cmd_tasks_delete)
+
+    history = tasks_sub.add_parser("history", help="every version of a task, oldest first")
+    history.add_argument("id")
+    _add_db(history)
+    history.set_defaults(run=_cmd_tasks_history)
+
     search = tasks_sub.add_parser(
         "search",
         help="search with the API's filter names: NAME=VALUE (commas mean any of)",
-        epilog="example: clinik-local tasks search --db clinic.db status=requested,received",
+        epilog="example: clinik-local tasks search --db clinic.db status=requested,received "
+        "limit=5 (limit, cursor, sort and total may be given as NAME=VALUE too)",
     )
     search.add_argument("filters", nargs="*", metavar="NAME=VALUE")
-    search.add_argument("--limit", type=int, default=20)
+    search.add_argument("--limit", type=int, help="tasks per page, 1-1000 (default 20)")
     search.add_argument("--cursor", help="nextCursor of the previous page")
     _add_db(search)
     search.set_defaults(run=_cmd_tasks_search)
+
+
+def _add_sync(sub: Any) -> None:
+    sync = sub.add_parser(
+        "sync",
+        help="sync status, delivery, dead letters and conflicts of a store",
+        epilog="examples:\n  CLINIK_TOKEN=... clinik-local sync run --db clinic.db "
+        "--url https://clinic-host/api/v1\n  clinik-local sync dead-letters --db clinic.db\n"
+        "  clinik-local sync resolve task_01J... --keep remote --db clinic.db\n\n"
+        "Only `run` talks to the service; the others read or change the local store.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sync_sub = sync.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    run = sync_sub.add_parser(
+        "run",
+        help="deliver every pending change now (progress on stderr), then print the status",
+        description="Deliver every pending change to the service. Stops with exit code 6 "
+        "as soon as the service is unreachable (unless --wait-online), and with exit code "
+        "7 when dead letters or conflicts remain.",
+    )
+    _add_db(run)
+    run.add_argument("--url", required=True, help="the service's API root")
+    run.add_argument(
+        "--token-env",
+        default="CLINIK_TOKEN",
+        help="environment variable with the bearer token (never a command-line argument)",
+    )
+    run.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
+    run.add_argument("--wait", type=_seconds, default=300.0, help="give up after N seconds")
+    run.add_argument(
+        "--wait-online",
+        action="store_true",
+        help="when the service is unreachable, keep retrying until --wait (default: stop)",
+    )
+    run.add_argument("--ca-bundle", metavar="PATH", help="trust this CA file (PEM) for TLS")
+    run.add_argument(
+        "--allow-insecure-http",
+        action="store_true",
+        help="allow plain http to a host that is not loopback (the token travels unencrypted)",
+    )
+    run.set_defaults(run=_cmd_sync_run)
+
+    for action, text in (
+        ("status", "outbox counts: pending, in flight, dead letters, conflicts"),
+        ("dead-letters", "changes the server refused for good"),
+        ("conflicts", "tasks whose server version moved on (412), both versions"),
+        ("retry", "put a dead letter back in the queue (sent on the next `sync run`)"),
+        ("discard", "drop a dead letter (the local task stays as it is)"),
+        ("resolve", "settle a conflict: keep the local or the remote task, or a merged one"),
+    ):
+        p = sync_sub.add_parser(action, help=text)
+        _add_db(p)
+        # Accepted for scripts written when every sync command needed them; unused here.
+        p.add_argument("--url", help=argparse.SUPPRESS)
+        p.add_argument("--token-env", help=argparse.SUPPRESS)
+        p.add_argument("--timeout", help=argparse.SUPPRESS)
+        if action in ("retry", "discard"):
+            p.add_argument("change_id")
+        if action == "resolve":
+            p.add_argument("task_id")
+            how = p.add_mutually_exclusive_group(required=True)
+            how.add_argument("--keep", choices=("local", "remote"), help="which side wins")
+            how.add_argument(
+                "--merged", metavar="JSON", help="the merged task as wire JSON ('-': stdin)"
+            )
+        p.set_defaults(run=_cmd_sync_local)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="clinik-local",
+        description="Local clinik Tasks store: demo, inspection, sync and FHIR tools.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"clinik-local {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="create the seed's lab order and N realistic tasks, search them, sync",
+        description="Create the seed's lab order and N realistic tasks in a SQLite file, run "
+        "each search and a deep page, then show offline changes syncing to a local reference "
+        "server; print what each step took.",
+    )
+    demo.add_argument(
+        "--db",
+        default=_DEMO_DB,
+        help=f"store file (default: ./{_DEMO_DB}, replaced on each run; :memory: allowed)",
+    )
+    demo.add_argument("--tasks", type=_count, default=20_000, help="tasks to generate (20000)")
+    demo.add_argument("--seed", type=int, default=7, help="random seed for generated tasks")
+    demo.add_argument(
+        "--sync-changes",
+        type=_count,
+        default=1_000,
+        help="changes made offline, then synced to a local reference server (0: skip)",
+    )
+    demo.set_defaults(run=_cmd_demo)
+
+    _add_tasks(sub)
 
     check = sub.add_parser(
         "check", help="integrity check, schema version, table sizes and outbox health"
@@ -348,8 +953,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--host", default="127.0.0.1", help="a loopback address to listen on (others are refused)"
     )
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--db", default=":memory:", help="the server's own SQLite file")
+    serve.add_argument("--port", type=_port, default=8080, help="0-65535 (0: a free port)")
+    serve.add_argument("--db", default=_MEMORY, help="the server's own SQLite file")
     serve.add_argument(
         "--token-env",
         default="CLINIK_TOKEN",
@@ -363,37 +968,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(run=_cmd_serve)
 
-    sync = sub.add_parser(
-        "sync",
-        help="sync status, delivery, dead letters and conflicts of a store",
-        epilog="examples:\n  CLINIK_TOKEN=... clinik-local sync run --db clinic.db "
-        "--url https://clinic-host/api/v1\n  clinik-local sync dead-letters --db clinic.db "
-        "--url https://clinic-host/api/v1",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sync_sub = sync.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, text in (
-        ("status", "where sync stands: state and outbox counts"),
-        ("run", "deliver every pending change now (progress bar), then print the status"),
-        ("dead-letters", "changes the server refused for good"),
-        ("conflicts", "tasks whose server version moved on (412), both versions"),
-        ("retry", "put a dead letter back in the queue"),
-        ("discard", "drop a dead letter (the local task stays as it is)"),
-    ):
-        p = sync_sub.add_parser(action, help=text)
-        _add_db(p)
-        p.add_argument("--url", required=True, help="the service's API root")
-        p.add_argument(
-            "--token-env",
-            default="CLINIK_TOKEN",
-            help="environment variable with the bearer token (never a command-line argument)",
-        )
-        p.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
-        if action == "run":
-            p.add_argument("--wait", type=float, default=300.0, help="give up after N seconds")
-        if action in ("retry", "discard"):
-            p.add_argument("change_id")
-        p.set_defaults(run=_cmd_sync)
+    _add_sync(sub)
 
     export = sub.add_parser(
         "export",
@@ -401,8 +976,10 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog="example: clinik-local export --db clinic.db --format R4 --out tasks.ndjson",
     )
     export.add_argument("--db", required=True, help="the store file")
-    export.add_argument("--format", choices=("wire", "R4", "R5"), default="wire")
-    export.add_argument("--out", default="-", help="output file (default: stdout)")
+    export.add_argument(
+        "--format", type=_format_name, default="wire", metavar="{wire,R4,R5}", help="any case"
+    )
+    export.add_argument("--out", default="-", help="output file, created 0600 (default: stdout)")
     export.set_defaults(run=_cmd_export)
 
     imp = sub.add_parser(
@@ -411,8 +988,10 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog="example: clinik-local import --db clinic.db --format R5 tasks.ndjson",
     )
     _add_db(imp)
-    imp.add_argument("--format", choices=("wire", "R4", "R5"), default="wire")
-    imp.add_argument("file", help="the NDJSON file")
+    imp.add_argument(
+        "--format", type=_format_name, default="wire", metavar="{wire,R4,R5}", help="any case"
+    )
+    imp.add_argument("file", help="the NDJSON file (UTF-8)")
     imp.set_defaults(run=_cmd_import)
     return parser
 
@@ -426,26 +1005,39 @@ _EXIT_FOR: tuple[tuple[type[ClinikError], int], ...] = (
 )
 
 
+def _quiet_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null so the exit flush cannot fail."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the process exit code."""
+    """Run the command line; returns the process exit code (see :data:`EXIT_CODES`)."""
     args = _build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace, TextIO], int] = args.run
+    as_json = bool(getattr(args, "json", False))
     try:
         return run(args, sys.stdout)
     except ClinikError as exc:
         code = next((c for kind, c in _EXIT_FOR if isinstance(exc, kind)), EXIT_USAGE)
-        if getattr(args, "json", False):
-            error: dict[str, object] = {"error": type(exc).__name__, "message": str(exc)}
-            if isinstance(exc, ValidationError):
-                error["fields"] = [
-                    {"path": e.path, "message": e.message, "allowed": e.allowed} for e in exc.errors
-                ]
-            print(json.dumps(error), file=sys.stderr)
-        else:
-            print(f"clinik-local: error: {exc}", file=sys.stderr)
-        return code
+        return _report(exc, code, as_json)
+    except _Failure as exc:
+        return _report(exc, exc.code, as_json)
     except KeyboardInterrupt:
-        return 130
+        print("clinik-local: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _report(OSError(f"{where}{exc.strerror or exc}"), EXIT_STORAGE, as_json)
+    except Exception as exc:
+        if os.environ.get("CLINIK_TRACEBACK"):
+            raise
+        message = f"internal error (please report it): {type(exc).__name__}: {exc}"
+        return _report(RuntimeError(message), EXIT_INTERNAL, as_json)
 
 
 if __name__ == "__main__":  # pragma: no cover

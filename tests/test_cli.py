@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from clinik_local import TaskStore
+
 
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -81,12 +83,14 @@ def test_bad_input_exits_2_and_names_the_field(db: str) -> None:
 
 
 def test_unknown_filter_is_refused_with_exit_2(db: str) -> None:
+    TaskStore.open(db).close()  # read commands refuse a missing store (exit 3)
     result = run_cli("tasks", "search", "--db", db, "colour=red")
     assert result.returncode == 2
     assert "colour" in result.stderr
 
 
 def test_missing_task_exits_3(db: str) -> None:
+    TaskStore.open(db).close()  # an existing store without that task
     result = run_cli("tasks", "get", "task_missing", "--db", db)
     assert result.returncode == 3
     assert "task_missing" in result.stderr
@@ -117,7 +121,8 @@ def test_demo_runs_small_and_reports_each_search(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     for name in ("patientId", "ownerId", "requesterId", "status", "priority", "code"):
         assert f"search {name}" in result.stdout
-    assert "outbox entries waiting for sync 301" in result.stdout
+    assert "local store " in result.stdout
+    assert "outbox 301 changes waiting for sync" in result.stdout
 
 
 def test_help_shows_examples() -> None:

@@ -65,8 +65,7 @@ _ANCHOR_TASK = (
     "authored_on, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _ANCHOR_OUTBOX = (
-    "INSERT INTO outbox (change_id, task_id, op, payload, created_at) "
-    "VALUES (?, ?, 'create', ?, ?)"
+    "INSERT INTO outbox (change_id, task_id, op, payload, created_at) VALUES (?, ?, 'create', ?, ?)"
 )
 _FILTERS = [
     ("patientId", "patient_id", "pt_000042"),

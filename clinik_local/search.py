@@ -110,6 +110,7 @@ __all__ = [
     "TERMINAL_STATUSES",
     "CompiledSearch",
     "compile_search",
+    "count_query",
     "next_cursor",
     "normalise_filters",
     "page_query",
@@ -223,6 +224,21 @@ class CompiledSearch:
     #: (probe sql, probe params, page sql, page params) of the membership-probing
     #: variant, for a search with one basedOn/partOf/input/output filter.
     dense: tuple[str, tuple[object, ...], str, tuple[object, ...]] | None = None
+    #: The count query with a ``LIMIT ?`` inside: counts at most that many matches.
+    bounded_count_sql: str = ""
+
+
+def count_query(compiled: CompiledSearch, at_most: int | None) -> tuple[str, tuple[object, ...]]:
+    """The count SQL and parameters; with ``at_most``, a count that stops at that many.
+
+    A count must read every match; where the caller only needs to know "how many, up
+    to N" (a badge showing "99+"), the bounded form reads at most N of them.
+    """
+    if at_most is None:
+        return compiled.count_sql, compiled.count_params
+    if isinstance(at_most, bool) or not isinstance(at_most, int) or at_most < 1:
+        raise ValidationError.single("at_most", "expected a positive integer", at_most, ">= 1")
+    return compiled.bounded_count_sql, (*compiled.count_params, at_most)
 
 
 def normalise_filters(
@@ -774,6 +790,7 @@ def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | 
     total = False
     sort = [("authoredOn", True)]
     side: list[tuple[int, str, str, list[object]]] = []  # membership terms
+    date_walk: tuple[int, str, list[object]] | None = None  # periodStart, walkable
     for name, raw in merged.items():
         if name == "limit":
             limit = _limit(raw)
@@ -788,6 +805,11 @@ def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | 
             equalities[name] = eq
             canonical[name] = [eq.include, eq.exclude, eq.missing]
         elif name in DATE_FILTERS:
+            if name == "periodStart":
+                # The same term on +period_start, which no index can seek: the dense
+                # variant walks tasks_by_authored and tests the range on its entries.
+                walked = _parse_date(name, "+period_start", raw)
+                date_walk = (len(terms), walked[0], walked[1])
             terms.append(_record(canonical, name, _parse_date(name, DATE_FILTERS[name], raw)))
         elif name in _REFS or name in _IO:
             (table, side_where), side_params, canon = (
@@ -866,6 +888,10 @@ def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | 
         count_where.append("(" + " OR ".join(a for a, _ in arm_list) + ")")
         count_params.extend(p for _, ps in arm_list for p in ps)
     count_sql = f"SELECT count(*) FROM tasks WHERE {' AND '.join(count_where) or '1'}"
+    bounded_count_sql = (
+        f"SELECT count(*) FROM (SELECT 1 FROM tasks WHERE {' AND '.join(count_where) or '1'} "
+        "LIMIT ?)"
+    )
 
     after: str | None = None
     if cursor is not None:
@@ -909,6 +935,21 @@ def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | 
         )
         probe = f"SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {side_where} LIMIT ?)"
         dense = (probe, tuple(side_params), *assemble(dense_where, params))
+    elif (
+        date_walk is not None
+        and not side
+        and not arm_list
+        and "text" not in canonical
+        and exprs == ["authored_on", "id"]
+    ):
+        # A periodStart range matching many tasks under the default sort: walk
+        # tasks_by_authored (which carries period_start) instead of sorting every match.
+        index, walked_sql, _walked_params = date_walk
+        original_sql, original_params = terms[index]
+        dense_where = list(where)
+        dense_where[index] = walked_sql
+        probe = f"SELECT count(*) FROM (SELECT 1 FROM tasks WHERE {original_sql} LIMIT ?)"
+        dense = (probe, tuple(original_params), *assemble(dense_where, params))
     compiled = CompiledSearch(
         page_sql,
         page_params,
@@ -919,6 +960,7 @@ def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | 
         total,
         len(exprs),
         dense,
+        bounded_count_sql,
     )
     return compiled, after
 

@@ -79,9 +79,7 @@ def test_derived_rows_equal_what_the_triggers_write_for_any_valid_task(
     wire = encode_task(decode_task(request))
     refs, io, text = _triggered(wire)
     derived = derive_rows(wire)
-    decimals = [
-        i for d in ("input", "output") for i in wire.get(d, ()) if "valueDecimal" in i
-    ]
+    decimals = [i for d in ("input", "output") for i in wire.get(d, ()) if "valueDecimal" in i]
     assert list(derived.refs) == refs
     if all(_exact(i["valueDecimal"]) for i in decimals):
         assert sorted(derived.io, key=lambda r: (r[0], r[3])) == io
@@ -99,7 +97,8 @@ def test_a_decimal_value_is_spelled_as_sqlite_casts_a_real(value: float) -> None
     wire = {"input": [{"type": "t", "valueDecimal": value}]}
     _, io, _ = _triggered(wire)
     text = io_value_text(wire["input"][0])
-    assert text is not None and float(text) == value
+    assert text is not None
+    assert float(text) == value
     if _exact(value):
         assert text == io[0][2]
 
@@ -130,5 +129,6 @@ def test_booleans_integers_and_strings_render_as_the_search_compares_them() -> N
 
 def test_a_task_without_inputs_has_no_io_rows_and_no_io_text() -> None:
     rows = derive_rows({"description": "Draw labs", "code": "lab-order"})
-    assert rows.io == () and rows.refs == ()
+    assert rows.io == ()
+    assert rows.refs == ()
     assert rows.text == ("Draw labs", None, None, "lab-order", None)

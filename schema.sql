@@ -116,6 +116,10 @@ CREATE VIRTUAL TABLE task_text USING fts5 (
     content = '', contentless_delete = 1,
     tokenize = 'unicode61 remove_diacritics 2'
 );
+-- task_text_terms: the vocabulary of task_text (fts5vocab: no storage of its own). A
+-- common search word is expanded to its exact terms, whose doclists FTS5 can seek by
+-- rowid, so a dense text match walks the sort order (search.py, _dense_text).
+CREATE VIRTUAL TABLE task_text_terms USING fts5vocab(task_text, 'row');
 
 CREATE TRIGGER tasks_derive_insert AFTER INSERT ON tasks BEGIN
     INSERT INTO task_refs (kind, ref, seq)

@@ -23,7 +23,8 @@ APPLICATION_ID = 0x436C6E6B
 SCHEMA_VERSION = 2
 
 #: Version 2 (issue 16, a lean write path): task_text without prefix indexes, rebuilt
-#: from the bodies exactly as the triggers derive it; tasks_by_authored also carries
+#: from the bodies exactly as the triggers derive it, and its vocabulary view
+#: task_text_terms (dense text searches); tasks_by_authored also carries
 #: period_start, for periodStart ranges walked in the default sort order. Nothing
 #: else changes: every task, history row, outbox row and derived row is kept.
 _TO_2 = """
@@ -35,6 +36,7 @@ CREATE VIRTUAL TABLE task_text USING fts5 (
     content = '', contentless_delete = 1,
     tokenize = 'unicode61 remove_diacritics 2'
 );
+CREATE VIRTUAL TABLE task_text_terms USING fts5vocab(task_text, 'row');
 INSERT INTO task_text (rowid, description, note, business_status, code, io_values)
 SELECT seq, json_extract(body, '$.description'), json_extract(body, '$.note'),
        json_extract(body, '$.businessStatus'), json_extract(body, '$.code'),

@@ -791,6 +791,7 @@ def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | 
     sort = [("authoredOn", True)]
     side: list[tuple[int, str, str, list[object]]] = []  # membership terms
     date_walk: tuple[int, str, list[object]] | None = None  # periodStart, walkable
+    text_at = -1  # index of the text term in terms
     for name, raw in merged.items():
         if name == "limit":
             limit = _limit(raw)
@@ -819,6 +820,7 @@ def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | 
             side.append((len(terms), table, side_where, side_params))
             terms.append((f"seq IN (SELECT seq FROM {table} WHERE {side_where})", side_params))
         elif name == "text":
+            text_at = len(terms)
             terms.append(_record(canonical, name, _parse_text(raw)))
         elif name == "dueBefore":
             if isinstance(raw, datetime):
@@ -936,6 +938,25 @@ def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | 
         probe = f"SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {side_where} LIMIT ?)"
         dense = (probe, tuple(side_params), *assemble(dense_where, params))
     elif (
+        text_at >= 0
+        and not side
+        and uniform
+        and tuple(exprs[:-1]) in _WALKABLE_SORTS
+        and all(_ASCII_WORD.fullmatch(w) for w in canonical["text"])  # type: ignore[attr-defined]
+    ):
+        # A common word: walk the sort order and probe each task's text (exact terms).
+        words: list[str] = list(canonical["text"])  # type: ignore[call-overload]
+        probe, probe_params, match_sql, match_params = _dense_text(words)
+        dense_where = list(where)
+        dense_where[text_at] = (
+            f"(SELECT 1 FROM task_text WHERE task_text MATCH {match_sql} "
+            "AND rowid = tasks.seq) IS NOT NULL"
+        )
+        # The MATCH expression's parameters come first in the text term's place.
+        before = sum(len(p) for _, p in terms[:text_at])
+        dense_params = [*params[:before], *match_params, *params[before + 1 :]]
+        dense = (probe, probe_params, *assemble(dense_where, dense_params))
+    elif (
         date_walk is not None
         and not side
         and not arm_list
@@ -963,6 +984,42 @@ def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | 
         bounded_count_sql,
     )
     return compiled, after
+
+
+#: Sorts an index delivers in order, for the dense text walk (a walk under any other
+#: sort would probe every task before sorting).
+_WALKABLE_SORTS = {("authored_on",), ("last_modified",), (DUE_KEY,)}
+_ASCII_WORD = re.compile(r"[a-z0-9]+")
+#: A text word whose prefix is the start of more vocabulary terms than this is left to
+#: the sparse plan (one FTS5 OR-query of that many exact terms per probe is too many).
+_MAX_TERMS = 64
+#: The exact index terms a word is the prefix of, as an FTS5 OR-query (the word itself,
+#: matching nothing, when there are none). task_text_terms is the fts5vocab view of
+#: task_text: a prefix query ("lipid"*) cannot seek a rowid, its exact terms can.
+_TERMS_OR = (
+    "(SELECT ifnull('(' || group_concat('\"' || replace(term, '\"', '\"\"') || '\"', ' OR ') "
+    "|| ')', '\"' || ? || '\"') FROM task_text_terms WHERE term >= ? AND term < ?)"
+)
+_TERM_DOCS = (
+    "(SELECT CASE WHEN count(*) > {limit} THEN 0 ELSE ifnull(sum(doc), 0) END "
+    "FROM (SELECT doc FROM task_text_terms WHERE term >= ? AND term < ? LIMIT {over}))"
+)
+
+
+def _dense_text(words: list[str]) -> tuple[str, tuple[object, ...], str, list[object]]:
+    """(probe sql, its params, MATCH expression sql, its params) for lowercase ASCII words.
+
+    The probe estimates the matches: the fewest documents of any word (the sum over its
+    exact terms; 0 when it has too many terms), capped at the threshold page_query
+    binds last. The MATCH expression ANDs, per word, the OR of its exact terms.
+    """
+    ranges = [(w, w[:-1] + chr(ord(w[-1]) + 1)) for w in words]
+    docs = _TERM_DOCS.format(limit=_MAX_TERMS, over=_MAX_TERMS + 1)
+    probe = f"SELECT min({', '.join([docs] * len(words))}, ?)"
+    probe_params = tuple(p for lo_hi in ranges for p in lo_hi)
+    match_sql = "(" + " || ' AND ' || ".join([_TERMS_OR] * len(words)) + ")"
+    match_params: list[object] = [p for w, hi in ranges for p in (w, w, hi)]
+    return probe, probe_params, match_sql, match_params
 
 
 #: A membership filter matching at least max(DENSE_MIN_MATCHES, isqrt(DENSE_FACTOR * n))

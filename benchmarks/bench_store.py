@@ -241,17 +241,6 @@ def main() -> None:
             ours_rate / raw_rate >= 0.6,
         )
         del rows
-        ours_bytes = bytes_per_task(ours_path)
-        anchor_bytes = bytes_per_task(Path(tmp) / "anchor.db")
-        table.add(
-            "bytes per task (file + WAL, checkpointed)",
-            f"{ours_bytes:,.0f} B",
-            f"anchor: {anchor_bytes:,.0f} B",
-            f"{ours_bytes / anchor_bytes:.2f}x",
-            "<= 1.5x anchor",
-            ours_bytes / anchor_bytes <= 1.5,
-        )
-
         # --- single create with its outbox row ------------------------------------
         single_rows = iter(prepared_rows([SEED_LAB_ORDER] * samples))
 
@@ -407,6 +396,17 @@ def main() -> None:
         store.close()
         raw.close()
         anchor.close()
+        # After every connection closed, so the TRUNCATE checkpoint cannot be held back.
+        ours_bytes = bytes_per_task(ours_path)
+        anchor_bytes = bytes_per_task(Path(tmp) / "anchor.db")
+        table.add(
+            "bytes per task (file + WAL, checkpointed)",
+            f"{ours_bytes:,.0f} B",
+            f"anchor: {anchor_bytes:,.0f} B",
+            f"{ours_bytes / anchor_bytes:.2f}x",
+            "<= 1.5x anchor",
+            ours_bytes / anchor_bytes <= 1.5,
+        )
         size = os.path.getsize(ours_path)
 
     print(f"clinik-local store benchmark: {count:,} tasks, {samples} samples, ", end="")

@@ -80,8 +80,11 @@ tens of milliseconds for a word found in a third of 100 000 tasks. A membership 
 input/output filter that matches many tasks (a bounded count decides; see
 :func:`page_query`) is served the other way round: the sort index is walked and each
 task's membership is one index probe, so a common value costs about limit * n / matches
-probes instead. (For text an FTS5 rowid probe per task was measured and is far slower,
-so text always takes the first way.)
+probes instead. Text does the same when every word is plain ASCII and its prefix
+starts at most 64 vocabulary terms (task_text_terms): the probe is an FTS5 query of
+those exact terms, which can seek a rowid (a prefix query cannot). A periodStart range
+under the default sort walks tasks_by_authored, which carries period_start, and tests
+the range on each index entry. :func:`count_query` gives a count bounded by ``at_most``.
 """
 
 from __future__ import annotations

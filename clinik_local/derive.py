@@ -42,13 +42,12 @@ class DerivedRows:
 
 
 def _real_text(value: float) -> str:
-    """A float as SQLite's CAST(real AS TEXT) spells it.
+    """A float as SQLite's CAST(real AS TEXT) spells it, for ordinary decimals.
 
     Shortest round-trip digits, fixed notation for decimal exponents -4..16 (with
-    ``.0`` when integral), else ``d.ddde+XX``. Where a value needs more than 15
-    digits SQLite's own digit generation can end in another last digit than Python's
-    correctly rounded one (the same number either way); a valid task's decimals come
-    from JSON and rarely carry that many.
+    ``.0`` when integral), else ``d.ddde+XX``. Where SQLite's own text-to-real check
+    makes it print 17 digits (some values of 12+ digits, huge or tiny ones), this gives
+    the same number spelt shortest; a clinical decimal rarely has that many digits.
     """
     if not math.isfinite(value):
         return "Inf" if value > 0 else "-Inf" if value < 0 else "NaN"

@@ -61,7 +61,10 @@ CREATE TABLE tasks (
 --   another date than authoredOn) may sort the matching rows in a temp b-tree; the
 --   filter itself is still index-served (see search.py's docstring).
 -- Statistics: store.optimize() (PRAGMA optimize) runs after bulk imports and at close.
-CREATE INDEX tasks_by_authored    ON tasks (authored_on, id);
+-- tasks_by_authored carries period_start after the sort key: a periodStart range that
+-- matches many tasks is served by walking the default sort order and testing the range
+-- on the index entry itself (search.page_query), with no table read for a non-match.
+CREATE INDEX tasks_by_authored    ON tasks (authored_on, id, period_start);
 CREATE INDEX tasks_by_modified    ON tasks (last_modified, id);
 CREATE INDEX tasks_by_period_start ON tasks (period_start, id);
 CREATE INDEX tasks_by_due         ON tasks (ifnull(period_end, '~'), id);
@@ -105,13 +108,18 @@ CREATE TABLE task_io (
 CREATE INDEX task_io_by_seq ON task_io (seq);
 
 -- task_text: full-text index (FTS5, contentless, rowid = tasks.seq) over description,
--- note, businessStatus, code and the input/output values. Prefix indexes on 2 and 3
--- characters make short prefix searches ("cb*") cheap.
+-- note, businessStatus, code and the input/output values. No prefix indexes (schema
+-- version 2): they wrote every token three times, for a 25% slower write path, while a
+-- prefix query ("cb*") reads about as much either way (benchmarks/lean_levers.py).
 CREATE VIRTUAL TABLE task_text USING fts5 (
     description, note, business_status, code, io_values,
     content = '', contentless_delete = 1,
-    tokenize = 'unicode61 remove_diacritics 2', prefix = '2 3'
+    tokenize = 'unicode61 remove_diacritics 2'
 );
+-- task_text_terms: the vocabulary of task_text (fts5vocab: no storage of its own). A
+-- common search word is expanded to its exact terms, whose doclists FTS5 can seek by
+-- rowid, so a dense text match walks the sort order (search.py, _dense_text).
+CREATE VIRTUAL TABLE task_text_terms USING fts5vocab(task_text, 'row');
 
 CREATE TRIGGER tasks_derive_insert AFTER INSERT ON tasks BEGIN
     INSERT INTO task_refs (kind, ref, seq)

@@ -28,7 +28,7 @@ from pathlib import Path
 import apsw
 
 from clinik_local import TaskStore
-from clinik_local.search import compile_search, normalise_filters, page_query
+from clinik_local.search import compile_search, count_query, normalise_filters, page_query
 
 ME = "ow_7"
 TERMINAL = "('cancelled', 'completed', 'failed', 'rejected')"
@@ -277,6 +277,15 @@ def run(path: Path, reps: int) -> None:
         print(f"{'work list, page 40 (keyset cursor)':<46} {50:>5} {deep[0]:>8.3f} {deep[1]:>8.3f}")
     count = timed(lambda: store.tasks.count(ownerId=[ME, None], overdue=True), reps)
     print(f"{'count(mine+unassigned, overdue)':<46} {'':>5} {count[0]:>8.3f} {count[1]:>8.3f}")
+    # The bounded count (search.count_query, at_most=100), on the raw connection: what a
+    # "99+" badge needs; store.tasks.count(..., at_most=) is to call the same SQL.
+    overdue, _ = compile_search(normalise_filters({"ownerId": [ME, None], "overdue": True}, {}))
+    bounded_sql, bounded_params = count_query(overdue, 100)
+    bounded = timed(lambda: raw.execute(bounded_sql, bounded_params).fetchall(), reps)
+    print(
+        f"{'count(mine+unassigned, overdue, at_most=100)':<46} {'':>5} {'':>8} {'':>8} "
+        f"{bounded[0]:>9.3f} {bounded[1]:>9.3f}"
+    )
     raw.close()
     store.close()
 

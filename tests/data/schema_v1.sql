@@ -1,0 +1,232 @@
+-- clinik-local store schema: the one source of truth for storage.
+--
+-- Shipped inside the wheel as clinik_local/schema.sql and run once, inside one
+-- transaction, when a new store file is created. The store records
+-- PRAGMA user_version = SCHEMA_VERSION (clinik_local/migrations.py) and
+-- PRAGMA application_id = 0x436C6E6B ('Clnk'), so a file of another program or of a
+-- newer clinik-local is recognised and refused before anything writes to it.
+-- Older files are brought forward by the numbered migrations in migrations.py.
+--
+-- Conventions: instants are fixed-width UTC text YYYY-MM-DDTHH:MM:SS.sssZ, so text
+-- order is time order and range scans on them use indexes. Every search index ends
+-- with (authored_on, id): the default sort (newest authoredOn first, then id) is read
+-- straight off the index, backwards, so a filtered page never builds a temp b-tree,
+-- and keyset cursors seek to (authored_on, id) in O(log n) at any depth.
+
+-- tasks: the current version of every live task. Searchable fields are real columns;
+-- body is the whole task in its wire (camelCase JSON) form, returned by get/search.
+CREATE TABLE tasks (
+    seq           INTEGER PRIMARY KEY,   -- rowid: stable integer key (FTS5 content rowid)
+    id            TEXT NOT NULL UNIQUE,  -- the task id shared with the remote service
+    version       INTEGER NOT NULL,      -- local version counter: versionId on the wire
+    status        TEXT NOT NULL,
+    intent        TEXT NOT NULL,
+    priority      TEXT,
+    priority_rank INTEGER NOT NULL,      -- 0 stat, 1 asap, 2 urgent, 3 routine, 4 none
+    code          TEXT,
+    patient_id    TEXT,
+    owner_id      TEXT,
+    requester_id  TEXT,
+    encounter_id  TEXT,
+    focus_id      TEXT,
+    business_status TEXT,
+    authored_on   TEXT NOT NULL,
+    last_modified TEXT NOT NULL,
+    period_start  TEXT,
+    period_end    TEXT,
+    body          TEXT NOT NULL
+);
+
+-- Index strategy (clinik_local/search.py compiles every search to use these):
+-- * One index per equality filter, each followed by the default sort key
+--   (authored_on, id): `field = ?` seeks, and the page is read in order, backwards,
+--   with no temp b-tree. An any-of (a list, None for "unassigned", or an enum's
+--   {"not": [...]}, which becomes the complement list) is compiled to one
+--   `SELECT ... UNION ALL SELECT ...` arm per value: SQLite merges the ordered arms
+--   (MERGE (UNION ALL)), so "mine or unassigned" is still index-ordered.
+-- * priority is filtered and sorted on priority_rank (0 stat .. 3 routine, 4 none), so
+--   tasks_by_priority serves both `priority=` and the work-list sort
+--   `-priority,authoredOn` (forward scan).
+-- * tasks_worklist serves the lab technician's work list: ownerId any-of (me, or
+--   unassigned) sorted -priority,authoredOn; status exclusions are residual checks.
+-- * Date filters: authoredOn on tasks_by_authored (which also serves the default
+--   sort), lastModified on tasks_by_modified (also the lastModified sort),
+--   periodStart on tasks_by_period_start. periodEnd, dueBefore, overdue and the `due`
+--   sort use tasks_by_due, on ifnull(period_end, '~'): '~' sorts after every
+--   instant, so a task without a due date sorts last ascending and keyset cursors never
+--   compare NULLs. tasks_open_by_due holds only tasks not in a terminal status
+--   (search.py writes the same `status NOT IN (...)` term, so the planner matches
+--   it): overdue / dueBefore seek it, and its size is the open work, not the history.
+-- * Sorts not listed (e.g. `status` alone, mixed directions, a range filter on
+--   another date than authoredOn) may sort the matching rows in a temp b-tree; the
+--   filter itself is still index-served (see search.py's docstring).
+-- Statistics: store.optimize() (PRAGMA optimize) runs after bulk imports and at close.
+CREATE INDEX tasks_by_authored    ON tasks (authored_on, id);
+CREATE INDEX tasks_by_modified    ON tasks (last_modified, id);
+CREATE INDEX tasks_by_period_start ON tasks (period_start, id);
+CREATE INDEX tasks_by_due         ON tasks (ifnull(period_end, '~'), id);
+CREATE INDEX tasks_open_by_due    ON tasks (ifnull(period_end, '~'), id)
+    WHERE status NOT IN ('cancelled', 'completed', 'failed', 'rejected');
+CREATE INDEX tasks_by_patient     ON tasks (patient_id, authored_on, id);
+CREATE INDEX tasks_by_owner       ON tasks (owner_id, authored_on, id);
+CREATE INDEX tasks_worklist       ON tasks (owner_id, priority_rank, authored_on, id);
+CREATE INDEX tasks_by_requester   ON tasks (requester_id, authored_on, id);
+CREATE INDEX tasks_by_status      ON tasks (status, authored_on, id);
+CREATE INDEX tasks_by_priority    ON tasks (priority_rank, authored_on, id);
+CREATE INDEX tasks_by_code        ON tasks (code, authored_on, id);
+CREATE INDEX tasks_by_intent      ON tasks (intent, authored_on, id);
+CREATE INDEX tasks_by_business_status ON tasks (business_status, authored_on, id);
+CREATE INDEX tasks_by_encounter   ON tasks (encounter_id, authored_on, id);
+CREATE INDEX tasks_by_focus       ON tasks (focus_id, authored_on, id);
+
+-- Derived search data, kept in step with tasks by the triggers below: they run inside
+-- the same transaction as every write, deriving everything from the wire JSON in
+-- tasks.body, so no write path has to remember them.
+--
+-- task_refs: membership of basedOn / partOf ("tasks part of T").
+CREATE TABLE task_refs (
+    kind  TEXT NOT NULL CHECK (kind IN ('basedOn', 'partOf')),
+    ref   TEXT NOT NULL,
+    seq   INTEGER NOT NULL,               -- tasks.seq
+    PRIMARY KEY (kind, ref, seq)
+) WITHOUT ROWID;
+CREATE INDEX task_refs_by_seq ON task_refs (seq);
+
+-- task_io: one row per input / output, with its value rendered as text (booleans as
+-- true/false), for `input=type` and `input=type|value` filters.
+CREATE TABLE task_io (
+    direction TEXT NOT NULL CHECK (direction IN ('input', 'output')),
+    type      TEXT NOT NULL,
+    value     TEXT,
+    seq       INTEGER NOT NULL,           -- tasks.seq
+    pos       INTEGER NOT NULL,           -- index in the input/output list
+    PRIMARY KEY (direction, type, value, seq, pos)
+) WITHOUT ROWID;
+CREATE INDEX task_io_by_seq ON task_io (seq);
+
+-- task_text: full-text index (FTS5, contentless, rowid = tasks.seq) over description,
+-- note, businessStatus, code and the input/output values. Prefix indexes on 2 and 3
+-- characters make short prefix searches ("cb*") cheap.
+CREATE VIRTUAL TABLE task_text USING fts5 (
+    description, note, business_status, code, io_values,
+    content = '', contentless_delete = 1,
+    tokenize = 'unicode61 remove_diacritics 2', prefix = '2 3'
+);
+
+CREATE TRIGGER tasks_derive_insert AFTER INSERT ON tasks BEGIN
+    INSERT INTO task_refs (kind, ref, seq)
+        SELECT 'basedOn', value, new.seq FROM json_each(new.body, '$.basedOn')
+        UNION SELECT 'partOf', value, new.seq FROM json_each(new.body, '$.partOf');
+    INSERT INTO task_io (direction, type, value, seq, pos)
+        SELECT d.key, json_extract(i.value, '$.type'),
+               (SELECT CASE v.type WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'
+                       ELSE CAST(v.value AS TEXT) END
+                FROM json_each(i.value) AS v WHERE v.key LIKE 'value%'),
+               new.seq, i.key
+        FROM json_each(new.body) AS d, json_each(d.value) AS i
+        WHERE d.key IN ('input', 'output');
+    INSERT INTO task_text (rowid, description, note, business_status, code, io_values)
+        VALUES (
+            new.seq, json_extract(new.body, '$.description'),
+            json_extract(new.body, '$.note'), json_extract(new.body, '$.businessStatus'),
+            json_extract(new.body, '$.code'),
+            (SELECT group_concat(value, ' ') FROM task_io WHERE seq = new.seq)
+        );
+END;
+
+CREATE TRIGGER tasks_derive_delete AFTER DELETE ON tasks BEGIN
+    DELETE FROM task_refs WHERE seq = old.seq;
+    DELETE FROM task_io WHERE seq = old.seq;
+    DELETE FROM task_text WHERE rowid = old.seq;
+END;
+
+CREATE TRIGGER tasks_derive_update AFTER UPDATE OF body ON tasks
+WHEN old.body IS NOT new.body BEGIN
+    DELETE FROM task_refs WHERE seq = old.seq;
+    DELETE FROM task_io WHERE seq = old.seq;
+    DELETE FROM task_text WHERE rowid = old.seq;
+    INSERT INTO task_refs (kind, ref, seq)
+        SELECT 'basedOn', value, new.seq FROM json_each(new.body, '$.basedOn')
+        UNION SELECT 'partOf', value, new.seq FROM json_each(new.body, '$.partOf');
+    INSERT INTO task_io (direction, type, value, seq, pos)
+        SELECT d.key, json_extract(i.value, '$.type'),
+               (SELECT CASE v.type WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'
+                       ELSE CAST(v.value AS TEXT) END
+                FROM json_each(i.value) AS v WHERE v.key LIKE 'value%'),
+               new.seq, i.key
+        FROM json_each(new.body) AS d, json_each(d.value) AS i
+        WHERE d.key IN ('input', 'output');
+    INSERT INTO task_text (rowid, description, note, business_status, code, io_values)
+        VALUES (
+            new.seq, json_extract(new.body, '$.description'),
+            json_extract(new.body, '$.note'), json_extract(new.body, '$.businessStatus'),
+            json_extract(new.body, '$.code'),
+            (SELECT group_concat(value, ' ') FROM task_io WHERE seq = new.seq)
+        );
+END;
+
+-- task_history: every version of every task, including the deletion, for audit and
+-- conflict resolution. override_reason is set when an update bypassed the lifecycle
+-- check (an administrative correction) and says why.
+CREATE TABLE task_history (
+    task_id         TEXT NOT NULL,
+    version         INTEGER NOT NULL,
+    op              TEXT NOT NULL CHECK (op IN ('create', 'update', 'delete')),
+    body            TEXT NOT NULL,       -- wire JSON of this version (the last one for a delete)
+    changed_at      TEXT NOT NULL,
+    override_reason TEXT,
+    PRIMARY KEY (task_id, version)
+) WITHOUT ROWID;
+
+-- outbox: one row per local change, written in the same transaction as the change.
+-- change_id is the Idempotency-Key sent with every attempt of that change, so a retry
+-- after a crash cannot apply it twice. seq (AUTOINCREMENT: never reused) orders the
+-- changes of one task. state: pending (to send, at next_attempt_at or at once when
+-- NULL), in_flight (being sent), dead (parked: the server will never take it as
+-- sent), conflict (the server's task changed meanwhile; see sync_conflicts).
+-- For a dead row next_attempt_at holds when it was parked (it is never due again
+-- until store.sync.retry()). Delivered rows are removed; task_history keeps the
+-- record of the change.
+CREATE TABLE outbox (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    change_id       TEXT NOT NULL UNIQUE,
+    task_id         TEXT NOT NULL,
+    op              TEXT NOT NULL CHECK (op IN ('create', 'update', 'delete')),
+    payload         TEXT,                -- wire JSON for create/update; NULL for delete
+    base_version    INTEGER,             -- local version the change was made on; NULL for create
+    created_at      TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at TEXT,
+    state           TEXT NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'in_flight', 'dead', 'conflict')),
+    last_error      TEXT,
+    last_status     INTEGER,             -- HTTP status of the last answer, if any
+    last_body       TEXT                 -- server's body of the last answer (dead letters)
+);
+CREATE INDEX outbox_by_task  ON outbox (task_id, seq);
+CREATE INDEX outbox_by_state ON outbox (state, seq);
+
+-- task_sync: what the remote service last said about each task; outlives local
+-- deletion so the DELETE can carry If-Match.
+CREATE TABLE task_sync (
+    task_id         TEXT PRIMARY KEY,
+    server_version  TEXT,                -- versionId from the server: the next If-Match
+    server_modified TEXT,
+    synced_at       TEXT
+) WITHOUT ROWID;
+
+-- sync_conflicts: tasks whose change the server refused with 412 because its version
+-- had moved on; both sides are kept until store.sync.resolve() decides.
+CREATE TABLE sync_conflicts (
+    task_id       TEXT PRIMARY KEY,
+    change_id     TEXT NOT NULL,
+    local_body    TEXT,                  -- NULL when the local change was a delete
+    server_body   TEXT,                  -- NULL when the server no longer has the task
+    detected_at   TEXT NOT NULL
+) WITHOUT ROWID;
+
+-- meta: small key/value facts about the store (created_at, store_id, sync cursors).
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;

@@ -1,0 +1,188 @@
+"""A store file at schema version 1 opens, is migrated to the current version in one
+transaction, and loses nothing.
+
+The version-1 file is built by hand from tests/data/schema_v1.sql (the schema.sql of
+version 1, as released) with raw apsw: its triggers derive task_refs, task_io and the
+version-1 task_text, exactly as a version-1 clinik-local left them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import apsw
+import pytest
+
+from clinik_local import TaskStore, encode_task
+from clinik_local import migrations as migrations_module
+from clinik_local.codec import decode_task
+from clinik_local.demo import generate_requests
+from clinik_local.errors import StorageError
+from clinik_local.ids import new_change_id, new_task_id
+from clinik_local.migrations import APPLICATION_ID, SCHEMA_VERSION
+
+V1_SCHEMA = (Path(__file__).parent / "data" / "schema_v1.sql").read_text(encoding="utf-8")
+_RANK = {"stat": 0, "asap": 1, "urgent": 2, "routine": 3, None: 4}
+_TASK = (
+    "INSERT INTO tasks (id, version, status, intent, priority, priority_rank, code, "
+    "patient_id, owner_id, requester_id, encounter_id, focus_id, business_status, "
+    "authored_on, last_modified, period_start, period_end, body) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_WORDS = ["cbc", "lipid", "npo", "mri", "cardiology", "or"]
+
+
+def _wire(request: dict[str, Any], version: int) -> dict[str, Any]:
+    task = decode_task(request)
+    object.__setattr__(task, "version_id", str(version))
+    object.__setattr__(task, "last_modified", task.authored_on)
+    return encode_task(task)
+
+
+def _columns(w: dict[str, Any], version: int) -> tuple[object, ...]:
+    period = w.get("executionPeriod") or {}
+    return (
+        w["id"], version, w["status"], w["intent"], w.get("priority"),
+        _RANK[w.get("priority")], w.get("code"), w.get("patientId"), w.get("ownerId"),
+        w.get("requesterId"), w.get("encounterId"), w.get("focusId"),
+        w.get("businessStatus"), w["authoredOn"], w["lastModified"], period.get("start"),
+        period.get("end"), json.dumps(w, separators=(",", ":")),
+    )  # fmt: skip
+
+
+def build_v1(path: Path, count: int = 300) -> list[dict[str, Any]]:
+    """A version-1 store with ``count`` tasks (each with history and outbox rows), a few
+    updated (two history rows) and one deleted. Returns the live tasks' wire forms."""
+    conn = apsw.Connection(str(path))
+    conn.pragma("journal_mode", "wal")
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(V1_SCHEMA)
+    conn.execute("INSERT INTO meta (key, value) VALUES ('created_at', '2025-01-01T00:00:00.000Z')")
+    live: list[dict[str, Any]] = []
+    for n, request in enumerate(generate_requests(count, seed=3)):
+        request = dict(request, id=new_task_id())
+        if n % 7 == 0:
+            request["partOf"] = ["t_parent1"]
+            request["basedOn"] = ["sr_1", "sr_2"]
+        wire = _wire(request, 1)
+        conn.execute(_TASK, _columns(wire, 1))
+        body = json.dumps(wire, separators=(",", ":"))
+        conn.execute(
+            "INSERT INTO task_history (task_id, version, op, body, changed_at) "
+            "VALUES (?, 1, 'create', ?, ?)",
+            (wire["id"], body, wire["lastModified"]),
+        )
+        conn.execute(
+            "INSERT INTO outbox (change_id, task_id, op, payload, created_at) "
+            "VALUES (?, ?, 'create', ?, ?)",
+            (new_change_id(), wire["id"], body, wire["lastModified"]),
+        )
+        if n % 10 == 0:  # an update: a second version in the history
+            wire = _wire(dict(request, description=f"updated {n} lipid"), 2)
+            body = json.dumps(wire, separators=(",", ":"))
+            conn.execute("DELETE FROM tasks WHERE id = ?", (wire["id"],))
+            conn.execute(_TASK, _columns(wire, 2))
+            conn.execute(
+                "INSERT INTO task_history (task_id, version, op, body, changed_at) "
+                "VALUES (?, 2, 'update', ?, ?)",
+                (wire["id"], body, wire["lastModified"]),
+            )
+        live.append(wire)
+    gone = live.pop()
+    conn.execute("DELETE FROM tasks WHERE id = ?", (gone["id"],))
+    conn.execute(
+        "INSERT INTO task_history (task_id, version, op, body, changed_at) "
+        "VALUES (?, ?, 'delete', ?, ?)",
+        (gone["id"], int(gone["versionId"]) + 1, json.dumps(gone), gone["lastModified"]),
+    )
+    conn.pragma("application_id", APPLICATION_ID)
+    conn.pragma("user_version", 1)
+    conn.execute("COMMIT")
+    conn.close()
+    return live
+
+
+def _snapshot(path: Path) -> dict[str, object]:
+    """Everything a migration must keep, read with raw apsw."""
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        out: dict[str, object] = {
+            table: conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
+            for table in ("tasks", "task_history", "outbox", "task_refs", "task_io", "meta")
+        }
+        for word in _WORDS:
+            out[f"text:{word}"] = sorted(
+                r[0]
+                for r in conn.execute(
+                    "SELECT rowid FROM task_text WHERE task_text MATCH ?", (f'"{word}"*',)
+                )
+            )
+        out["version"] = conn.pragma("user_version")
+        out["schema"] = [
+            r[0] for r in conn.execute("SELECT sql FROM sqlite_schema WHERE name = 'task_text'")
+        ]
+    finally:
+        conn.close()
+    return out
+
+
+def test_a_version_1_file_opens_migrated_and_keeps_every_row_and_text_match(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v1.db"
+    live = build_v1(path)
+    before = _snapshot(path)
+    assert before["version"] == 1
+    assert "prefix" in str(before["schema"])
+    assert all(before[f"text:{w}"] for w in ("cbc", "lipid")), "the fixture must match text"
+
+    with TaskStore.open(path) as store:
+        assert store.schema_version() == SCHEMA_VERSION == 2
+        for wire in live[::17]:
+            got = store.tasks.get(wire["id"]).data
+            assert encode_task(got) == wire
+        updated = store.tasks.history(live[0]["id"]).data
+        assert [h["version"] for h in updated] == [1, 2]
+        # The migrated store searches, and keeps writing through its triggers.
+        ids_by_seq = {row[0]: row[1] for row in before["tasks"]}  # type: ignore[attr-defined]
+        for word in _WORDS:
+            found = store.tasks.search(text=word, limit=1000).data
+            assert sorted(str(t.id) for t in found) == sorted(
+                ids_by_seq[seq]
+                for seq in before[f"text:{word}"]  # type: ignore[attr-defined]
+            )
+        created = store.tasks.create({"status": "ready", "intent": "order",
+                                      "authoredOn": "2025-05-05T00:00:00Z",
+                                      "description": "zebrafish assay"}).data  # fmt: skip
+        assert [t.id for t in store.tasks.search(text="zebra").data] == [created.id]
+        store.tasks.delete(str(created.id))
+
+    after = _snapshot(path)
+    assert after["version"] == 2
+    assert "prefix" not in str(after["schema"])
+    for key, value in before.items():
+        if key in ("version", "schema"):
+            continue
+        kept, now = set(value), set(after[key])  # type: ignore[call-overload]
+        assert kept <= now, key  # every row of version 1 is still there, unchanged
+        # ... and only the create + delete above were added (meta may gain facts).
+        extra = {"task_history": 2, "outbox": 2}.get(key, 0)
+        assert len(now) == len(kept) + extra or key == "meta", key
+
+
+def test_a_failing_migration_leaves_the_version_1_file_exactly_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "v1.db"
+    build_v1(path, count=50)
+    before = _snapshot(path)
+    broken = dict(migrations_module.MIGRATIONS)
+    broken[2] = broken[2] + "\nINSERT INTO no_such_table VALUES (1);"
+    for module in ("clinik_local.migrations", "clinik_local.store"):
+        monkeypatch.setattr(f"{module}.MIGRATIONS", broken)
+    with pytest.raises(StorageError) as raised:
+        TaskStore.open(path)
+    assert "no_such_table" in str(raised.value)
+    assert _snapshot(path) == before

@@ -1,0 +1,159 @@
+"""Dense text matches and periodStart ranges walk the sort order; bounded counts.
+
+When a text word or a periodStart range matches many tasks, ``page_query`` picks the
+variant that walks the sort index and tests each task (an FTS5 probe on the word's
+exact terms; the range on tasks_by_authored's own entries) instead of looking up and
+sorting every match. Both variants must return exactly the same pages.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import apsw
+import pytest
+
+from clinik_local import TaskStore
+from clinik_local.errors import ValidationError
+from clinik_local.search import compile_search, count_query, normalise_filters, page_query
+
+WORDS = ["lipid", "lipids", "panel", "referral", "draw", "cbc", "naïve", "x9"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TaskStore]:
+    path: Path = tmp_path_factory.mktemp("dense") / "dense.db"
+    rng = random.Random(16)
+    requests = []
+    for n in range(3000):
+        month = rng.randint(1, 12)
+        request: dict[str, object] = {
+            "status": rng.choice(["ready", "completed", "requested"]),
+            "intent": "order",
+            # Few distinct instants: ties on authoredOn are broken by id in both variants.
+            "authoredOn": f"2025-{month:02d}-{rng.randint(1, 3):02d}T08:00:00Z",
+            "description": " ".join(rng.sample(WORDS, 3)) + f" for name{n}",
+            "ownerId": rng.choice(["ow_1", "ow_2", "ow_3"]),
+        }
+        if rng.random() < 0.8:
+            year = rng.choice([2025, 2026, 2027])
+            request["executionPeriod"] = {"start": f"{year}-{month:02d}-01T08:00:00Z"}
+        requests.append(request)
+    with TaskStore.open(path) as s:
+        s.tasks.create_many(requests)
+        with s.write() as conn:
+            conn.execute("ANALYZE")
+        yield s
+
+
+def _run(store: TaskStore, filters: dict[str, object]) -> tuple[bool, list[str], list[object]]:
+    """(dense variant picked, its plan, its rows); asserts the rows equal the sparse plan's."""
+    compiled, _ = compile_search(normalise_filters(filters, {}))
+    with store.read() as conn:
+        sql, params = page_query(
+            compiled, lambda s, p: int(str(conn.execute(s, p).fetchall()[0][0]))
+        )
+        plan = [str(r[3]) for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+        rows = conn.execute(sql, params).fetchall()
+        sparse = conn.execute(compiled.page_sql, compiled.page_params).fetchall()
+    assert rows == sparse, filters
+    return compiled.dense is not None and sql == compiled.dense[2], plan, list(rows)
+
+
+def _assert_walks(plan: list[str]) -> None:
+    assert not any("TEMP B-TREE" in line or "BLOOM" in line for line in plan), plan
+    assert not any(line == "SCAN tasks" for line in plan), plan
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {"text": "lipid"},
+        {"text": "LIP"},
+        {"text": "panel referral"},
+        {"text": "draw", "sort": "lastModified"},
+        {"text": "draw", "status": "ready"},
+        {"text": "cbc", "ownerId": ["ow_1", "ow_2"]},
+        {"text": "lipid", "limit": 1000},
+    ],
+)
+def test_a_common_word_walks_the_sort_order_and_returns_the_same_page(
+    store: TaskStore, filters: dict[str, object]
+) -> None:
+    dense, plan, rows = _run(store, filters)
+    assert dense, plan
+    assert rows
+    _assert_walks(plan)
+
+
+def test_every_page_of_a_dense_text_search_agrees_with_the_sparse_plan(store: TaskStore) -> None:
+    cursor: object = None
+    seen: list[str] = []
+    while True:
+        query: dict[str, object] = {"text": "lipid", "limit": 97}
+        if cursor is not None:
+            query["cursor"] = cursor
+        dense, _, _ = _run(store, query)
+        assert dense
+        page = store.tasks.search(query)
+        seen.extend(str(t.id) for t in page.data)
+        cursor = page.meta["nextCursor"]
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)) == store.tasks.count(text="lipid").data
+
+
+@pytest.mark.parametrize("filters", [{"text": "name42"}, {"text": "naïve"}, {"text": "name"}])
+def test_a_rare_word_a_non_ascii_word_or_a_prefix_of_too_many_terms_keeps_the_sparse_plan(
+    store: TaskStore, filters: dict[str, object]
+) -> None:
+    dense, _, _ = _run(store, filters)
+    assert not dense
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {"periodStart": "ge2026"},
+        {"periodStart": "lt2026-06"},
+        {"periodStart": {"ge": "2025-03", "lt": "2027-04"}, "ownerId": "ow_2"},
+    ],
+)
+def test_a_wide_period_start_range_walks_the_default_sort(
+    store: TaskStore, filters: dict[str, object]
+) -> None:
+    dense, plan, rows = _run(store, filters)
+    assert dense, plan
+    assert rows
+    _assert_walks(plan)
+
+
+def test_a_narrow_period_start_range_looks_up_its_few_matches(store: TaskStore) -> None:
+    dense, _, rows = _run(store, {"periodStart": "2026-02-01T08:00"})
+    assert not dense
+    assert rows
+
+
+def test_a_bounded_count_stops_at_most_at_the_bound(store: TaskStore) -> None:
+    compiled, _ = compile_search(normalise_filters({"text": "panel"}, {}))
+    full = store.tasks.count(text="panel").data
+    assert full > 100
+    with store.read() as conn:
+        for at_most in (1, 100, full, full + 5):
+            sql, params = count_query(compiled, at_most)
+            assert conn.execute(sql, params).fetchall()[0][0] == min(full, at_most)
+        assert count_query(compiled, None) == (compiled.count_sql, compiled.count_params)
+    for bad in (0, -1, True, "5"):
+        with pytest.raises(ValidationError, match="at_most"):
+            count_query(compiled, bad)  # type: ignore[arg-type]
+
+
+def test_the_vocabulary_view_exists_and_sees_the_indexed_terms(store: TaskStore) -> None:
+    with store.read() as conn:
+        terms = conn.execute(
+            "SELECT term FROM task_text_terms WHERE term >= 'lipid' AND term < 'lipie'"
+        ).fetchall()
+    assert [t[0] for t in terms] == ["lipid", "lipids"]
+    assert isinstance(apsw.sqlite_lib_version(), str)

@@ -121,9 +121,10 @@ class TasksResource:
         Raises ValidationError (bad request) or TaskExistsError (id already in use).
         """
         task = rows.stamp(_decode_new(request), 1, timestamps.now())
-        body = dumps(encode_task(task))
+        wire = encode_task(task)
+        body = dumps(wire)
         with self._db.write() as conn:
-            rows.insert_local(conn, task, body)
+            rows.insert_local(conn, task, body, wire=wire)
         self._notify()
         return ApiResponse(task, {"syncState": "pending"})
 
@@ -163,9 +164,10 @@ class TasksResource:
             tasks.append(task)
         if problems:
             raise ValidationError(problems)
-        bodies = [dumps(encode_task(t)) for t in tasks]
+        wires = [encode_task(t) for t in tasks]
+        bodies = [dumps(w) for w in wires]
         with self._db.write() as conn:
-            rows.insert_local_many(conn, tasks, bodies, now)
+            rows.insert_local_many(conn, tasks, bodies, now, wires=wires)
         if len(tasks) >= _OPTIMIZE_AFTER:
             self._db.optimize()  # a bulk import shifts the statistics the planner uses
         if tasks:
@@ -245,14 +247,15 @@ class TasksResource:
                 return ApiResponse(old, {"syncState": outbox.sync_state_of(conn, task_id)})
             now = max(timestamps.now(), old.last_modified or "")
             new = rows.stamp(new, version + 1, now)
-            new_body = dumps(encode_task(new))
+            new_wire = encode_task(new)
             rows.update_local(
                 conn,
                 new,
-                new_body,
+                dumps(new_wire),
                 base_version=version,
                 changed_at=new.last_modified or "",
                 reason=admin_override,
+                wire=new_wire,
             )
         self._notify()
         return ApiResponse(new, {"syncState": "pending"})

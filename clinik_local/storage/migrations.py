@@ -22,15 +22,21 @@ APPLICATION_ID = 0x436C6E6B
 #: The schema version this release writes and fully understands.
 SCHEMA_VERSION = 2
 
-#: Version 2 (issue 16, a lean write path): task_text without prefix indexes, rebuilt
-#: from the bodies exactly as the triggers derive it and merged into one segment (an
-#: FTS5 rowid probe costs one seek per segment: 3x faster dense text), and its vocabulary view
-#: task_text_terms (dense text searches); tasks_by_authored also carries
-#: period_start, for periodStart ranges walked in the default sort order. Nothing
-#: else changes: every task, history row, outbox row and derived row is kept.
+#: Version 2 (issue 16, a lean write path): no triggers (storage/rows.py writes the
+#: derived rows beside every task row, from derive.py); task_text without prefix
+#: indexes, rebuilt from the bodies exactly as the version-1 triggers derived it and
+#: merged into one segment (an FTS5 rowid probe costs one seek per segment: 3x faster
+#: dense text), and its vocabulary view task_text_terms (dense text searches);
+#: tasks_by_authored also carries period_start, for periodStart ranges walked in the
+#: default sort order. Nothing else changes: every task, history row, outbox row and
+#: derived row is kept. Each CREATE is spelt exactly as in schema.sql, so a migrated
+#: file and a new one have the same schema text (tests/test_migrations.py).
 _TO_2 = """
+DROP TRIGGER tasks_derive_insert;
+DROP TRIGGER tasks_derive_delete;
+DROP TRIGGER tasks_derive_update;
 DROP INDEX tasks_by_authored;
-CREATE INDEX tasks_by_authored ON tasks (authored_on, id, period_start);
+CREATE INDEX tasks_by_authored    ON tasks (authored_on, id, period_start);
 DROP TABLE task_text;
 CREATE VIRTUAL TABLE task_text USING fts5 (
     description, note, business_status, code, io_values,

@@ -29,7 +29,7 @@ from .errors import (
 from .ids import ID_PATTERN, is_valid_id
 from .lifecycle import transition_problem
 from .model import ApiResponse, Task, TaskVersion
-from .search import compile_search, next_cursor, normalise_filters
+from .search import check_at_most, compile_search, next_cursor, normalise_filters
 from .storage import outbox, rows
 from .storage.database import Database
 from .wire import SERVER_FIELDS, dumps
@@ -317,16 +317,27 @@ class TasksResource:
         return ApiResponse(tasks, meta)
 
     def count(
-        self, filters: Mapping[str, object] | None = None, /, **keywords: object
+        self,
+        filters: Mapping[str, object] | None = None,
+        /,
+        *,
+        at_most: int | None = None,
+        **keywords: object,
     ) -> ApiResponse[int]:
-        """How many tasks match the filters (same filters as :meth:`search`)."""
+        """How many tasks match the filters (same filters as :meth:`search`).
+
+        A count reads every match. ``at_most=N`` stops at N (a badge's "99+"): the
+        answer is then ``min(matches, N)``, so ``data == N`` means "N or more", and
+        ``meta["atMost"]`` is N. A positive integer, else ValidationError.
+        """
         merged = normalise_filters(filters, keywords)
         for paging in ("cursor", "limit", "sort", "total"):
             merged.pop(paging, None)
         compiled, _ = compile_search(merged)
+        check_at_most(at_most)  # before any read: bad input writes and reads nothing
         with self._db.read() as conn:
-            total = rows.count_matching(conn, compiled)
-        return ApiResponse(total, {})
+            total = rows.count_matching(conn, compiled, at_most=at_most)
+        return ApiResponse(total, {} if at_most is None else {"atMost": at_most})
 
     def history(self, task_id: str) -> ApiResponse[list[TaskVersion]]:
         """Every recorded version of a task, oldest first (also after it was deleted).

@@ -46,7 +46,7 @@ from ..derive import derive_rows
 from ..errors import TaskExistsError
 from ..ids import new_task_id
 from ..model import NO_PRIORITY_RANK, Task
-from ..search import CompiledSearch, page_query
+from ..search import CompiledSearch, count_query, page_query
 from ..wire import dumps, without_server_fields
 from . import outbox
 from .connection import fetch_all
@@ -344,9 +344,12 @@ def search_page(conn: apsw.Connection, compiled: CompiledSearch) -> tuple[list[A
     return rows, total
 
 
-def count_matching(conn: apsw.Connection, compiled: CompiledSearch) -> int:
-    """How many tasks the compiled search matches."""
-    return int(fetch_all(conn, compiled.count_sql, compiled.count_params)[0][0])
+def count_matching(
+    conn: apsw.Connection, compiled: CompiledSearch, *, at_most: int | None = None
+) -> int:
+    """How many tasks the compiled search matches (with ``at_most``: up to that many)."""
+    sql, params = count_query(compiled, at_most)
+    return int(fetch_all(conn, sql, params)[0][0])
 
 
 # --- local edits: task row + history row + exactly one outbox row ---------------------

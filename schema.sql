@@ -126,12 +126,17 @@ CREATE VIRTUAL TABLE task_text_terms USING fts5vocab(task_text, 'row');
 
 -- task_history: every version of every task, including the deletion, for audit and
 -- conflict resolution. override_reason is set when an update bypassed the lifecycle
--- check (an administrative correction) and says why.
+-- check (an administrative correction) and says why. The body of a live task's
+-- current version is kept once, in tasks.body: its history row holds NULL until the
+-- next version (or the deletion) supersedes it and writes the body there
+-- (storage/rows.py; readers go through rows.history, which reads
+-- coalesce(task_history.body, tasks.body)). Schema version 2; version-1 files keep
+-- their full rows, which read the same.
 CREATE TABLE task_history (
     task_id         TEXT NOT NULL,
     version         INTEGER NOT NULL,
     op              TEXT NOT NULL CHECK (op IN ('create', 'update', 'delete')),
-    body            TEXT NOT NULL,       -- wire JSON of this version (the last one for a delete)
+    body            TEXT,                -- wire JSON of this version; NULL: it is in tasks.body
     changed_at      TEXT NOT NULL,
     override_reason TEXT,
     PRIMARY KEY (task_id, version)

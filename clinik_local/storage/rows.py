@@ -24,6 +24,11 @@ beside every task row, from the wire form the writer already holds
 write of a task row goes through :func:`_write_task_rows` or :func:`_delete_task_row`,
 the only SQL that touches ``tasks`` and the derived tables (issue 16).
 
+**History** keeps every version; the body of a live task's current version is kept
+once, in ``tasks.body`` (its history row holds NULL until a later version or the
+deletion supersedes it, when the writer moves the old body there), so a create
+writes the body twice (task, outbox), not three times. :func:`history` reads them back.
+
 **Bulk imports**: :func:`insert_local_many` with a batch at least a quarter the size of
 the store drops the search indexes of tasks and the derived tables, loads, and builds
 them again, all inside the caller's transaction (all or nothing, like any write).
@@ -89,17 +94,22 @@ UPDATE tasks SET version = ?, status = ?, intent = ?, priority = ?, priority_ran
     period_start = ?, period_end = ?, body = ?
 WHERE id = ?
 """
-#: Insert one history row: (task_id, version, op, body, changed_at, override_reason).
+#: Insert one history row: (task_id, version, op, body, changed_at, override_reason);
+#: body None for the task's current version (its body is in tasks).
 INSERT_HISTORY = """
 INSERT INTO task_history (task_id, version, op, body, changed_at, override_reason)
 VALUES (?, ?, ?, ?, ?, ?)
 """
 _SELECT_CURRENT = "SELECT body, version FROM tasks WHERE id = ?"
 _SELECT_WITH_STATE = f"SELECT body, {outbox.SYNC_RANK_SUBQUERY} FROM tasks WHERE id = ?"
+# The current version's body is in tasks (task_history.body is NULL there: schema.sql).
 _SELECT_HISTORY = """
-SELECT version, op, body, changed_at, override_reason FROM task_history
-WHERE task_id = ? ORDER BY version
+SELECT h.version, h.op, coalesce(h.body, t.body), h.changed_at, h.override_reason
+FROM task_history AS h LEFT JOIN tasks AS t ON t.id = h.task_id AND h.body IS NULL
+WHERE h.task_id = ? ORDER BY h.version
 """
+#: The superseded version's body moves into its history row (it was NULL: current).
+_KEEP_SUPERSEDED = "UPDATE task_history SET body = ? WHERE task_id = ? AND body IS NULL"
 _TOP_VERSION = "SELECT coalesce(max(version), 0) FROM task_history WHERE task_id = ?"
 # An id is taken while a task has it, and for good once it had history (a deleted task).
 _ID_TAKEN = (
@@ -174,7 +184,7 @@ def _version_of(task: Task) -> int:
 _INSERT_TASK_AT = f"INSERT INTO tasks (seq, {_COLUMNS}) VALUES ({', '.join('?' * 19)})"
 _NEXT_SEQ = "SELECT coalesce(max(seq), 0) + 1 FROM tasks"
 _SELECT_SEQ_BODY = "SELECT seq, body FROM tasks WHERE id = ?"
-_DELETE_TASK_RETURNING = "DELETE FROM tasks WHERE id = ? RETURNING seq"
+_DELETE_TASK_RETURNING = "DELETE FROM tasks WHERE id = ? RETURNING seq, body"
 _INSERT_REF = "INSERT INTO task_refs (kind, ref, seq) VALUES (?, ?, ?)"
 _INSERT_IO = "INSERT INTO task_io (direction, type, value, seq, pos) VALUES (?, ?, ?, ?, ?)"
 _INSERT_TEXT = (
@@ -247,6 +257,7 @@ def _write_task_rows(
         return
     for task, body, wire in zip(tasks, bodies, wire_list, strict=True):
         seq, old_body = fetch_all(conn, _SELECT_SEQ_BODY, (task.id,))[0]
+        conn.execute(_KEEP_SUPERSEDED, (old_body, task.id))
         conn.execute(UPDATE_TASK, (*task_row(task, _version_of(task), body)[1:], task.id))
         if old_body != body:
             for sql in _DELETE_DERIVED:
@@ -255,9 +266,11 @@ def _write_task_rows(
 
 
 def _delete_task_row(conn: apsw.Connection, task_id: str) -> bool:
-    """Delete a task row and its derived rows; False if there was no such row."""
+    """Delete a task row and its derived rows, its body kept in its history row; False
+    if there was no such row."""
     found = fetch_all(conn, _DELETE_TASK_RETURNING, (task_id,))
-    for (seq,) in found:
+    for seq, body in found:
+        conn.execute(_KEEP_SUPERSEDED, (body, task_id))
         for sql in _DELETE_DERIVED:
             conn.execute(sql, (seq,))
     return bool(found)
@@ -367,7 +380,7 @@ def insert_local(
     assert task.id is not None
     try:
         _write_task_rows(conn, [task], [body], None if wire is None else [wire], exists=False)
-        conn.execute(INSERT_HISTORY, (task.id, 1, "create", body, task.last_modified, None))
+        conn.execute(INSERT_HISTORY, (task.id, 1, "create", None, task.last_modified, None))
     except apsw.ConstraintError:
         raise TaskExistsError(task.id) from None
     outbox.enqueue(conn, task.id, "create", body, None, task.last_modified or "")
@@ -398,10 +411,7 @@ def insert_local_many(
         # Inside the savepoint too: the id of a deleted task clashes here, on its history.
         conn.executemany(
             INSERT_HISTORY,
-            [
-                (t.id, 1, "create", b, t.last_modified, None)
-                for t, b in zip(tasks, bodies, strict=True)
-            ],
+            [(t.id, 1, "create", None, t.last_modified, None) for t in tasks],
         )
         if dropped is not None:
             _build_again(conn, dropped)
@@ -438,7 +448,7 @@ def update_local(
     assert task.id is not None
     _write_task_rows(conn, [task], [body], None if wire is None else [wire], exists=exists)
     op = "update" if exists else "create"
-    conn.execute(INSERT_HISTORY, (task.id, _version_of(task), op, body, changed_at, reason))
+    conn.execute(INSERT_HISTORY, (task.id, _version_of(task), op, None, changed_at, reason))
     outbox.enqueue(conn, task.id, "update", body, base_version, changed_at)
 
 
@@ -469,7 +479,7 @@ def write_server_copy(
     body = dumps(wire)
     _write_task_rows(conn, [task], [body], [wire], exists=exists)
     op = "update" if exists else "create"
-    conn.execute(INSERT_HISTORY, (task_id, _version_of(task), op, body, now, reason))
+    conn.execute(INSERT_HISTORY, (task_id, _version_of(task), op, None, now, reason))
     return task
 
 

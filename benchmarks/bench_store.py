@@ -169,7 +169,7 @@ def raw_tasks(conn: apsw.Connection, rows: list[tuple[tuple[object, ...], str]])
 def raw_bulk(conn: apsw.Connection, rows: list[tuple[tuple[object, ...], str]]) -> None:
     conn.execute("BEGIN IMMEDIATE")
     raw_tasks(conn, rows)
-    conn.executemany(_INSERT_HISTORY, [(r[0], 1, "create", b, r[14], None) for r, b in rows])
+    conn.executemany(_INSERT_HISTORY, [(r[0], 1, "create", None, r[14], None) for r, _ in rows])
     conn.executemany(_INSERT_OUTBOX, [(new_change_id(), r[0], b, r[14]) for r, b in rows])
     conn.execute("COMMIT")
 

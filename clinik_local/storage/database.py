@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -141,6 +142,160 @@ def _memory_template(options: ConnectionOptions) -> bytes:
     return _memory_image
 
 
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class _Template:
+    """What a brand-new memory store holds, learnt once from a fresh copy of the image:
+    the schema cookie, the tables to clear, the FTS tables, and the template's own rows."""
+
+    def __init__(self, conn: apsw.Connection) -> None:
+        self.schema_version = int(conn.pragma("schema_version"))
+        objects = fetch_all(
+            conn, "SELECT name, sql FROM sqlite_schema WHERE type = 'table' ORDER BY name"
+        )
+        virtual = [
+            str(n) for n, sql in objects if str(sql or "").upper().startswith("CREATE VIRTUAL")
+        ]
+        # FTS5 tables are emptied with 'delete-all'; other virtual tables (the fts5vocab
+        # view of the terms) hold nothing of their own.
+        self.fts = tuple(
+            str(n)
+            for n, sql in objects
+            if re.search(r"USING\s+fts5\s*\(", str(sql or ""), re.IGNORECASE)
+        )
+        self.tables = tuple(
+            str(n)
+            for n, _ in objects
+            if not str(n).startswith("sqlite_")
+            and str(n) not in virtual
+            and not any(str(n).startswith(f"{v}_") for v in virtual)
+        )
+        self.has_sequence = any(str(n) == "sqlite_sequence" for n, _ in objects)
+        self.rows = {t: fetch_all(conn, f"SELECT * FROM {_quote(t)}") for t in self.tables}
+
+
+class _MemoryPool:
+    """Parsed in-memory connections, handed to new memory stores and reset on close.
+
+    The first statement on a fresh connection makes SQLite parse the whole schema
+    (hundreds of microseconds: the indexes, the FTS table); a test suite that opens a
+    store per test pays that per test. A closed memory store gives its connection back
+    here instead; it is reset to exactly what a brand-new store holds by deleting every
+    row (tables found in ``sqlite_schema``, so a table added to ``schema.sql`` is reset
+    too; FTS tables with ``'delete-all'``; AUTOINCREMENT counters; the template's own
+    rows put back, ``created_at`` fresh) and reused with its parsed schema and prepared
+    statements. A connection whose schema changed (``ANALYZE``, say), whose pragmas were
+    changed or whose reset failed is closed instead. One pool per process (a forked child
+    starts with an empty one); a store that is never closed never returns its connection.
+    """
+
+    SIZE = 4
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[tuple[ConnectionOptions, apsw.Connection]] = []
+        self._template: _Template | None = None
+
+    def take(self, options: ConnectionOptions) -> apsw.Connection:
+        with self._lock:
+            for index, (opts, conn) in enumerate(self._free):
+                if opts == options:
+                    del self._free[index]
+                    return conn
+        conn = open_connection(MEMORY, "writer", options, image=_memory_template(options))
+        if self._template is None:
+            with translated(MEMORY):
+                template = _Template(conn)
+            with self._lock:
+                if self._template is None:
+                    self._template = template
+        return conn
+
+    def give(self, options: ConnectionOptions, conn: apsw.Connection) -> None:
+        template = self._template
+        reusable = template is not None and len(self._free) < self.SIZE
+        if reusable:
+            assert template is not None
+            try:
+                reusable = self._reset(conn, template)
+            except apsw.Error:
+                reusable = False
+        if reusable:
+            with self._lock:
+                if len(self._free) < self.SIZE:
+                    self._free.append((options, conn))
+                    return
+        with contextlib.suppress(apsw.Error):
+            conn.close()
+
+    @staticmethod
+    def _reset(conn: apsw.Connection, template: _Template) -> bool:
+        if not conn.get_autocommit():
+            conn.execute("ROLLBACK")
+        if (
+            int(conn.pragma("schema_version")) != template.schema_version
+            or conn.pragma("foreign_keys") != 1
+            or conn.pragma("query_only") != 0
+        ):
+            return False
+        # Which tables differ from the template (one probe for the empty ones, a read of
+        # the few template rows for the others), so a store that wrote a few rows pays
+        # for clearing a few tables, and one that wrote nothing for none.
+        empty = [t for t in template.tables if not template.rows[t]]
+        flags = (
+            fetch_all(
+                conn, "SELECT " + ", ".join(f"EXISTS (SELECT 1 FROM {_quote(t)})" for t in empty)
+            )[0]
+            if empty
+            else ()
+        )
+        dirty = [t for t, flag in zip(empty, flags, strict=True) if flag]
+        dirty += [
+            t
+            for t in template.tables
+            if template.rows[t]
+            and fetch_all(conn, f"SELECT * FROM {_quote(t)}") != template.rows[t]
+        ]
+        sequence = template.has_sequence and bool(
+            fetch_all(conn, "SELECT EXISTS (SELECT 1 FROM sqlite_sequence)")[0][0]
+        )
+        if not dirty and not sequence:
+            return True
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for table in dirty:
+                # WHERE true: no truncate optimisation, which clears every index b-tree
+                # even of an almost empty table (measured several times slower here).
+                conn.execute(f"DELETE FROM {_quote(table)} WHERE true")
+                rows = template.rows[table]
+                if rows:
+                    marks = ", ".join("?" * len(rows[0]))
+                    conn.executemany(f"INSERT INTO {_quote(table)} VALUES ({marks})", rows)
+            if dirty:  # derived text rows come only with rows of the tables above
+                for fts in template.fts:
+                    conn.execute(f"INSERT INTO {_quote(fts)}({_quote(fts)}) VALUES ('delete-all')")
+            if sequence:
+                conn.execute("DELETE FROM sqlite_sequence")
+            conn.execute("COMMIT")
+        except BaseException:
+            if not conn.get_autocommit():
+                conn.execute("ROLLBACK")
+            raise
+        return True
+
+    def forget(self) -> None:
+        """Drop every pooled connection without closing it (a forked child's copy)."""
+        self._free = []
+        self._lock = threading.Lock()
+
+
+_POOL = _MemoryPool()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_POOL.forget)
+
+
 class _ReaderBox:
     """One thread's read connection; closed by the database (or when the thread ends)."""
 
@@ -185,7 +340,7 @@ class Database:
                     raise StorageError(f"cannot create the store file {path}: {exc}") from exc
             self._conn = open_connection(path, "writer", options)
         else:
-            self._conn = open_connection(path, "writer", options, image=_memory_template(options))
+            self._conn = _POOL.take(options)
         self._checkpointer: _Checkpointer | None = None
         if not self.is_memory:
             self._checkpointer = _Checkpointer(path, options)
@@ -212,9 +367,11 @@ class Database:
             for box in list(self._readers):
                 box.close()
             self._local = threading.local()
+            if self.is_memory:
+                _POOL.give(self.options, self._conn)
+                return
             with contextlib.suppress(apsw.Error):
-                if not self.is_memory:
-                    self._conn.pragma("optimize")
+                self._conn.pragma("optimize")
             self._conn.close()
 
     def _check_open(self) -> None:

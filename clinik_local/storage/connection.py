@@ -79,7 +79,7 @@ def _check_busy_timeout(_instance: object, _attribute: object, value: object) ->
         )
 
 
-def _check_key(_instance: object, _attribute: object, value: object) -> None:
+def _check_key(_instance: object, _attribute: object, value: KeyProvider | None) -> None:
     if value is not None and not callable(value):
         # The value is not shown: it may well be the key itself, passed by mistake.
         raise ValidationError.single(

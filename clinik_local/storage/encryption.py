@@ -27,6 +27,7 @@ What this module decides, once, for every connection of a store:
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Callable
 from typing import Literal
 
@@ -162,7 +163,27 @@ def key_connection(conn: apsw.Connection, path: str, provider: KeyProvider | Non
             f"{path} is neither a SQLite database nor an encrypted store, or is damaged. "
             "The file was not changed."
         )
-    _set_key(conn, "hexkey", _key_bytes(provider))
+    key = _key_bytes(provider)
+    if kind == "encrypted" and any(os.path.exists(path + s) for s in ("-wal", "-shm")):
+        # SQLite opens the WAL index (and writes read marks into -shm) before it decrypts
+        # page 1; prove the key first on a connection that touches the main file only.
+        probe = _immutable_connection(path)
+        try:
+            _prove_key(probe, path, key)
+        finally:
+            probe.close()
+    _prove_key(conn, path, key)
+
+
+def _immutable_connection(path: str) -> apsw.Connection:
+    """A read-only connection that ignores (and never touches) ``-wal`` and ``-shm``."""
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?immutable=1"
+    return apsw.Connection(uri, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+
+
+def _prove_key(conn: apsw.Connection, path: str, key: bytes) -> None:
+    """Key ``conn`` and read the schema; a key that does not decrypt is EncryptionKeyError."""
+    _set_key(conn, "hexkey", key)
     try:
         conn.execute("SELECT count(*) FROM sqlite_schema").fetchall()
     except apsw.NotADBError:

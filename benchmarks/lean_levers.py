@@ -42,8 +42,9 @@ from clinik_local.codec import decode_task, encode_task
 from clinik_local.demo import SEED_LAB_ORDER, generate_requests
 from clinik_local.derive import derive_rows
 from clinik_local.ids import new_change_id, new_task_id
-from clinik_local.migrations import schema_sql
-from clinik_local.tasks import _COLUMNS, _row
+from clinik_local.storage.migrations import schema_sql
+from clinik_local.storage.rows import _COLUMNS
+from clinik_local.storage.rows import task_row as _row
 
 _TASK = f"INSERT INTO tasks (seq, {_COLUMNS}) VALUES ({', '.join('?' * 19)})"
 _HISTORY = (

@@ -58,6 +58,7 @@ CORE = {
     "search",
     "fhir",
     "merge",
+    "derive",
 }
 TOOLS = {"aio", "cli", "demo", "progress", "server", "pytest_plugin", "testing", ""}
 

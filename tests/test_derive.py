@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from clinik_local.codec import decode_task, encode_task
 from clinik_local.derive import derive_rows, io_value_text
-from clinik_local.migrations import schema_sql
+from clinik_local.storage.migrations import schema_sql
 
 from .strategies import valid_requests
 

@@ -16,12 +16,12 @@ import apsw
 import pytest
 
 from clinik_local import TaskStore, encode_task
-from clinik_local import migrations as migrations_module
 from clinik_local.codec import decode_task
 from clinik_local.demo import generate_requests
 from clinik_local.errors import StorageError
 from clinik_local.ids import new_change_id, new_task_id
-from clinik_local.migrations import APPLICATION_ID, SCHEMA_VERSION
+from clinik_local.storage import migrations as migrations_module
+from clinik_local.storage.migrations import APPLICATION_ID, SCHEMA_VERSION
 
 V1_SCHEMA = (Path(__file__).parent / "data" / "schema_v1.sql").read_text(encoding="utf-8")
 _RANK = {"stat": 0, "asap": 1, "urgent": 2, "routine": 3, None: 4}
@@ -144,7 +144,7 @@ def test_a_version_1_file_opens_migrated_and_keeps_every_row_and_text_match(
             got = store.tasks.get(wire["id"]).data
             assert encode_task(got) == wire
         updated = store.tasks.history(live[0]["id"]).data
-        assert [h["version"] for h in updated] == [1, 2]
+        assert [h.version for h in updated] == [1, 2]
         # The migrated store searches, and keeps writing through its triggers.
         ids_by_seq = {row[0]: row[1] for row in before["tasks"]}  # type: ignore[attr-defined]
         for word in _WORDS:
@@ -180,7 +180,7 @@ def test_a_failing_migration_leaves_the_version_1_file_exactly_as_it_was(
     before = _snapshot(path)
     broken = dict(migrations_module.MIGRATIONS)
     broken[2] = broken[2] + "\nINSERT INTO no_such_table VALUES (1);"
-    for module in ("clinik_local.migrations", "clinik_local.store"):
+    for module in ("clinik_local.storage.migrations", "clinik_local.storage.connection"):
         monkeypatch.setattr(f"{module}.MIGRATIONS", broken)
     with pytest.raises(StorageError) as raised:
         TaskStore.open(path)

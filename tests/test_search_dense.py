@@ -43,7 +43,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TaskStore]:
         requests.append(request)
     with TaskStore.open(path) as s:
         s.tasks.create_many(requests)
-        with s.write() as conn:
+        with s._db.write() as conn:
             conn.execute("ANALYZE")
         yield s
 

@@ -32,9 +32,9 @@ from clinik_local import (
     SyncConfig,
     TaskStore,
     ValidationError,
+    cli,
     export_ndjson,
 )
-from clinik_local import cli
 from clinik_local.demo import SEED_LAB_ORDER
 from clinik_local.storage import connection
 from clinik_local.storage.encryption import file_kind
@@ -376,7 +376,8 @@ def test_encrypt_rekey_and_decrypt_in_place_keep_every_row(tmp_path: Path) -> No
     with TaskStore.open(path) as store:
         before = _dump(store)
         store.rekey(key("first"))
-        assert store.encrypted and file_kind(str(path)) == "encrypted"
+        assert store.encrypted
+        assert file_kind(str(path)) == "encrypted"
         assert _dump(store) == before
         store.tasks.create(SEED_LAB_ORDER)  # the store goes on working, with the new key
         before = _dump(store)
@@ -469,7 +470,8 @@ def test_rekey_is_refused_while_another_process_has_the_store_open(tmp_path: Pat
         [sys.executable, "-c", _HOLDER, str(path), "k1"], stdout=subprocess.PIPE, text=True
     )
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "open"
         with TaskStore.open(path, key=key("k1"), busy_timeout=0.2) as store:
             before = _dump(store)
             with pytest.raises(StoreLockedError, match="another"):
@@ -558,7 +560,7 @@ def test_sigkill_during_rekey_leaves_a_store_that_opens_with_the_old_or_the_new_
     print("rekey", whole, "s; opened with", outcomes)  # which key: timing (-s shows it)
 
 
-# --- sync, export, the CLI, the pytest fixtures ----------------------------------------------------
+# --- sync, export, the CLI, the pytest fixtures ------------------------------------------
 
 
 @pytest.mark.slow
@@ -669,7 +671,8 @@ def test_cli_prompts_for_the_key_at_a_terminal_and_never_takes_it_from_argv(
 
     monkeypatch.setattr(cli, "_prompt", prompt)
     assert cli.main(["check", "--db", str(cli_store)]) == 0
-    assert len(asked) == 1 and str(cli_store) in asked[0]
+    assert len(asked) == 1
+    assert str(cli_store) in asked[0]
     captured = capsys.readouterr()
     assert "integrity      ok" in captured.out
     assert_no_secret(captured.out + captured.err)

@@ -23,6 +23,8 @@ Errors: anything apsw raises comes out as the library's
 from __future__ import annotations
 
 import contextlib
+import os
+import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -190,7 +192,14 @@ def apply_key(conn: apsw.Connection, opening: Opening) -> None:
     file given a key (or an encrypted one given none) its own error, with the file
     untouched. Without a key on a plaintext file this only reads 24 bytes of header.
     """
-    key_connection(conn, opening.path, opening.options.key)
+    key_connection(conn, opening.path, opening.options.key, _immutable_connection)
+
+
+def _immutable_connection(path: str) -> apsw.Connection:
+    """A read-only connection that ignores (and never touches) ``-wal`` and ``-shm``:
+    proves a key without SQLite writing read marks into another process's ``-shm``."""
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?immutable=1"
+    return apsw.Connection(uri, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
 
 
 def set_busy_timeout(conn: apsw.Connection, opening: Opening) -> None:

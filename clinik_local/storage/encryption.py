@@ -27,7 +27,6 @@ What this module decides, once, for every connection of a store:
 from __future__ import annotations
 
 import os
-import urllib.parse
 from collections.abc import Callable
 from typing import Literal
 
@@ -133,11 +132,18 @@ def _set_key(conn: apsw.Connection, pragma: str, key: bytes) -> None:
     conn.execute(f"PRAGMA {pragma} = '{key.hex()}'", can_cache=False).fetchall()
 
 
-def key_connection(conn: apsw.Connection, path: str, provider: KeyProvider | None) -> None:
+def key_connection(
+    conn: apsw.Connection,
+    path: str,
+    provider: KeyProvider | None,
+    immutable: Callable[[str], apsw.Connection],
+) -> None:
     """Key a fresh connection to ``path`` (or refuse the file), then prove the key.
 
     Runs before SQLite reads any page. Reads only: on any refusal the file, its
-    ``-wal`` and ``-shm`` are left as they were.
+    ``-wal`` and ``-shm`` are left as they were. ``immutable(path)`` makes a read-only
+    connection that never touches ``-wal`` or ``-shm`` (the pipeline's, which makes
+    every connection).
     """
     kind = file_kind(path)
     if provider is None:
@@ -167,18 +173,12 @@ def key_connection(conn: apsw.Connection, path: str, provider: KeyProvider | Non
     if kind == "encrypted" and any(os.path.exists(path + s) for s in ("-wal", "-shm")):
         # SQLite opens the WAL index (and writes read marks into -shm) before it decrypts
         # page 1; prove the key first on a connection that touches the main file only.
-        probe = _immutable_connection(path)
+        probe = immutable(path)
         try:
             _prove_key(probe, path, key)
         finally:
             probe.close()
     _prove_key(conn, path, key)
-
-
-def _immutable_connection(path: str) -> apsw.Connection:
-    """A read-only connection that ignores (and never touches) ``-wal`` and ``-shm``."""
-    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?immutable=1"
-    return apsw.Connection(uri, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
 
 
 def _prove_key(conn: apsw.Connection, path: str, key: bytes) -> None:

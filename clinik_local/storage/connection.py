@@ -192,7 +192,8 @@ def apply_key(conn: apsw.Connection, opening: Opening) -> None:
     file given a key (or an encrypted one given none) its own error, with the file
     untouched. Without a key on a plaintext file this only reads 24 bytes of header.
     """
-    key_connection(conn, opening.path, opening.options.key, _immutable_connection)
+    probe = _immutable_connection if opening.role == "writer" else None
+    key_connection(conn, opening.path, opening.options.key, probe)
 
 
 def _immutable_connection(path: str) -> apsw.Connection:

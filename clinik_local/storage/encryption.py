@@ -136,14 +136,16 @@ def key_connection(
     conn: apsw.Connection,
     path: str,
     provider: KeyProvider | None,
-    immutable: Callable[[str], apsw.Connection],
+    immutable: Callable[[str], apsw.Connection] | None = None,
 ) -> None:
     """Key a fresh connection to ``path`` (or refuse the file), then prove the key.
 
     Runs before SQLite reads any page. Reads only: on any refusal the file, its
-    ``-wal`` and ``-shm`` are left as they were. ``immutable(path)`` makes a read-only
-    connection that never touches ``-wal`` or ``-shm`` (the pipeline's, which makes
-    every connection).
+    ``-wal`` and ``-shm`` are left as they were when ``immutable`` is given (the
+    store's first connection, its writer): ``immutable(path)`` makes a read-only
+    connection that never touches ``-wal`` or ``-shm``, to prove the key on first when
+    they exist. Later connections of an open store (readers, checkpointer) get the key
+    the writer already proved, and skip that extra key derivation.
     """
     kind = file_kind(path)
     if provider is None:
@@ -170,22 +172,27 @@ def key_connection(
             "The file was not changed."
         )
     key = _key_bytes(provider)
-    if kind == "encrypted" and any(os.path.exists(path + s) for s in ("-wal", "-shm")):
+    companions = any(os.path.exists(path + s) for s in ("-wal", "-shm"))
+    if immutable is not None and kind == "encrypted" and companions:
         # SQLite opens the WAL index (and writes read marks into -shm) before it decrypts
         # page 1; prove the key first on a connection that touches the main file only.
+        # It reads page 1 only: the rest of the main file may be stale (newer pages are in
+        # the WAL it ignores); a wrong key fails on page 1 already.
         probe = immutable(path)
         try:
-            _prove_key(probe, path, key)
+            _prove_key(probe, path, key, "PRAGMA user_version")
+        except apsw.CorruptError:
+            pass  # page 1 decrypted and authenticated; the keyed connection decides
         finally:
             probe.close()
-    _prove_key(conn, path, key)
+    _prove_key(conn, path, key, "SELECT count(*) FROM sqlite_schema")
 
 
-def _prove_key(conn: apsw.Connection, path: str, key: bytes) -> None:
-    """Key ``conn`` and read the schema; a key that does not decrypt is EncryptionKeyError."""
+def _prove_key(conn: apsw.Connection, path: str, key: bytes, query: str) -> None:
+    """Key ``conn`` and run ``query``; a key that does not decrypt is EncryptionKeyError."""
     _set_key(conn, "hexkey", key)
     try:
-        conn.execute("SELECT count(*) FROM sqlite_schema").fetchall()
+        conn.execute(query).fetchall()
     except apsw.NotADBError:
         raise EncryptionKeyError(
             f"the key does not open {path} (a wrong key for this encrypted store). "

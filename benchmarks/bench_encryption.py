@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from clinik_local import TaskStore
@@ -79,22 +80,18 @@ def measure(tasks: int, samples: int, directory: Path) -> dict[str, dict[str, fl
         part = requests[start : start + chunk]
         for name, store in stores.items():
             fresh = [{k: v for k, v in r.items() if k != "id"} for r in part]
-            add(name, "bulk", len(part) / _timed(lambda s=store, f=fresh: s.tasks.create_many(f)))
+            add(name, "bulk", len(part) / _timed(partial(store.tasks.create_many, fresh)))
     ids = {name: [str(t.id) for t in s.tasks.search(limit=200).data] for name, s in stores.items()}
     for i in range(samples):
         for name, store in stores.items():
-            add(name, "create", _timed(lambda s=store: s.tasks.create(SEED_LAB_ORDER)))
+            add(name, "create", _timed(partial(store.tasks.create, SEED_LAB_ORDER)))
             task_id = ids[name][i % len(ids[name])]
-            add(name, "get", _timed(lambda s=store, t=task_id: s.tasks.get(t)))
-            add(
-                name,
-                "search",
-                _timed(lambda s=store: s.tasks.search(status="requested", limit=50)),
-            )
+            add(name, "get", _timed(partial(store.tasks.get, task_id)))
+            add(name, "search", _timed(partial(store.tasks.search, status="requested", limit=50)))
     for i in range(samples):
         for name, store in stores.items():
             task_id = ids[name][i % len(ids[name])]
-            add(name, "get_warm", _timed(lambda s=store, t=task_id: s.tasks.get(t)))
+            add(name, "get_warm", _timed(partial(store.tasks.get, task_id)))
     for store in stores.values():
         store.close()
     for _ in range(max(5, samples // 20)):

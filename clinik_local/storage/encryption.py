@@ -16,10 +16,12 @@ What this module decides, once, for every connection of a store:
   :class:`~clinik_local.errors.CorruptStoreError`, never wrong data. Set explicitly,
   not left to the build's default, because a file can only be opened with the
   settings it was written with.
-* **What kind of file it is**, from its first 24 bytes, before anything is keyed:
+* **What kind of file it is**, from its first 100 bytes, before anything is keyed:
   a plaintext SQLite file starts with ``SQLite format 3\\0``; an encrypted one starts
   with its salt and keeps bytes 16-23 of the SQLite header readable (page size, format
-  versions, reserved bytes per page for the authentication tag). SQLite itself says
+  versions, reserved bytes per page for the authentication tag), the rest is
+  ciphertext (a plaintext file whose first bytes were damaged still shows its text
+  encoding and SQLite version further on, and is "unknown"). SQLite itself says
   "file is not a database" for a wrong key, for no key on an encrypted file and for a
   key on a plaintext file alike; the header tells the three apart.
 """
@@ -83,7 +85,7 @@ def cipher_available() -> bool:
 
 
 def file_kind(path: str) -> FileKind:
-    """What the file at ``path`` holds, from its first 24 bytes (nothing is written).
+    """What the file at ``path`` holds, from its first 100 bytes (nothing is written).
 
     ``empty``: missing or zero length (a new store); ``plain``: a plaintext SQLite
     file; ``encrypted``: a SQLite3MC-encrypted file; ``unknown``: neither (damaged, or
@@ -91,7 +93,7 @@ def file_kind(path: str) -> FileKind:
     """
     try:
         with open(path, "rb") as file:
-            head = file.read(24)
+            head = file.read(100)
     except FileNotFoundError:
         return "empty"
     except OSError:
@@ -105,9 +107,19 @@ def file_kind(path: str) -> FileKind:
     page_size = int.from_bytes(head[16:18], "big")
     versions_ok = head[18] in (1, 2) and head[19] in (1, 2)
     size_ok = page_size == 1 or (512 <= page_size <= 32768 and page_size & (page_size - 1) == 0)
-    if size_ok and versions_ok and head[21:24] == b"\x40\x20\x20":
-        return "encrypted"
-    return "unknown"
+    if not (size_ok and versions_ok and head[21:24] == b"\x40\x20\x20"):
+        return "unknown"
+    if len(head) == 100 and _plaintext_header_rest(head):
+        return "unknown"  # a plaintext file whose first bytes were damaged
+    return "encrypted"
+
+
+def _plaintext_header_rest(head: bytes) -> bool:
+    """Whether bytes 24-99 read as a plaintext SQLite header (in an encrypted file they
+    are ciphertext): the text encoding (1-3) and the writing SQLite's version (3.x)."""
+    encoding = int.from_bytes(head[56:60], "big")
+    version = int.from_bytes(head[96:100], "big")
+    return encoding in (1, 2, 3) and 3_000_000 <= version < 4_000_000
 
 
 def _key_bytes(provider: KeyProvider) -> bytes:

@@ -22,7 +22,8 @@ plaintext baseline again:
 
 "get p50" reads right after a write (every write makes SQLite drop a reader's page
 cache, so the pages are read and decrypted again: the worst case); "get warm" reads in
-a row, from the cache.
+a row, from the cache. "open" is ``TaskStore.open`` (the writer: one key derivation);
+"open + 1st read" adds the first read, on the thread's own reader (a second one).
 """
 
 from __future__ import annotations
@@ -101,7 +102,12 @@ def measure(tasks: int, samples: int, directory: Path) -> dict[str, dict[str, fl
                 with TaskStore.open(paths[n], key=keys[n]) as s:
                     s.tasks.count()
 
-            add(name, "open", _timed(open_read_close))
+            add(name, "open_read", _timed(open_read_close))
+
+            def open_close(n: str = name) -> None:
+                TaskStore.open(paths[n], key=keys[n]).close()
+
+            add(name, "open", _timed(open_close))
     summary: dict[str, dict[str, float]] = {}
     for name, metrics in results.items():
         summary[name] = {
@@ -112,6 +118,7 @@ def measure(tasks: int, samples: int, directory: Path) -> dict[str, dict[str, fl
             "get_warm": _p(metrics["get_warm"], 0.5),
             "search_p50": _p(metrics["search"], 0.5),
             "open_p50": _p(metrics["open"], 0.5),
+            "open_read_p50": _p(metrics["open_read"], 0.5),
         }
     return summary
 
@@ -134,12 +141,12 @@ def report(cipher: str, summary: dict[str, dict[str, float]]) -> list[str]:
     for label, kind, ratio, extra in rows:
         verdict = "ok" if ratio <= GOALS[kind] else f"MISSES the {GOALS[kind]}x goal"
         lines.append(f"  {label:<16} {ratio:5.2f}x plain  {verdict}  {extra}".rstrip())
-    open_ms = enc["open_p50"] * 1000
-    verdict = "ok" if open_ms <= 50 else "MISSES the 50 ms goal"
-    lines.append(
-        f"  {'open + read':<16} {open_ms:5.1f} ms (plain {plain['open_p50'] * 1000:.1f} ms)"
-        f"  {verdict}"
-    )
+    for label, metric in (("open", "open_p50"), ("open + 1st read", "open_read_p50")):
+        open_ms = enc[metric] * 1000
+        verdict = "ok" if open_ms <= 50 else "MISSES the 50 ms goal"
+        lines.append(
+            f"  {label:<16} {open_ms:5.1f} ms (plain {plain[metric] * 1000:.1f} ms)  {verdict}"
+        )
     return lines
 
 

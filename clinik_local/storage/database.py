@@ -301,7 +301,8 @@ class _MemoryPool:
 
     def take(self, options: ConnectionOptions) -> apsw.Connection:
         with self._lock:
-            for index, (opts, conn) in enumerate(self._free):
+            for index in range(len(self._free) - 1, -1, -1):  # last in, first out
+                opts, conn = self._free[index]
                 if opts == options:
                     del self._free[index]
                     return conn

@@ -763,9 +763,21 @@ def _cmd_sync_local(args: argparse.Namespace, out: TextIO) -> int:
             result = [attrs.asdict(d) for d in sync.dead_letters()]
         elif args.action == "conflicts":
             result = [attrs.asdict(c) for c in sync.conflicts()]
+        elif args.action in ("retry", "discard") and args.all == (args.change_id is not None):
+            raise ValidationError.single(
+                "change_id", "give one change id, or --all (optionally with --status)"
+            )
+        elif args.action == "retry" and args.all:
+            result = {"retried": sync.retry_all(args.status), "sent": "on the next `sync run`"}
         elif args.action == "retry":
-            sync.retry(args.change_id)
-            result = {"retried": args.change_id, "sent": "on the next `sync run`"}
+            fresh = sync.retry(args.change_id)
+            result = {
+                "retried": args.change_id,
+                "changeId": fresh,
+                "sent": "on the next `sync run`",
+            }
+        elif args.action == "discard" and args.all:
+            result = {"discarded": sync.discard_all(args.status)}
         elif args.action == "discard":
             sync.discard(args.change_id)
             result = {"discarded": args.change_id}
@@ -865,7 +877,9 @@ def _cmd_import(args: argparse.Namespace, out: TextIO) -> int:
         Progress(f"importing {args.format}", total) as bar,
     ):
         try:
-            created = import_ndjson(store, source, args.format, progress=bar.advance)
+            created = import_ndjson(
+                store, source, args.format, progress=bar.advance, synced=args.synced
+            )
         except ValidationError as exc:
             raise _format_hint(exc, args.format) from None
     if args.json:
@@ -1020,7 +1034,11 @@ def _add_sync(sub: Any) -> None:
         p.add_argument("--token-env", help=argparse.SUPPRESS)
         p.add_argument("--timeout", help=argparse.SUPPRESS)
         if action in ("retry", "discard"):
-            p.add_argument("change_id")
+            p.add_argument("change_id", nargs="?", help="the dead letter's change id")
+            p.add_argument("--all", action="store_true", help=f"{action} every dead letter")
+            p.add_argument(
+                "--status", type=int, help="with --all: only those the server answered so (409)"
+            )
         if action == "resolve":
             p.add_argument("task_id")
             how = p.add_mutually_exclusive_group(required=True)
@@ -1118,6 +1136,12 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_db(imp)
     imp.add_argument(
         "--format", type=_format_name, default="wire", metavar="{wire,R4,R5}", help="any case"
+    )
+    imp.add_argument(
+        "--synced",
+        action="store_true",
+        help="restore an export of a synced store: the server already has these tasks, "
+        "so nothing is sent again (see docs/offline-sync.md, Restoring a device)",
     )
     imp.add_argument("file", help="the NDJSON file (UTF-8)")
     imp.set_defaults(run=_cmd_import)

@@ -235,9 +235,19 @@ def insert_local(conn: apsw.Connection, task: Task, body: str) -> None:
 
 
 def insert_local_many(
-    conn: apsw.Connection, tasks: Sequence[Task], bodies: Sequence[str], now: str
+    conn: apsw.Connection,
+    tasks: Sequence[Task],
+    bodies: Sequence[str],
+    now: str,
+    *,
+    synced: bool = False,
 ) -> None:
-    """Many new tasks at once: all of them, or (TaskExistsError naming one taken id) none."""
+    """Many new tasks at once: all of them, or (TaskExistsError naming one taken id) none.
+
+    ``synced``: the tasks are restored copies of what the server already holds (a
+    restore from an export): no outbox rows, and the tasks are marked known on the
+    server (their server version unknown until the next exchange).
+    """
     rows = [task_row(t, 1, b) for t, b in zip(tasks, bodies, strict=True)]
     # A savepoint: on a clash, undo this batch's rows before looking. Explicit, not
     # `with conn:`: SQLITE_FULL rolls the whole transaction back, and the context
@@ -258,6 +268,9 @@ def insert_local_many(
         conn.execute("ROLLBACK TO create_many")
         taken = next(t.id for t in tasks if fetch_all(conn, _ID_TAKEN, (t.id,))[0][0])
         raise TaskExistsError(str(taken)) from None
+    if synced:
+        outbox.mark_known_on_server(conn, [t.id or "" for t in tasks], now)
+        return
     outbox.enqueue_many(
         conn,
         [(t.id or "", "create", b, None, now) for t, b in zip(tasks, bodies, strict=True)],

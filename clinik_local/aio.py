@@ -40,10 +40,10 @@ class AsyncTasksResource:
         return await asyncio.to_thread(self._tasks.create, request)
 
     async def create_many(
-        self, requests: Iterable[Mapping[str, object]]
+        self, requests: Iterable[Mapping[str, object]], *, synced: bool = False
     ) -> ApiResponse[list[Task]]:
         """Create many tasks in one transaction (see ``TasksResource.create_many``)."""
-        return await asyncio.to_thread(self._tasks.create_many, requests)
+        return await asyncio.to_thread(self._tasks.create_many, requests, synced=synced)
 
     async def get(self, task_id: str) -> ApiResponse[Task]:
         """Read one task (see ``TasksResource.get``)."""

@@ -128,11 +128,19 @@ class TasksResource:
         self._notify()
         return ApiResponse(task, {"syncState": "pending"})
 
-    def create_many(self, requests: Iterable[Mapping[str, object]]) -> ApiResponse[list[Task]]:
+    def create_many(
+        self, requests: Iterable[Mapping[str, object]], *, synced: bool = False
+    ) -> ApiResponse[list[Task]]:
         """Create many tasks in one transaction: all of them, or (on any error) none.
 
         Errors name the request by index (``[3].status``). Meant for bulk import.
+        ``synced=True`` restores tasks the server already holds (from an export of a
+        synced store): no outbox rows, so nothing is created on the server again; a
+        later change of one asks the server for its version first and is sent as a
+        conditional write on it (see docs/offline-sync.md, "Restoring a device").
         """
+        if not isinstance(synced, bool):
+            raise ValidationError.single("synced", "expected True or False", synced)
         if isinstance(requests, (str, bytes, Mapping)) or not isinstance(requests, Iterable):
             raise ValidationError.single(
                 "requests", "expected a sequence of task requests", requests
@@ -167,12 +175,13 @@ class TasksResource:
         wires = [encode_task(t) for t in tasks]
         bodies = [dumps(w) for w in wires]
         with self._db.write() as conn:
-            rows.insert_local_many(conn, tasks, bodies, now, wires=wires)
+            rows.insert_local_many(conn, tasks, bodies, now, wires=wires, synced=synced)
         if len(tasks) >= _OPTIMIZE_AFTER:
             self._db.optimize()  # a bulk import shifts the statistics the planner uses
         if tasks:
             self._notify()
-        return ApiResponse(tasks, {"syncState": "pending", "count": len(tasks)})
+        state = "synced" if synced else "pending"
+        return ApiResponse(tasks, {"syncState": state, "count": len(tasks)})
 
     def update(
         self,

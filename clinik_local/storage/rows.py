@@ -393,8 +393,13 @@ def insert_local_many(
     now: str,
     *,
     wires: Sequence[Mapping[str, Any]] | None = None,
+    synced: bool = False,
 ) -> None:
     """Many new tasks at once: all of them, or (TaskExistsError naming one taken id) none.
+
+    ``synced``: the tasks are restored copies of what the server already holds (a
+    restore from an export): no outbox rows, and the tasks are marked known on the
+    server (their server version unknown until the next exchange).
 
     A large batch (:data:`BULK_MIN` tasks, and at least a quarter of the store) loads
     with the search indexes dropped and builds them after, in the same savepoint. An
@@ -422,6 +427,9 @@ def insert_local_many(
         conn.execute("ROLLBACK TO create_many")
         taken = next(t.id for t in tasks if fetch_all(conn, _ID_TAKEN, (t.id,))[0][0])
         raise TaskExistsError(str(taken)) from None
+    if synced:
+        outbox.mark_known_on_server(conn, [t.id or "" for t in tasks], now)
+        return
     outbox.enqueue_many(
         conn,
         [(t.id or "", "create", b, None, now) for t, b in zip(tasks, bodies, strict=True)],

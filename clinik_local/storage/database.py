@@ -15,6 +15,7 @@ Nothing above this layer sees ``apsw`` errors: they come out as StorageError sub
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import re
@@ -43,9 +44,35 @@ from .connection import (
 )
 from .encryption import KeyProvider, fsync_directory, rekey_connection
 
-__all__ = ["Database"]
+__all__ = ["Database", "WriteAbandonedError", "writes_only_if"]
 
 _log = logging.getLogger("clinik_local.storage")
+
+#: The "still wanted?" check of the current context (see :func:`writes_only_if`).
+_still_wanted: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
+    "clinik_local_still_wanted", default=None
+)
+
+
+class WriteAbandonedError(StorageError):
+    """A write was not started because its caller no longer wanted it; nothing written."""
+
+
+@contextlib.contextmanager
+def writes_only_if(still_wanted: Callable[[], bool]) -> Iterator[None]:
+    """Within the block (in this context), every :meth:`Database.write` asks first.
+
+    ``still_wanted()`` is called once the writer's lock and SQLite's write lock are
+    held, just before the block's statements run; ``False`` rolls back and raises
+    :class:`WriteAbandonedError`, so nothing is written. ``True`` means the write has
+    started: it runs to its commit (or error) whatever happens to the caller.
+    ``AsyncTaskStore`` uses this so that a cancelled call that never started never writes.
+    """
+    token = _still_wanted.set(still_wanted)
+    try:
+        yield
+    finally:
+        _still_wanted.reset(token)
 
 
 def _rekey_copy_path(path: str) -> str:
@@ -496,14 +523,21 @@ class Database:
         Anything raised inside rolls the whole transaction back. apsw errors come out
         as StorageError subclasses. Callbacks queued with :meth:`after_commit` inside
         the block run after a successful commit, outside the lock. No network I/O in here.
+        Inside :func:`writes_only_if`, the caller is asked (after the locks are taken,
+        before the block runs) whether it still wants the write.
         """
         callbacks: list[Callable[[], None]]
+        still_wanted = _still_wanted.get()
         with self._lock:
             self._check_open()
             conn = self._conn
             with translated(self.path):
                 conn.execute("BEGIN IMMEDIATE")
             try:
+                # Asked only now that both locks are held: a caller that gave up while
+                # waiting for them (this process's writer or another process's) never writes.
+                if still_wanted is not None and not still_wanted():
+                    raise WriteAbandonedError("the caller gave up before the write started")
                 with translated(self.path):  # no apsw error escapes the block either
                     yield conn
                     conn.execute("COMMIT")

@@ -274,6 +274,20 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+_USING_FTS5 = re.compile(r"\bUSING\s+fts5\s*\(", re.IGNORECASE)
+
+
+def _fts5_tables(conn: apsw.Connection) -> list[str]:
+    """The FTS5 tables of the store (not its fts5vocab tables), from ``sqlite_schema``."""
+    return [
+        str(name)
+        for name, sql in fetch_all(
+            conn, "SELECT name, sql FROM sqlite_schema WHERE type = 'table' ORDER BY name"
+        )
+        if _USING_FTS5.search(str(sql or ""))
+    ]
+
+
 class _Template:
     """What a brand-new memory store holds, learnt once from a fresh copy of the image:
     the schema cookie, the tables to clear, the FTS tables, and the template's own rows."""
@@ -669,9 +683,29 @@ class Database:
                 self._conn.pragma("optimize")
 
     def integrity_check(self) -> list[str]:
-        """``PRAGMA integrity_check`` problems; an empty list means the file is sound."""
+        """``PRAGMA integrity_check`` problems; an empty list means the file is sound.
+
+        Runs on this thread's reader, in one read transaction that first opens a cursor
+        on every FTS5 table. FTS5 keeps a copy of its index's structure per connection
+        and refreshes it only when a statement opens a cursor on the table; its integrity
+        check opens none and checks the index against the copy as it is. A reader whose
+        copy predates later commits (by the writer or another process) would report
+        segments merged away since as ``fts5: corruption found reading blob ...`` on a
+        sound file. (Searches open cursors, so they always see the current index.)
+        """
         with self.read() as conn:
-            rows = conn.execute("PRAGMA integrity_check").fetchall()
+            own = conn.get_autocommit()
+            if own:
+                conn.execute("BEGIN")  # the refresh and the check see one snapshot
+            try:
+                for table in _fts5_tables(conn):
+                    # A damaged index fails here too: the check below says how.
+                    with contextlib.suppress(apsw.CorruptError):
+                        fetch_all(conn, f"SELECT rowid FROM {_quote(table)} WHERE rowid = 0")
+                rows = conn.execute("PRAGMA integrity_check").fetchall()
+            finally:
+                if own and not conn.get_autocommit():
+                    conn.execute("COMMIT")
         problems = [str(r[0]) for r in rows]
         return [] if problems == ["ok"] else problems
 

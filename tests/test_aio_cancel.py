@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +135,36 @@ def slow_insert(
     release.set()
 
 
+async def _expire_once_inside(
+    deadline: asyncio.Timeout, inside: threading.Event, release: threading.Event
+) -> None:
+    """Time the call out while its insert runs, then let the insert finish.
+
+    No race with the clock: the timeout fires only once the worker is inside its
+    transaction, and the insert is released only after the cancellation was delivered
+    (asyncio runs the cancelled task's wake-up before a later timer).
+    """
+    assert await asyncio.to_thread(inside.wait, 30)
+    deadline.reschedule(asyncio.get_running_loop().time())
+    await asyncio.sleep(0.05)
+    release.set()
+
+
+async def _create_timed_out_inside(
+    astore: AsyncTaskStore,
+    request: Mapping[str, object],
+    inside: threading.Event,
+    release: threading.Event,
+) -> None:
+    """``create(request)`` under a timeout that expires while its insert runs."""
+    async with asyncio.timeout(None) as deadline:
+        watcher = asyncio.create_task(_expire_once_inside(deadline, inside, release))
+        try:
+            await astore.tasks.create(request)
+        finally:
+            await watcher
+
+
 @pytest.mark.parametrize("own_id", [True, False], ids=["client-id", "generated-id"])
 def test_create_timed_out_after_it_started_is_committed_and_retrievable_by_id(
     db_path: Path, slow_insert: tuple[threading.Event, threading.Event], own_id: bool
@@ -145,9 +175,8 @@ def test_create_timed_out_after_it_started_is_committed_and_retrievable_by_id(
         async with await AsyncTaskStore.open(str(db_path)) as astore:
             task_id = new_task_id()
             request = {**ORDER, "id": task_id} if own_id else dict(ORDER)
-            threading.Timer(0.5, release.set).start()  # the insert outlives the timeout
             with pytest.raises(TimeoutError) as caught:
-                await asyncio.wait_for(astore.tasks.create(request), 0.2)
+                await _create_timed_out_inside(astore, request, inside, release)
             assert inside.is_set()
             cancelled = caught.value.__cause__ or caught.value.__context__
             assert isinstance(cancelled, asyncio.CancelledError)

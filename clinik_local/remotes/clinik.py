@@ -151,6 +151,21 @@ class ClinikRemote:
         else:
             method, path = "POST", "/tasks"
             body = self._wire_body(change)
+        answer = self._exchange(method, path, body, headers, lane)
+        if not isinstance(answer, Response):
+            return answer
+        return self._classify(method, answer, self._get_transport())
+
+    def _exchange(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: dict[str, str] | None,
+        lane: int,
+    ) -> Response | PushOutcome:
+        """One request, asking the token provider once more on a 401 and retrying once;
+        a failure to get an answer at all is the outcome it means for the change."""
         transport = self._get_transport()
         try:
             answer = transport.request(method, path, body=body, headers=headers, lane=lane)
@@ -164,23 +179,16 @@ class ClinikRemote:
         except AuthError as exc:
             transport.forget_token()
             return AuthFailed(message=str(exc))
-        return self._classify(method, answer, transport)
+        return answer
 
     def _server_copy(
         self, task_id: str, lane: int
     ) -> tuple[str, dict[str, Any], str] | PushOutcome | None:
         """The server's (versionId, task, body) of a task (None: it has none), or why it
         can't be had."""
-        transport = self._get_transport()
-        try:
-            answer = transport.request("GET", f"/tasks/{task_id}", lane=lane)
-        except ConnectFailed as exc:
-            return Unreachable(message=str(exc))
-        except TransportError as exc:
-            return Transient(error=str(exc))
-        except AuthError as exc:
-            transport.forget_token()
-            return AuthFailed(message=str(exc))
+        answer = self._exchange("GET", f"/tasks/{task_id}", None, None, lane)
+        if not isinstance(answer, Response):
+            return answer
         if answer.status == 404:
             return None
         if answer.status == 200:
@@ -190,7 +198,7 @@ class ClinikRemote:
             if isinstance(task, dict) and isinstance(version, str):
                 return version, task, answer.body
             return Transient(error="the server's task came without a versionId", status=200)
-        return self._classify("GET", answer, transport)
+        return self._classify("GET", answer, self._get_transport())
 
     @staticmethod
     def _wire_body(change: Change) -> bytes:

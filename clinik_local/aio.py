@@ -17,10 +17,12 @@ those of the synchronous API.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from .events import ChangeEvent
 from .model import ApiResponse, Task, TaskVersion
 
 if TYPE_CHECKING:
@@ -87,6 +89,30 @@ class AsyncTasksResource:
     async def history(self, task_id: str) -> ApiResponse[list[TaskVersion]]:
         """Every recorded version of a task (see ``TasksResource.history``)."""
         return await asyncio.to_thread(self._tasks.history, task_id)
+
+    async def watch(self) -> AsyncIterator[ChangeEvent]:
+        """The change notifications of ``TasksResource.watch``, as an async iterator.
+
+        ``async for event in astore.tasks.watch():`` yields a
+        :class:`~clinik_local.events.ChangeEvent` per commit that changes tasks, from
+        the moment the iteration starts, in commit order; leaving the loop (``break``,
+        an exception, or closing the generator) unsubscribes. Events are handed to the
+        loop the iteration runs on; they are never dropped.
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[ChangeEvent] = asyncio.Queue()
+
+        def deliver(event: ChangeEvent) -> None:
+            # A closed loop: nobody listens any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        unsubscribe = self._tasks.watch(deliver)
+        try:
+            while True:
+                yield await events.get()
+        finally:
+            unsubscribe()
 
 
 class AsyncTaskStore:

@@ -39,6 +39,7 @@ from .errors import (
     ValidationError,
     VersionConflictError,
 )
+from .events import ChangeEvent
 from .fhir import export_ndjson, from_fhir, import_ndjson, to_fhir
 from .ids import new_task_id
 from .lifecycle import TERMINAL, TRANSITIONS, can_transition, transition_problem
@@ -96,6 +97,7 @@ __all__ = [
     "ApiResponse",
     "AsyncTaskStore",
     "AuthError",
+    "ChangeEvent",
     "ClinikError",
     "ConflictError",
     "CorruptStoreError",

@@ -352,6 +352,8 @@ def storable(task_id: str, wire_task: Mapping[str, Any]) -> tuple[Task, dict[str
         task = decode_task(known)
         body = encode_task(task)
     except ValidationError:
+        if not isinstance(known.get("authoredOn"), str):  # as decode_task would default it
+            known["authoredOn"] = _server_instant(wire_task.get("lastModified"), timestamps.now())
         try:
             task = task_from_stored(known)
             task_row(task, 1, "")  # every column can be bound

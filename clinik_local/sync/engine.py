@@ -304,7 +304,12 @@ class SyncEngine:
             conflicts=int(conflicts),
             last_success_at=self._last_success_at,
             next_retry_at=next_retry,
-            bootstrapping=self._puller is not None and pulled.bootstrapping,
+            bootstrapping=self._puller is not None
+            and (
+                pulled.bootstrapping
+                or pulled.scope != self._config.scope_text()
+                or pulled.service != self._config.service_id()
+            ),
             tasks_pulled=pulled.pulled if self._puller is not None else 0,
             last_pull_at=pulled.last_pull_at if self._puller is not None else None,
             last_error=self._last_error,

@@ -19,8 +19,9 @@ during a request:
    When the last page is in, local tasks the listing did not show and with no
    undelivered change are removed (deleted on the server, or outside the scope), and the
    log is read from the saved ``changes_cursor``.
-3. **The log.** Each page's items are applied (:func:`.rebase.apply_item`) and the cursor
-   advanced in one transaction; applying a page twice changes nothing. ``410``
+3. **The log.** Each page's items are applied, task by task
+   (:func:`.rebase.apply_items`), and the cursor advanced in one transaction;
+   applying a page twice changes nothing. ``410``
    (:class:`~clinik_local.remotes.base.CursorExpired`) starts a new bootstrap; pending
    local changes are kept (they are rebased on what the listing shows).
 
@@ -42,6 +43,7 @@ from ..remotes.base import (
     ChangesPage,
     CursorExpired,
     ListedPage,
+    LogItem,
     PullRemote,
     Refused,
     Transient,
@@ -200,10 +202,13 @@ class Puller:
             if again.cursor != state.cursor:
                 return None  # another engine applied this page: read again
             ctx = self.context(again.generation)
+            by_task: dict[str, list[LogItem]] = {}
             for item in page.items:
-                accepted = rebase.apply_item(self._db, conn, ctx, item, now)
+                by_task.setdefault(item.task_id, []).append(item)
+            for task_id, items in by_task.items():
+                accepted = rebase.apply_items(self._db, conn, ctx, items, now)
                 if accepted.conflict:
-                    result.conflicts.append(item.task_id)
+                    result.conflicts.append(task_id)
                 if accepted.changed:
                     written += 1
             stalled = page.has_more and not page.items and page.next_cursor == state.cursor

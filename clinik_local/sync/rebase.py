@@ -19,7 +19,7 @@ bootstrap, the ``data`` of a ``412`` answer. What happens depends on the task's 
   task is kept with the conflict (:mod:`.conflicts` shows base, server and the current
   local task). A newer server version later runs the rebase again from the same base.
 
-:func:`apply_item` and :func:`apply_listed` add what the log and the listing need on top:
+:func:`apply_items` and :func:`apply_listed` add what the log and the listing need on top:
 own changes coming back, versions already known, and versions learnt outside the log.
 """
 
@@ -39,7 +39,7 @@ from ..storage.database import Database
 from ..storage.outbox import OpenChange
 from ..wire import dumps, loads_or_none
 
-__all__ = ["Accepted", "Context", "accept", "apply_item", "apply_listed", "local_changes"]
+__all__ = ["Accepted", "Context", "accept", "apply_items", "apply_listed", "local_changes"]
 
 
 @attrs.frozen(kw_only=True)
@@ -243,28 +243,58 @@ def accept(
     return Accepted(changed=True)
 
 
-def apply_item(
-    db: Database, conn: apsw.Connection, ctx: Context, item: LogItem, now: str
+def apply_items(
+    db: Database, conn: apsw.Connection, ctx: Context, items: list[LogItem], now: str
 ) -> Accepted:
-    """Apply one change-log item (idempotent: applying it again changes nothing).
+    """Apply the change-log items of ONE task from one page, in log order.
 
-    An item of one of this store's own open changes (the server applied it; its answer
-    was lost) settles that change: it is delivered, the item's task becomes the base and
-    its version the next ``If-Match``; the local task, which already holds the change,
-    is not rewritten. An item of a version already known, or older than a version learnt
-    outside the log (``unseen``), changes nothing.
+    Idempotent: applying them again changes nothing. The rules:
+
+    - a version learnt outside the log (``unseen``) makes the items before it older than
+      what this device knows: they are skipped, and the mark is cleared by its own item
+      (a page without it is all older);
+    - an item of one of this store's own open changes (the server applied it; its answer
+      was lost) settles that change: it is delivered, the item's task becomes the base
+      and its version the next ``If-Match``; the local task, which already holds the
+      change, is not rewritten;
+    - of the other items, only the last one matters (a later item supersedes it); it is
+      skipped when its version is the base's already, else accepted (:func:`accept`).
     """
-    task = item.task if not item.deleted else None
-    raw = None if task is None else dumps(task)
-    if item.change_id is not None:
-        owner = outbox.change_task(conn, item.change_id)
-        if owner == item.task_id:
-            return _own_change(db, conn, ctx, item, task, raw, now)
-    base = replica.base_of(conn, item.task_id)
-    if base is not None and base.unseen is not None:
-        if base.unseen == item.version:
-            replica.set_unseen(conn, item.task_id, None)
+    if not items:
         return Accepted()
+    task_id = items[0].task_id
+    base = replica.base_of(conn, task_id)
+    if base is not None and base.unseen is not None:
+        seen = [i for i, item in enumerate(items) if item.version == base.unseen]
+        if not seen:
+            return Accepted()
+        replica.set_unseen(conn, task_id, None)
+        items = items[seen[-1] + 1 :]
+    changed = conflict = False
+    for index, item in enumerate(items):
+        task = item.task if not item.deleted else None
+        raw = None if task is None else dumps(task)
+        if item.change_id is not None and outbox.change_task(conn, item.change_id) == task_id:
+            done = _own_change(db, conn, ctx, item, task, raw, now)
+        elif index < len(items) - 1:
+            continue  # superseded by a later item of the page
+        else:
+            done = _foreign(db, conn, ctx, item, task, raw, now)
+        changed = changed or done.changed
+        conflict = conflict or done.conflict
+    return Accepted(changed=changed, conflict=conflict)
+
+
+def _foreign(
+    db: Database,
+    conn: apsw.Connection,
+    ctx: Context,
+    item: LogItem,
+    task: dict[str, Any] | None,
+    raw: str | None,
+    now: str,
+) -> Accepted:
+    base = replica.base_of(conn, item.task_id)
     if (
         base is not None
         and task is not None

@@ -104,6 +104,19 @@ def local_changes(changes: list[OpenChange]) -> list[merge.Change]:
     return out
 
 
+def _in_step(conn: apsw.Connection, task_id: str, base: replica.Base) -> bool:
+    """Whether the local task is what its base says (or has changes of its own to send):
+    then a server version equal to the base's has nothing to add."""
+    if outbox.has_open_changes(conn, task_id):
+        return True
+    found = rows.current(conn, task_id)
+    local = None if found is None else loads_or_none(found[0])
+    server = loads_or_none(base.body)
+    if not isinstance(local, dict) or not isinstance(server, dict):
+        return False
+    return not merge.patch_of(server, local)
+
+
 def _holds(server: Mapping[str, Any], payload: str | None) -> bool:
     """Whether the server's task is a change's payload (on the fields a patch may set)."""
     sent = loads_or_none(payload)
@@ -300,6 +313,7 @@ def _foreign(
         and task is not None
         and item.version is not None
         and base.version_id == item.version
+        and _in_step(conn, item.task_id, base)
     ):
         return Accepted()
     if task is None and base is None and rows.current(conn, item.task_id) is None:
@@ -346,7 +360,12 @@ def apply_listed(
     version_text = None if version is None else str(version)
     base = replica.base_of(conn, task_id)
     if base is not None and (
-        base.unseen is not None or (version_text is not None and base.version_id == version_text)
+        base.unseen is not None
+        or (
+            version_text is not None
+            and base.version_id == version_text
+            and _in_step(conn, task_id, base)
+        )
     ):
         # Known already, or learnt after this bootstrap began (the log will bring it).
         replica.set_base(

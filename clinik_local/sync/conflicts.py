@@ -18,7 +18,7 @@ task is refused (VersionConflictError) instead of discarding an edit it did not 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import attrs
@@ -197,8 +197,13 @@ def resolve(
     keep: Literal["local", "remote"] | Mapping[str, object],
     *,
     local_version: int | None = None,
+    in_scope: Callable[[Mapping[str, Any]], bool] | None = None,
 ) -> None:
-    """Settle a conflict (see :meth:`clinik_local.sync.SyncEngine.resolve`)."""
+    """Settle a conflict (see :meth:`clinik_local.sync.SyncEngine.resolve`).
+
+    ``in_scope``: a pulling store's scope test; a task that ends outside it with
+    nothing to send is removed locally (as a pulled one would be).
+    """
     merged: Any = None
     if isinstance(keep, Mapping):
         request = without_server_fields(keep)
@@ -245,6 +250,10 @@ def resolve(
             origin = "pulled"
             if server is None:
                 rows.delete_server_copy(conn, task_id, now=now)
+            elif in_scope is not None and not in_scope(server):
+                rows.delete_server_copy(conn, task_id, now=now)
+                replica.drop_base(conn, task_id)
+                outbox.forget_server_version(conn, task_id)
             else:
                 rows.write_server_copy(conn, task_id, server, now=now, reason=RESOLUTION_REASON)
         elif keep == "local":

@@ -27,13 +27,14 @@ The engine owns scheduling (the worker thread, backoff, lanes) and status; the p
 :mod:`.push` (rows through the remote, outcomes recorded), :mod:`.conflicts` (parked
 changes) and the remote itself (:mod:`clinik_local.remotes`), which maps the wire to
 typed outcomes. What each answer does follows the contract's table: 2xx delivered; 404
-on DELETE delivered; 412 a conflict (:meth:`SyncEngine.conflicts`,
-:meth:`SyncEngine.resolve`); 400/403/404/409/413/422 and any other 4xx a dead letter
-(:meth:`SyncEngine.dead_letters`, :meth:`SyncEngine.retry`, :meth:`SyncEngine.discard`);
-401 asks the token provider again and retries once, then pauses with state
-``auth_required``; 408/425/429/5xx and network failures are retried. When the service
-cannot be reached at all, the whole engine backs off (state ``offline``) instead of
-failing row after row.
+on DELETE delivered; 412 rebases the task's changes on the server's task (what cannot
+merge is a conflict: :meth:`SyncEngine.conflicts`, :meth:`SyncEngine.resolve`), and so
+does a 404 on PUT (the server deleted the task); 400/403/404/409/413/422 and any other
+4xx a dead letter (:meth:`SyncEngine.dead_letters`, :meth:`SyncEngine.retry`,
+:meth:`SyncEngine.discard`); 401 asks the token provider again and retries once, then
+pauses with state ``auth_required``; 408/425/429/5xx and network failures are retried.
+When the service cannot be reached at all, the whole engine backs off (state
+``offline``) instead of failing row after row.
 
 Two-way sync (``SyncConfig(pull=True)``, the default with a remote that can pull): each
 pass pushes first, then pulls (:mod:`.pull`: a bootstrap of the scope, then the change
@@ -409,8 +410,16 @@ class SyncEngine:
         if the local task changed since (an edit the conflict you looked at did not
         show), VersionConflictError and nothing changes.
         """
-        _conflicts.resolve(self._db, task_id, keep, local_version=local_version)
+        _conflicts.resolve(
+            self._db, task_id, keep, local_version=local_version, in_scope=self._in_scope()
+        )
         self._wake.set()
+
+    def _in_scope(self) -> Callable[[Mapping[str, object]], bool] | None:
+        scope = self._config.scope
+        if self._puller is None or not scope:
+            return None
+        return lambda wire: rebase.scope_matches(scope, wire)
 
     # --- the worker --------------------------------------------------------------------------
 
@@ -578,6 +587,7 @@ class SyncEngine:
                 task_id,
                 decision,
                 local_version=conflict.local_version,
+                in_scope=self._in_scope(),
             )
         except ClinikError as exc:
             _log.warning("the on_conflict policy's resolution of %s failed: %s", task_id, exc)

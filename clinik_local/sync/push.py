@@ -217,6 +217,18 @@ def record(
                 error=outcome.error,
                 status=outcome.status,
             )
+        elif (
+            isinstance(outcome, Refused)
+            and outcome.status == 404
+            and row.op == "update"
+            and (row.server_version is not None)
+        ):
+            # A PUT of a task the server no longer has: the server deleted it. Like a
+            # pulled delete, the task's changes are rebased on "no task" (an update
+            # against a delete is a conflict, kept; nothing changed here is dropped).
+            accepted = rebase.accept(db, conn, ctx, row.task_id, None, None, now)
+            if accepted.conflict:
+                done.conflicts.append(row.task_id)
         elif isinstance(outcome, Refused):
             outbox.record_dead(
                 conn,

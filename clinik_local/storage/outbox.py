@@ -65,7 +65,9 @@ __all__ = [
     "select_sendable",
     "server_version_of",
     "set_server_version",
+    "set_server_versions",
     "sync_state_of",
+    "tasks_with_open_changes",
 ]
 
 Op = Literal["create", "update", "delete"]
@@ -414,6 +416,26 @@ def open_changes(conn: apsw.Connection, task_id: str) -> list[OpenChange]:
             (task_id,),
         )
     ]
+
+
+def tasks_with_open_changes(conn: apsw.Connection, task_ids: Sequence[str]) -> set[str]:
+    """Which of these tasks have a change still in the outbox (one query)."""
+    if not task_ids:
+        return set()
+    marks = ",".join("?" * len(task_ids))
+    return {
+        str(r[0])
+        for r in fetch_all(
+            conn, f"SELECT DISTINCT task_id FROM outbox WHERE task_id IN ({marks})", tuple(task_ids)
+        )
+    }
+
+
+def set_server_versions(
+    conn: apsw.Connection, versions: Sequence[tuple[str, object, object]], now: str
+) -> None:
+    """Many :func:`set_server_version` at once: ``(task_id, version, modified)``."""
+    conn.executemany(_UPSERT_SYNC, [(t, v, m, now) for t, v, m in versions])
 
 
 def has_open_changes(conn: apsw.Connection, task_id: str) -> bool:

@@ -24,6 +24,8 @@ the sync layer writes it together with the base.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import apsw
 import attrs
 
@@ -33,12 +35,14 @@ __all__ = [
     "Base",
     "PullState",
     "base_of",
+    "based_ids",
     "clear_unseen",
     "drop_base",
     "drop_unlisted_bases",
     "forget_versions",
     "read_state",
     "set_base",
+    "set_bases_many",
     "set_unseen",
     "unlisted_tasks",
     "write_state",
@@ -176,6 +180,32 @@ def set_base(
         "listed = max(listed, excluded.listed)",
         (task_id, version_id, body, unseen, listed),
     )
+
+
+def set_bases_many(
+    conn: apsw.Connection, bases: Sequence[tuple[str, str | None, str]], *, listed: int
+) -> None:
+    """Many :func:`set_base` at once: ``(task_id, version_id, body)``, none unseen."""
+    conn.executemany(
+        "INSERT INTO sync_bases (task_id, version_id, body, unseen, listed) "
+        "VALUES (?, ?, ?, NULL, ?) ON CONFLICT (task_id) DO UPDATE SET "
+        "version_id = excluded.version_id, body = excluded.body, unseen = NULL, "
+        "listed = max(listed, excluded.listed)",
+        [(task_id, version, body, listed) for task_id, version, body in bases],
+    )
+
+
+def based_ids(conn: apsw.Connection, task_ids: Sequence[str]) -> set[str]:
+    """Which of these tasks have a base (one query)."""
+    if not task_ids:
+        return set()
+    marks = ",".join("?" * len(task_ids))
+    return {
+        str(r[0])
+        for r in fetch_all(
+            conn, f"SELECT task_id FROM sync_bases WHERE task_id IN ({marks})", tuple(task_ids)
+        )
+    }
 
 
 def set_unseen(conn: apsw.Connection, task_id: str, version_id: str | None) -> None:

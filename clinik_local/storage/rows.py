@@ -62,12 +62,14 @@ __all__ = [
     "history",
     "insert_local",
     "insert_local_many",
+    "known_ids",
     "search_page",
     "stamp",
     "storable",
     "task_row",
     "top_version",
     "update_local",
+    "write_new_server_copies",
     "write_server_copy",
 ]
 
@@ -400,6 +402,52 @@ def write_server_copy(
     op = "update" if found is not None else "create"
     conn.execute(_INSERT_HISTORY_FROM, (task_id, version, op, body, now, reason, origin))
     return task
+
+
+def known_ids(conn: apsw.Connection, task_ids: Sequence[str]) -> set[str]:
+    """Which of these ids have a task or any history here (one query)."""
+    if not task_ids:
+        return set()
+    marks = ",".join("?" * len(task_ids))
+    return {
+        str(r[0])
+        for r in fetch_all(
+            conn,
+            f"SELECT id FROM tasks WHERE id IN ({marks}) "
+            f"UNION SELECT task_id FROM task_history WHERE task_id IN ({marks})",
+            (*task_ids, *task_ids),
+        )
+    }
+
+
+def write_new_server_copies(
+    conn: apsw.Connection, copies: Sequence[tuple[str, Mapping[str, Any]]], *, now: str
+) -> list[str]:
+    """Server copies of tasks this store has never had (:func:`known_ids` says none of
+    them), written in bulk: what a bootstrap lists into an empty store. Returns the ids
+    written (a copy that cannot be read as a Task here is left out, as in
+    :func:`write_server_copy`)."""
+    task_rows: list[tuple[object, ...]] = []
+    history_rows: list[tuple[object, ...]] = []
+    written: list[str] = []
+    for task_id, wire_task in copies:
+        made = storable(task_id, wire_task)
+        if made is None:
+            continue
+        task, body_map = made
+        _set(task, "id", task_id)
+        _set(task, "version_id", "1")
+        modified = _server_instant(wire_task.get("lastModified"), now)
+        _set(task, "last_modified", max(modified, str(task.authored_on)))
+        body_map["versionId"] = "1"
+        body_map["lastModified"] = task.last_modified
+        body = dumps(body_map)
+        task_rows.append(task_row(task, 1, body))
+        history_rows.append((task_id, 1, "create", body, now, None, "server"))
+        written.append(task_id)
+    conn.executemany(INSERT_TASK, task_rows)
+    conn.executemany(_INSERT_HISTORY_FROM, history_rows)
+    return written
 
 
 def _remove(conn: apsw.Connection, task_id: str, body: str, now: str, origin: str) -> None:

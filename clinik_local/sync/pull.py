@@ -154,8 +154,8 @@ class Puller:
                 replica.clear_unseen(conn)
                 replica.write_state(conn, generation=generation)
             ctx = self.context(generation)
-            for task in page.tasks:
-                accepted = rebase.apply_listed(self._db, conn, ctx, task, now)
+            accepted_all = rebase.apply_listing(self._db, conn, ctx, page.tasks, now)
+            for task, accepted in zip(page.tasks, accepted_all, strict=True):
                 if accepted.conflict:
                     result.conflicts.append(str(task["id"]))
             result.tasks += len(page.tasks)

@@ -25,7 +25,7 @@ own changes coming back, versions already known, and versions learnt outside the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import apsw
@@ -39,7 +39,15 @@ from ..storage.database import Database
 from ..storage.outbox import OpenChange
 from ..wire import dumps, loads_or_none
 
-__all__ = ["Accepted", "Context", "accept", "apply_items", "apply_listed", "local_changes"]
+__all__ = [
+    "Accepted",
+    "Context",
+    "accept",
+    "apply_items",
+    "apply_listed",
+    "apply_listing",
+    "local_changes",
+]
 
 
 @attrs.frozen(kw_only=True)
@@ -349,6 +357,42 @@ def _own_change(
     ):
         return Accepted(changed=_remove(db, conn, item.task_id, now))
     return Accepted()
+
+
+def apply_listing(
+    db: Database, conn: apsw.Connection, ctx: Context, tasks: Sequence[dict[str, Any]], now: str
+) -> list[Accepted]:
+    """Apply a whole listing page; :func:`apply_listed` per task, except that tasks this
+    store has never seen (no local task or history, no base, no open change) and in the
+    scope are written in bulk (a bootstrap into an empty store)."""
+    ids = [str(t["id"]) for t in tasks]
+    taken = rows.known_ids(conn, ids) | replica.based_ids(conn, ids)
+    taken |= outbox.tasks_with_open_changes(conn, ids)
+    fresh: dict[str, dict[str, Any]] = {}
+    for task_id, task in zip(ids, tasks, strict=True):
+        if task_id not in taken and task_id not in fresh and scope_matches(ctx.scope, task):
+            fresh[task_id] = task
+    results: list[Accepted] = []
+    if fresh:
+        written = rows.write_new_server_copies(conn, list(fresh.items()), now=now)
+        bodies = [(i, _text(t.get("versionId")), dumps(t)) for i, t in fresh.items()]
+        replica.set_bases_many(conn, bodies, listed=ctx.generation)
+        outbox.set_server_versions(
+            conn,
+            [(i, _text(t.get("versionId")), t.get("lastModified")) for i, t in fresh.items()],
+            now,
+        )
+        db.note_changes(written, "pulled")
+    for task_id, task in zip(ids, tasks, strict=True):
+        if task_id in fresh:
+            results.append(Accepted(changed=True))
+        else:
+            results.append(apply_listed(db, conn, ctx, task, now))
+    return results
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def apply_listed(

@@ -31,7 +31,7 @@ from .ids import ID_PATTERN, is_valid_id
 from .lifecycle import transition_problem
 from .merge import patch_of
 from .model import ApiResponse, Task, TaskVersion
-from .search import compile_search, next_cursor, normalise_filters
+from .search import check_at_most, compile_search, next_cursor, normalise_filters
 from .storage import outbox, rows
 from .storage.database import Database
 from .wire import SERVER_FIELDS, dumps
@@ -123,9 +123,10 @@ class TasksResource:
         Raises ValidationError (bad request) or TaskExistsError (id already in use).
         """
         task = rows.stamp(_decode_new(request), 1, timestamps.now())
-        body = dumps(encode_task(task))
+        wire = encode_task(task)
+        body = dumps(wire)
         with self._db.write() as conn:
-            rows.insert_local(conn, task, body)
+            rows.insert_local(conn, task, body, wire=wire)
             self._db.note_change(str(task.id), "local")
         self._notify()
         return ApiResponse(task, {"syncState": "pending"})
@@ -174,9 +175,10 @@ class TasksResource:
             tasks.append(task)
         if problems:
             raise ValidationError(problems)
-        bodies = [dumps(encode_task(t)) for t in tasks]
+        wires = [encode_task(t) for t in tasks]
+        bodies = [dumps(w) for w in wires]
         with self._db.write() as conn:
-            rows.insert_local_many(conn, tasks, bodies, now, synced=synced)
+            rows.insert_local_many(conn, tasks, bodies, now, wires=wires, synced=synced)
             self._db.note_changes((str(t.id) for t in tasks), "local")
         if len(tasks) >= _OPTIMIZE_AFTER:
             self._db.optimize()  # a bulk import shifts the statistics the planner uses
@@ -263,14 +265,14 @@ class TasksResource:
             new = rows.stamp(new, version + 1, now)
             new_wire = encode_task(new)
             new_wire.update(unknown)
-            new_body = dumps(new_wire)
             rows.update_local(
                 conn,
                 new,
-                new_body,
+                dumps(new_wire),
                 base_version=version,
                 changed_at=new.last_modified or "",
                 reason=admin_override,
+                wire=new_wire,
                 patch=dumps(patch_of(current, new_wire)),
             )
             self._db.note_change(task_id, "local")
@@ -335,16 +337,27 @@ class TasksResource:
         return ApiResponse(tasks, meta)
 
     def count(
-        self, filters: Mapping[str, object] | None = None, /, **keywords: object
+        self,
+        filters: Mapping[str, object] | None = None,
+        /,
+        *,
+        at_most: int | None = None,
+        **keywords: object,
     ) -> ApiResponse[int]:
-        """How many tasks match the filters (same filters as :meth:`search`)."""
+        """How many tasks match the filters (same filters as :meth:`search`).
+
+        A count reads every match. ``at_most=N`` stops at N (a badge's "99+"): the
+        answer is then ``min(matches, N)``, so ``data == N`` means "N or more", and
+        ``meta["atMost"]`` is N. A positive integer, else ValidationError.
+        """
         merged = normalise_filters(filters, keywords)
         for paging in ("cursor", "limit", "sort", "total"):
             merged.pop(paging, None)
         compiled, _ = compile_search(merged)
+        check_at_most(at_most)  # before any read: bad input writes and reads nothing
         with self._db.read() as conn:
-            total = rows.count_matching(conn, compiled)
-        return ApiResponse(total, {})
+            total = rows.count_matching(conn, compiled, at_most=at_most)
+        return ApiResponse(total, {} if at_most is None else {"atMost": at_most})
 
     def history(self, task_id: str) -> ApiResponse[list[TaskVersion]]:
         """Every recorded version of a task, oldest first (also after it was deleted).

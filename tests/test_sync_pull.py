@@ -19,6 +19,7 @@ import pytest
 
 from clinik_local import ReferenceServer, SyncConfig, TaskStore, ValidationError
 from clinik_local.server import Faults
+from tests.derived import derived_problems
 from tests.pull_support import (
     REQUEST,
     Recorder,
@@ -99,6 +100,9 @@ def test_two_stores_converge_through_the_server(tmp_path: Path, server: Referenc
         assert status.tasks_pulled >= 6
         history = a.tasks.history(str(made.id)).data
         assert [h.origin for h in history] == ["local", "server"]
+    # Server copies keep the derived search rows in step, as local edits do.
+    assert derived_problems(tmp_path / "a.db") == []
+    assert derived_problems(tmp_path / "b.db") == []
 
 
 def test_a_running_engine_keeps_current_by_the_pull_interval(
@@ -370,6 +374,8 @@ def test_a_server_copy_with_unknown_fields_and_long_text_is_stored_and_the_pull_
         server.update_task("task_odd", {"note": "pulled on top"}, validate=False)
         assert a.sync.flush(timeout=10)
         assert a.tasks.get("task_odd").data.note == "pulled on top"
+        assert [t.id for t in a.tasks.search(text="pulled").data] == ["task_odd"]
+    assert derived_problems(tmp_path / "a.db") == []
 
 
 def test_a_local_edit_of_a_task_with_unknown_fields_pushes_them_back(

@@ -410,8 +410,9 @@ def open_changes(conn: apsw.Connection, task_id: str) -> list[OpenChange]:
         for r in fetch_all(
             conn,
             "SELECT o.seq, o.change_id, o.op, o.payload, o.patch, o.state, o.base_version, "
-            "(SELECT h.body FROM task_history h WHERE h.task_id = o.task_id "
-            " AND h.version = o.base_version) "
+            "(SELECT coalesce(h.body, t.body) FROM task_history h "
+            " LEFT JOIN tasks t ON t.id = h.task_id AND h.body IS NULL "
+            " WHERE h.task_id = o.task_id AND h.version = o.base_version) "
             "FROM outbox o WHERE o.task_id = ? ORDER BY o.seq",
             (task_id,),
         )

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
         ValidationError,
         VersionConflictError,
     )
+    from .events import ChangeEvent
     from .fhir import export_ndjson, from_fhir, import_ndjson, to_fhir
     from .ids import new_task_id
     from .lifecycle import TERMINAL, TRANSITIONS, can_transition, transition_problem
@@ -97,6 +98,7 @@ _MODULE_OF = {
     ),
     **dict.fromkeys(("export_ndjson", "from_fhir", "import_ndjson", "to_fhir"), "fhir"),
     "new_task_id": "ids",
+    "ChangeEvent": "events",
     **dict.fromkeys(
         ("TERMINAL", "TRANSITIONS", "can_transition", "transition_problem"), "lifecycle"
     ),
@@ -150,6 +152,7 @@ __all__ = [
     "ApiResponse",
     "AsyncTaskStore",
     "AuthError",
+    "ChangeEvent",
     "ClinikError",
     "ConflictError",
     "CorruptStoreError",

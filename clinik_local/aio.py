@@ -33,10 +33,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .events import ChangeEvent
 from .ids import new_task_id
 from .model import ApiResponse, Task, TaskVersion
 from .storage.database import writes_only_if
@@ -182,6 +183,30 @@ class AsyncTasksResource:
     async def history(self, task_id: str) -> ApiResponse[list[TaskVersion]]:
         """Every recorded version of a task (see ``TasksResource.history``)."""
         return await asyncio.to_thread(self._tasks.history, task_id)
+
+    async def watch(self) -> AsyncIterator[ChangeEvent]:
+        """The change notifications of ``TasksResource.watch``, as an async iterator.
+
+        ``async for event in astore.tasks.watch():`` yields a
+        :class:`~clinik_local.events.ChangeEvent` per commit that changes tasks, from
+        the moment the iteration starts, in commit order; leaving the loop (``break``,
+        an exception, or closing the generator) unsubscribes. Events are handed to the
+        loop the iteration runs on; they are never dropped.
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[ChangeEvent] = asyncio.Queue()
+
+        def deliver(event: ChangeEvent) -> None:
+            # A closed loop: nobody listens any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        unsubscribe = self._tasks.watch(deliver)
+        try:
+            while True:
+                yield await events.get()
+        finally:
+            unsubscribe()
 
 
 class AsyncTaskStore:

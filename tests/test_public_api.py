@@ -14,6 +14,7 @@ EXPORTED = {
     "TasksResource",
     "KeyProvider",
     "ApiResponse",
+    "ChangeEvent",
     # the model
     "Task",
     "Period",

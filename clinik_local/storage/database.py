@@ -21,7 +21,7 @@ import os
 import re
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import apsw
@@ -34,6 +34,7 @@ from ..errors import (
     StoreLockedError,
     ValidationError,
 )
+from ..events import ChangeFeed, ChangeOrigin
 from .connection import (
     MEMORY,
     ConnectionOptions,
@@ -502,6 +503,9 @@ class Database:
         self._readers: weakref.WeakSet[_ReaderBox] = weakref.WeakSet()
         self._closed = False
         self._after_commit: list[Callable[[], None]] = []
+        self._changes: list[tuple[str, ChangeOrigin]] = []
+        #: Change notifications: :meth:`note_change` inside a write, published after it.
+        self.feed = ChangeFeed()
 
     @property
     def closed(self) -> bool:
@@ -514,6 +518,7 @@ class Database:
             return
         if self._checkpointer is not None:
             self._checkpointer.stop()
+        self.feed.close()
         with self._lock:
             self._closed = True
             for box in list(self._readers):
@@ -560,10 +565,24 @@ class Database:
                     with contextlib.suppress(apsw.Error):
                         conn.execute("ROLLBACK")
                 self._after_commit.clear()
+                self._changes.clear()
                 raise
             callbacks, self._after_commit = self._after_commit, []
+            changes, self._changes = self._changes, []
+        if changes:
+            self.feed.publish(changes)
         for callback in callbacks:
             callback()
+
+    def note_change(self, task_id: str, origin: ChangeOrigin) -> None:
+        """The current write changes ``task_id``: watchers hear of it after the commit."""
+        if self.feed.watched:
+            self._changes.append((task_id, origin))
+
+    def note_changes(self, task_ids: Iterable[str], origin: ChangeOrigin) -> None:
+        """:meth:`note_change` for many tasks."""
+        if self.feed.watched:
+            self._changes.extend((task_id, origin) for task_id in task_ids)
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once the current write transaction has committed."""

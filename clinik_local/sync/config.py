@@ -2,24 +2,31 @@
 
 The remote is the seam: by default the config builds a
 :class:`~clinik_local.remotes.clinik.ClinikRemote` from ``base_url`` and
-``token_provider``; ``remote=`` takes any :class:`~clinik_local.remotes.base.Remote`
-instead (a FHIR server, or a test double), and then ``base_url``/``token_provider``
-are not needed.
+``token_provider``; ``remote="fhir-r4"`` builds a
+:class:`~clinik_local.remotes.fhir.FhirR4Remote` from the same two instead (a FHIR R4
+server, with its default options); ``remote=`` also takes any
+:class:`~clinik_local.remotes.base.Remote` object (a ``FhirR4Remote`` with options of
+its own, or a test double), and then ``base_url``/``token_provider`` are not needed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 
 from ..errors import ValidationError
 from ..remotes.base import Remote
 from ..remotes.clinik import ClinikRemote
+from ..remotes.fhir import FhirR4Remote
 from ..remotes.transport import check_base_url
 
-__all__ = ["SyncConfig"]
+__all__ = ["REMOTE_KINDS", "SyncConfig"]
+
+#: The remotes ``SyncConfig(remote=...)`` builds by name from ``base_url``/``token_provider``.
+REMOTE_KINDS = ("clinik", "fhir-r4")
+RemoteKind = Literal["clinik", "fhir-r4"]
 
 
 def _positive(name: str, low: float, high: float) -> Callable[[Any, Any, Any], None]:
@@ -35,7 +42,7 @@ def _positive(name: str, low: float, high: float) -> Callable[[Any, Any, Any], N
 
 
 def _check_provider(instance: Any, _attribute: Any, value: Any) -> None:
-    if value is None and instance.remote is not None:
+    if value is None and instance.remote is not None and not isinstance(instance.remote, str):
         return
     if not callable(value):
         raise ValidationError.single(
@@ -44,11 +51,20 @@ def _check_provider(instance: Any, _attribute: Any, value: Any) -> None:
 
 
 def _check_remote(_instance: Any, _attribute: Any, value: Any) -> None:
+    if isinstance(value, str):
+        if value not in REMOTE_KINDS:
+            raise ValidationError.single(
+                "remote", "is not a known remote", value, ", ".join(REMOTE_KINDS)
+            )
+        return
     if value is not None and not (
         callable(getattr(value, "push", None)) and callable(getattr(value, "close", None))
     ):
         raise ValidationError.single(
-            "remote", "must be a Remote (with push() and close())", type(value)
+            "remote",
+            "must be a Remote (with push() and close()) or a remote's name",
+            type(value),
+            ", ".join(REMOTE_KINDS),
         )
 
 
@@ -65,11 +81,15 @@ class SyncConfig:
     ``lanes`` connections send at once; each task's changes always go through the
     same lane, one after another, so per-task order holds.
     ``ca_bundle``: a CA file to trust instead of the system's (TLS is always verified).
-    ``remote``: a :class:`~clinik_local.remotes.base.Remote` to use instead of the
-    clinik service at ``base_url`` (then ``base_url``/``token_provider`` may be omitted).
+    ``remote``: which service ``base_url`` is: ``"clinik"`` (the default, the clinik
+    sync contract) or ``"fhir-r4"`` (a FHIR R4 server, ``base_url`` its FHIR base such as
+    ``https://host/fhir/R4``); or a :class:`~clinik_local.remotes.base.Remote` object to
+    use instead (then ``base_url``/``token_provider`` may be omitted).
     """
 
-    remote: Remote | None = attrs.field(default=None, validator=_check_remote, repr=False)
+    remote: Remote | RemoteKind | None = attrs.field(
+        default=None, validator=_check_remote, repr=False
+    )
     base_url: str | None = None
     token_provider: Callable[[], str] | None = attrs.field(
         default=None, validator=_check_provider, repr=False
@@ -87,15 +107,24 @@ class SyncConfig:
     jitter_seed: int | None = None
 
     def __attrs_post_init__(self) -> None:
-        if self.remote is None or self.base_url is not None:
+        if self.remote is None or isinstance(self.remote, str) or self.base_url is not None:
             check_base_url(self.base_url, self.allow_insecure_http)
 
     def make_remote(self) -> Remote:
-        """The injected remote, or the clinik service at ``base_url``."""
-        if self.remote is not None:
+        """The injected remote, or the named one (clinik by default) at ``base_url``."""
+        if self.remote is not None and not isinstance(self.remote, str):
             return self.remote
         assert self.base_url is not None
         assert self.token_provider is not None
+        if self.remote == "fhir-r4":
+            return FhirR4Remote(
+                self.base_url,
+                self.token_provider,
+                timeout=self.timeout,
+                allow_insecure_http=self.allow_insecure_http,
+                ca_bundle=self.ca_bundle,
+                lanes=self.lanes,
+            )
         return ClinikRemote(
             self.base_url,
             self.token_provider,

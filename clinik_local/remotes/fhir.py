@@ -1,0 +1,590 @@
+"""``FhirR4Remote``: the outbox delivered to a FHIR R4 server (Medplum, HAPI FHIR, ...).
+
+The second remote behind :class:`~.base.Remote`. A FHIR server has no idempotency keys,
+answers a stale ``If-Match`` with ``412`` (Medplum) or ``409`` (HAPI-0989), and keeps its
+own opaque versions (UUIDs on Medplum, integers on HAPI) in ``ETag: W/"<v>"``. How one
+change goes on the wire:
+
+- **create** (a task the server never acknowledged): ``PUT /Task/<server id>``
+  (update-as-create with the deterministic id of :func:`server_task_id`); or, with
+  ``create="conditional"`` for servers that refuse client ids, ``POST /Task`` with
+  ``If-None-Exist: identifier=urn:clinik-local:id|<our id>``;
+- **update**: ``PUT /Task/<server id>`` with ``If-Match: W/"<versionId>"``;
+- **delete**: ``DELETE /Task/<server id>`` with ``If-Match``; ``404``/``410`` (already
+  gone) is delivered.
+
+The body is ``to_fhir(task, "R4")`` with the server id, the references mapped
+(``reference_map``, below), and the change id in an extension (:data:`CHANGE_ID_URL`).
+
+Exactly once without keys: every version we write carries its change id, so a retry
+after a lost answer recognises its own write. A retried update gets ``412``/``409``
+(its ``If-Match`` is now stale, our own write moved the version on); the remote then
+reads the server's task: if it is our write (our change id and our content, or our change
+id in the task's ``_history``) the change is :class:`~.base.Delivered` with that version,
+otherwise it is a :class:`~.base.Conflict` carrying the server's task (as a wire task,
+through :func:`~clinik_local.fhir.from_fhir`). A create is never made twice: a ``PUT`` by
+the deterministic id writes the same resource again, and ``If-None-Exist`` finds the
+first one.
+
+Other answers: ``401`` asks the token provider once more, then is
+:class:`~.base.AuthFailed`; ``408``/``425``/``429``/``5xx`` and network failures are
+:class:`~.base.Transient` (``Retry-After`` honoured); no connection at all is
+:class:`~.base.Unreachable`; any other ``4xx`` (and a ``409`` that is not about versions)
+is :class:`~.base.Refused` carrying the OperationOutcome's text.
+
+Ids. FHIR ids are ``[A-Za-z0-9.-]{1,64}``; ours may also hold ``_``.
+:func:`server_task_id` is injective on our ids: a reversible escape (``_`` -> ``-``,
+``-`` -> ``.-``, ``.`` -> ``..``) when the result fits in 64 characters, else ``h.`` and
+62 hex digits of the id's SHA-256 (a form the escape never produces: it never writes a
+``.`` before a letter or digit). The identifier ``urn:clinik-local:id`` keeps our id on
+the server either way, and :func:`task_id_from_server` reverses the escape.
+
+References must name resources that exist on that server, so they are mapped by
+``reference_map(field, our_id) -> server id`` (None: the default rule). ``field`` is the
+wire field: ``patientId``, ``ownerId``, ``requesterId``, ``encounterId``, ``focusId``,
+``basedOn``, ``partOf``, ``restriction.recipient``, ``input.valueReference``,
+``output.valueReference``. The default: ``partOf`` names our own tasks, so it goes
+through :func:`server_task_id`; any other id is used as it is when it is a valid FHIR
+id, and otherwise the change is refused (:class:`~.base.Refused` with ``status`` None,
+naming the field) rather than pushed as a hash no server knows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+from urllib.parse import quote
+
+import httpx
+
+from ..codec import decode_task, encode_task
+from ..errors import AuthError, TransportError, ValidationError
+from ..fhir import ID_SYSTEM, from_fhir, to_fhir
+from ..wire import without_server_fields
+from .base import (
+    AuthFailed,
+    Change,
+    Conflict,
+    Delivered,
+    PushOutcome,
+    Refused,
+    Transient,
+    Unreachable,
+)
+from .clinik import TRANSIENT_STATUSES, parse_retry_after
+from .transport import ConnectFailed, Response, Transport, check_base_url
+
+__all__ = [
+    "CHANGE_ID_URL",
+    "REFERENCE_FIELDS",
+    "FhirR4Remote",
+    "ReferenceMap",
+    "default_reference",
+    "server_task_id",
+    "task_id_from_server",
+]
+
+#: Extension url (on the Task) carrying the change id of the local change that wrote it.
+CHANGE_ID_URL = "urn:clinik-local:change-id"
+#: The fields ``reference_map`` is asked about.
+REFERENCE_FIELDS = (
+    "patientId",
+    "ownerId",
+    "requesterId",
+    "encounterId",
+    "focusId",
+    "basedOn",
+    "partOf",
+    "restriction.recipient",
+    "input.valueReference",
+    "output.valueReference",
+)
+
+#: ``reference_map(field, our_id)``: the server's id of what ``our_id`` names, or None
+#: for the default rule (:func:`default_reference`).
+ReferenceMap = Callable[[str, str], str | None]
+CreateMode = Literal["put", "conditional"]
+
+_FHIR_ID = re.compile(r"[A-Za-z0-9.\-]{1,64}")
+_ESCAPE = str.maketrans({".": "..", "-": ".-", "_": "-"})
+_HASHED = re.compile(r"h\.[0-9a-f]{62}")
+_FHIR_JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+_ETAG = re.compile(r'\s*(?:W/)?"([^"]*)"\s*')
+# wire field -> FHIR element of the references to_fhir writes (one or a list)
+_SINGLE_REFS = {
+    "for": "patientId",
+    "owner": "ownerId",
+    "requester": "requesterId",
+    "encounter": "encounterId",
+    "focus": "focusId",
+}
+_LIST_REFS = {"basedOn": "basedOn", "partOf": "partOf"}
+#: Words of an OperationOutcome that make a 409 a version conflict (HAPI-0989 and kin).
+_VERSION_CONFLICT = re.compile(r"HAPI-0989|version|precondition|stale", re.IGNORECASE)
+_HISTORY_COUNT = 100
+
+
+def server_task_id(our_id: str) -> str:
+    """The FHIR id of our task ``our_id`` on the server (deterministic and injective).
+
+    The escape (``_`` -> ``-``, ``-`` -> ``.-``, ``.`` -> ``..``) when it fits in 64
+    characters, else ``h.`` + 62 hex digits of SHA-256: ``task_01J9...`` ->
+    ``task-01J9...``.
+    """
+    escaped = our_id.translate(_ESCAPE)
+    if len(escaped) <= 64:
+        return escaped
+    return "h." + hashlib.sha256(our_id.encode()).hexdigest()[:62]
+
+
+def task_id_from_server(server_id: str) -> str | None:
+    """Our id of a server id :func:`server_task_id` escaped; None for a hash or a foreign id.
+
+    A hashed id has no way back: the task's identifier ``urn:clinik-local:id`` has it.
+    """
+    if _HASHED.fullmatch(server_id):
+        return None
+    out: list[str] = []
+    chars = iter(server_id)
+    for char in chars:
+        if char == "-":
+            out.append("_")
+        elif char == ".":
+            following = next(chars, "")
+            if following not in (".", "-"):
+                return None
+            out.append(following)
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def default_reference(field: str, our_id: str) -> str | None:
+    """The default rule: ``partOf`` through :func:`server_task_id`, else a valid FHIR id
+    as it is; None when ``our_id`` cannot name anything on a FHIR server."""
+    if field == "partOf":
+        return server_task_id(our_id)
+    return our_id if _FHIR_ID.fullmatch(our_id) else None
+
+
+class _Unmappable(Exception):
+    """A reference this remote cannot name on the server (the change is refused)."""
+
+
+def _etag_version(value: str | None) -> str | None:
+    match = _ETAG.fullmatch(value) if value else None
+    return match.group(1) if match else None
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
+def _outcome_text(body: str) -> str:
+    """The text of an OperationOutcome (diagnostics, details, expression), or the body."""
+    data = _json(body)
+    if isinstance(data, dict) and data.get("resourceType") == "OperationOutcome":
+        parts: list[str] = []
+        for issue in data.get("issue") or []:
+            if not isinstance(issue, dict):
+                continue
+            details = issue.get("details")
+            text = issue.get("diagnostics") or (
+                details.get("text") if isinstance(details, dict) else None
+            )
+            where = issue.get("expression") or issue.get("location")
+            piece = str(text or issue.get("code") or "error")
+            if isinstance(where, list) and where:
+                piece += f" ({', '.join(str(w) for w in where)})"
+            parts.append(piece)
+        if parts:
+            return "; ".join(parts)[:500]
+    return body[:500]
+
+
+def _change_id_of(resource: Mapping[str, Any]) -> str | None:
+    for ext in resource.get("extension") or []:
+        if isinstance(ext, dict) and ext.get("url") == CHANGE_ID_URL:
+            value = ext.get("valueString")
+            return value if isinstance(value, str) else None
+    return None
+
+
+def _wire_of(resource: Mapping[str, Any]) -> dict[str, Any]:
+    """A server Task as our wire task (ValidationError if it does not describe one)."""
+    return encode_task(from_fhir(resource))
+
+
+def _content(wire: Mapping[str, Any]) -> dict[str, Any]:
+    return without_server_fields(wire)
+
+
+class FhirR4Remote:
+    """A FHIR R4 server at ``base_url`` (``https://host/fhir/R4``), one Transport per remote.
+
+    ``create``: ``"put"`` (update-as-create with the client's id, the default) or
+    ``"conditional"`` (``POST`` + ``If-None-Exist``; the server's id is then looked up
+    by identifier and remembered). ``reference_map``: see the module docstring.
+    ``http_transport`` replaces the network, for tests.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token_provider: Callable[[], str],
+        *,
+        create: CreateMode = "put",
+        reference_map: ReferenceMap | None = None,
+        timeout: float = 10.0,
+        allow_insecure_http: bool = False,
+        ca_bundle: str | None = None,
+        lanes: int = 1,
+        http_transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if create not in ("put", "conditional"):
+            raise ValidationError.single(
+                "create", "unknown create mode", create, "put, conditional"
+            )
+        if reference_map is not None and not callable(reference_map):
+            raise ValidationError.single(
+                "reference_map", "must be a callable (field, our_id) -> server id", reference_map
+            )
+        if not callable(token_provider):
+            raise ValidationError.single(
+                "token_provider", "must be a callable returning the bearer token", token_provider
+            )
+        self.base_url = check_base_url(base_url, allow_insecure_http)
+        self.create = create
+        self._reference_map = reference_map
+        self._provider = token_provider
+        self._timeout = timeout
+        self._allow_insecure_http = allow_insecure_http
+        self._ca_bundle = ca_bundle
+        self._lanes = lanes
+        self._http_transport = http_transport
+        self._transport: Transport | None = None
+        self._lock = threading.Lock()
+        self._server_ids: dict[str, str] = {}  # conditional creates: our id -> server id
+
+    def __repr__(self) -> str:  # no token here, ever
+        return f"<FhirR4Remote {self.base_url}>"
+
+    # --- connections -----------------------------------------------------------------
+
+    def _get_transport(self) -> Transport:
+        with self._lock:
+            if self._transport is None:
+                self._transport = Transport(
+                    self.base_url,
+                    self._provider,
+                    timeout=self._timeout,
+                    allow_insecure_http=self._allow_insecure_http,
+                    ca_bundle=self._ca_bundle,
+                    lanes=self._lanes,
+                    http_transport=self._http_transport,
+                )
+            return self._transport
+
+    def close(self) -> None:
+        """Close the connections; the next push opens new ones."""
+        with self._lock:
+            transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        lane: int,
+        *,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Response:
+        """One request, asking the provider for a fresh token once on a 401.
+
+        Raises TransportError / ConnectFailed / AuthError (mapped by :meth:`push`).
+        """
+        transport = self._get_transport()
+        all_headers = dict(_FHIR_JSON)
+        if headers:
+            all_headers.update(headers)
+        answer = transport.request(method, path, body=body, headers=all_headers, lane=lane)
+        if answer.status == 401:
+            transport.refresh_token()
+            answer = transport.request(method, path, body=body, headers=all_headers, lane=lane)
+            if answer.status == 401:
+                transport.forget_token()
+        return answer
+
+    # --- the push --------------------------------------------------------------------
+
+    def push(self, change: Change, *, lane: int) -> PushOutcome:
+        """Send one change (the module docstring has the mapping of answers)."""
+        try:
+            return self._push(change, lane)
+        except _Unmappable as exc:
+            return Refused(status=None, body=None, error=str(exc))
+        except ConnectFailed as exc:
+            return Unreachable(message=str(exc))
+        except TransportError as exc:
+            return Transient(error=str(exc))
+        except AuthError as exc:
+            self._get_transport().forget_token()
+            return AuthFailed(message=str(exc))
+
+    def _push(self, change: Change, lane: int) -> PushOutcome:
+        version = change.server_version
+        if change.op == "delete":
+            server_id = self._known_server_id(change.task_id, lane)
+            if isinstance(server_id, Response):
+                return self._failure(server_id)
+            if server_id is None:
+                return Delivered(gone=True)
+            return self._delete(change, server_id, version, lane)
+        body = self._resource(change)
+        if change.op == "update" and version is not None:
+            server_id = self._known_server_id(change.task_id, lane)
+            if isinstance(server_id, Response):
+                return self._failure(server_id)
+            if server_id is None:  # conditional mode, and the server has no such task
+                return Conflict(server_task=None, status=404, body=None)
+            return self._update(change, server_id, body, version, lane)
+        if self.create == "conditional":
+            return self._conditional_create(change, body, lane)
+        return self._update(change, body["id"], body, None, lane)
+
+    def _update(
+        self,
+        change: Change,
+        server_id: str,
+        body: dict[str, Any],
+        version: str | None,
+        lane: int,
+    ) -> PushOutcome:
+        body = dict(body, id=server_id)
+        headers = {} if version is None else {"If-Match": f'W/"{version}"'}
+        answer = self._request(
+            "PUT", f"/Task/{server_id}", lane, body=self._dumps(body), headers=headers
+        )
+        if 200 <= answer.status < 300:
+            return self._delivered(answer)
+        if self._is_version_conflict(answer) or (answer.status == 404 and version is not None):
+            return self._recover(change, server_id, answer, lane)
+        return self._failure(answer)
+
+    def _conditional_create(self, change: Change, body: dict[str, Any], lane: int) -> PushOutcome:
+        body = {k: v for k, v in body.items() if k != "id"}
+        headers = {"If-None-Exist": f"identifier={ID_SYSTEM}|{change.task_id}"}
+        answer = self._request("POST", "/Task", lane, body=self._dumps(body), headers=headers)
+        if answer.status not in (200, 201):
+            return self._failure(answer)
+        resource = _json(answer.body)
+        if not isinstance(resource, dict) or not isinstance(resource.get("id"), str):
+            return Refused(
+                status=answer.status, body=answer.body, error="the server sent no Task back"
+            )
+        with self._lock:
+            self._server_ids[change.task_id] = resource["id"]
+        if answer.status == 201 or _change_id_of(resource) == change.change_id:
+            return self._delivered(answer)
+        # 200: a task with our identifier existed before, written by another change
+        return self._conflict(resource, answer)
+
+    def _delete(
+        self, change: Change, server_id: str, version: str | None, lane: int
+    ) -> PushOutcome:
+        headers = {} if version is None else {"If-Match": f'W/"{version}"'}
+        answer = self._request("DELETE", f"/Task/{server_id}", lane, headers=headers)
+        if 200 <= answer.status < 300 or answer.status in (404, 410):
+            with self._lock:
+                self._server_ids.pop(change.task_id, None)
+            return Delivered(gone=True)
+        if self._is_version_conflict(answer):
+            return self._recover(change, server_id, answer, lane)
+        return self._failure(answer)
+
+    def _recover(self, change: Change, server_id: str, refusal: Response, lane: int) -> PushOutcome:
+        """After 412/409: our own earlier write (a lost answer), or a real conflict."""
+        answer = self._request("GET", f"/Task/{server_id}", lane)
+        if answer.status in (404, 410):
+            if change.op == "delete":
+                return Delivered(gone=True)
+            return Conflict(server_task=None, status=refusal.status, body=refusal.body)
+        if answer.status != 200:
+            return self._failure(answer)
+        current = _json(answer.body)
+        if not isinstance(current, dict):
+            return Transient(error="the server's task could not be read", status=answer.status)
+        if change.op != "delete":
+            if _change_id_of(current) == change.change_id and self._same_content(current, change):
+                return self._delivered(answer)
+            ours = self._own_version(change, server_id, lane)
+            if ours is not None:
+                return ours
+        return self._conflict(current, refusal)
+
+    def _own_version(self, change: Change, server_id: str, lane: int) -> Delivered | None:
+        """The oldest version in the task's ``_history`` that our change wrote, if any."""
+        answer = self._request("GET", f"/Task/{server_id}/_history?_count={_HISTORY_COUNT}", lane)
+        bundle = _json(answer.body) if answer.status == 200 else None
+        if not isinstance(bundle, dict):
+            return None
+        found: dict[str, Any] | None = None
+        for entry in bundle.get("entry") or []:
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if isinstance(resource, dict) and _change_id_of(resource) == change.change_id:
+                found = resource  # newest first: the last match is the oldest
+        if found is None:
+            return None
+        return self._delivered_resource(found)
+
+    def _same_content(self, resource: Mapping[str, Any], change: Change) -> bool:
+        try:
+            server = _content(_wire_of(resource))
+        except ValidationError:
+            return False
+        ours = _content(encode_task(decode_task(dict(change.body or {}, id=change.task_id))))
+        return server == ours
+
+    def _known_server_id(self, task_id: str, lane: int) -> str | Response | None:
+        """The server's id of our task: deterministic, or (conditional creates) looked up.
+
+        A Response when the lookup failed; None when the server has no such task.
+        """
+        if self.create == "put":
+            return server_task_id(task_id)
+        with self._lock:
+            known = self._server_ids.get(task_id)
+        if known is not None:
+            return known
+        query = quote(f"{ID_SYSTEM}|{task_id}", safe=":")
+        answer = self._request("GET", f"/Task?identifier={query}&_elements=id", lane)
+        if answer.status != 200:
+            return answer
+        bundle = _json(answer.body)
+        for entry in (bundle.get("entry") if isinstance(bundle, dict) else None) or []:
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if isinstance(resource, dict) and isinstance(resource.get("id"), str):
+                with self._lock:
+                    self._server_ids[task_id] = resource["id"]
+                return str(resource["id"])
+        return None
+
+    # --- bodies ----------------------------------------------------------------------
+
+    def _resource(self, change: Change) -> dict[str, Any]:
+        """The FHIR Task of a change: to_fhir, server id, mapped references, change id."""
+        try:
+            task = decode_task(dict(change.body or {}, id=change.task_id))
+        except ValidationError as exc:
+            raise _Unmappable(f"the queued task does not decode: {exc}") from None
+        resource = to_fhir(task, "R4")
+        resource["id"] = server_task_id(change.task_id)
+        for element, field in _SINGLE_REFS.items():
+            if element in resource:
+                self._map(resource[element], field)
+        for element, field in _LIST_REFS.items():
+            for ref in resource.get(element, ()):
+                self._map(ref, field)
+        for ref in resource.get("restriction", {}).get("recipient", ()):
+            self._map(ref, "restriction.recipient")
+        for key in ("input", "output"):
+            for item in resource.get(key, ()):
+                if "valueReference" in item:
+                    self._map(item["valueReference"], f"{key}.valueReference")
+        resource.setdefault("extension", []).append(
+            {"url": CHANGE_ID_URL, "valueString": change.change_id}
+        )
+        return resource
+
+    def _map(self, ref: dict[str, Any], field: str) -> None:
+        our_id = ref["identifier"]["value"]
+        mapped = None if self._reference_map is None else self._reference_map(field, our_id)
+        if mapped is None:
+            mapped = default_reference(field, our_id)
+        if mapped is None:
+            raise _Unmappable(
+                f"{field}: {our_id!r} is not a FHIR id ([A-Za-z0-9.-]{{1,64}}) and "
+                "reference_map gave no server id for it; pass reference_map= to "
+                "FhirR4Remote to name the server's resource"
+            )
+        if not isinstance(mapped, str) or not _FHIR_ID.fullmatch(mapped):
+            raise _Unmappable(
+                f"{field}: reference_map gave {mapped!r} for {our_id!r}, which is not a "
+                "FHIR id ([A-Za-z0-9.-]{1,64})"
+            )
+        resource_type = ref["reference"].split("/", 1)[0]
+        ref["reference"] = f"{resource_type}/{mapped}"
+
+    @staticmethod
+    def _dumps(resource: Mapping[str, Any]) -> bytes:
+        return json.dumps(resource, ensure_ascii=False, separators=(",", ":")).encode()
+
+    # --- answers ---------------------------------------------------------------------
+
+    @staticmethod
+    def _is_version_conflict(answer: Response) -> bool:
+        if answer.status == 412:
+            return True
+        return answer.status == 409 and bool(_VERSION_CONFLICT.search(answer.body))
+
+    def _delivered(self, answer: Response) -> Delivered:
+        resource = _json(answer.body)
+        if isinstance(resource, dict) and resource.get("resourceType") == "Task":
+            return self._delivered_resource(resource, answer)
+        return Delivered(version=_etag_version(answer.header("ETag")))
+
+    @staticmethod
+    def _delivered_resource(
+        resource: Mapping[str, Any], answer: Response | None = None
+    ) -> Delivered:
+        meta = resource.get("meta")
+        meta = meta if isinstance(meta, dict) else {}
+        version = meta.get("versionId")
+        if version is None and answer is not None:
+            version = _etag_version(answer.header("ETag"))
+        modified = meta.get("lastUpdated")
+        try:
+            task: dict[str, Any] | None = _wire_of(resource)
+        except ValidationError:
+            task = None
+        return Delivered(
+            version=None if version is None else str(version),
+            modified=None if modified is None else str(modified),
+            task=task,
+        )
+
+    @staticmethod
+    def _conflict(resource: Mapping[str, Any], refusal: Response) -> PushOutcome:
+        try:
+            server = _wire_of(resource)
+        except ValidationError as exc:
+            return Refused(
+                status=refusal.status,
+                body=refusal.body,
+                error=f"conflict, and the server's task is not one clinik-local can hold: {exc}",
+            )
+        return Conflict(server_task=server, status=refusal.status, body=refusal.body)
+
+    @staticmethod
+    def _failure(answer: Response) -> PushOutcome:
+        status = answer.status
+        if status == 401:
+            return AuthFailed(message="the FHIR server refused the token (401), also a fresh one")
+        if status in TRANSIENT_STATUSES or status >= 500:
+            return Transient(
+                error=f"HTTP {status}",
+                status=status,
+                retry_after=parse_retry_after(answer.header("Retry-After")),
+            )
+        return Refused(
+            status=status, body=answer.body, error=f"HTTP {status}: {_outcome_text(answer.body)}"
+        )

@@ -237,7 +237,8 @@ def test_an_unmappable_reference_is_refused_naming_the_field_and_nothing_is_sent
         assert dead.task_id == task.data.id
         assert dead.status is None
         assert dead.error is not None
-        assert dead.error.startswith("patientId: 'pt_9' is not a FHIR id")
+        assert dead.error.startswith("patientId: is not a FHIR id, and reference_map gave no")
+        assert "(got 'pt_9')" in dead.error
         assert "reference_map" in dead.error
     assert hapi.tasks() == {}
     assert hapi.requests == 0
@@ -287,7 +288,7 @@ def test_a_reference_map_answer_that_is_no_fhir_id_is_refused(
         [dead] = store.sync.dead_letters()
     assert dead.error == (
         "encounterId: reference_map gave 'bad_id' for 'e1', which is not a FHIR id "
-        "([A-Za-z0-9.-]{1,64})"
+        "(got 'bad_id'); allowed: [A-Za-z0-9.-]{1,64}"
     )
     assert hapi.tasks() == {}
 

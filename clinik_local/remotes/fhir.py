@@ -171,10 +171,6 @@ def default_reference(field: str, our_id: str) -> str | None:
     return our_id if _FHIR_ID.fullmatch(our_id) else None
 
 
-class _Unmappable(Exception):
-    """A reference this remote cannot name on the server (the change is refused)."""
-
-
 def _etag_version(value: str | None) -> str | None:
     match = _ETAG.fullmatch(value) if value else None
     return match.group(1) if match else None
@@ -330,8 +326,8 @@ class FhirR4Remote:
         """Send one change (the module docstring has the mapping of answers)."""
         try:
             return self._push(change, lane)
-        except _Unmappable as exc:
-            return Refused(status=None, body=None, error=str(exc))
+        except ValidationError as exc:  # from fhir_resource: nothing was sent
+            return Refused(status=None, body=None, error="; ".join(str(e) for e in exc.errors))
         except ConnectFailed as exc:
             return Unreachable(message=str(exc))
         except TransportError as exc:
@@ -349,7 +345,7 @@ class FhirR4Remote:
             if server_id is None:
                 return Delivered(gone=True)
             return self._delete(change, server_id, version, lane)
-        body = self._resource(change)
+        body = self.fhir_resource(change)
         if change.op == "update" and version is not None:
             server_id = self._known_server_id(change.task_id, lane)
             if isinstance(server_id, Response):
@@ -480,12 +476,14 @@ class FhirR4Remote:
 
     # --- bodies ----------------------------------------------------------------------
 
-    def _resource(self, change: Change) -> dict[str, Any]:
-        """The FHIR Task of a change: to_fhir, server id, mapped references, change id."""
-        try:
-            task = decode_task(dict(change.body or {}, id=change.task_id))
-        except ValidationError as exc:
-            raise _Unmappable(f"the queued task does not decode: {exc}") from None
+    def fhir_resource(self, change: Change) -> dict[str, Any]:
+        """The FHIR Task this remote sends for a create or update ``change``.
+
+        ``to_fhir(task, "R4")`` with the server id, the references mapped, and the change
+        id in an extension. ValidationError naming the field when a reference cannot be
+        mapped (``push`` refuses such a change without sending anything).
+        """
+        task = decode_task(dict(change.body or {}, id=change.task_id))
         resource = to_fhir(task, "R4")
         resource["id"] = server_task_id(change.task_id)
         for element, field in _SINGLE_REFS.items():
@@ -511,15 +509,19 @@ class FhirR4Remote:
         if mapped is None:
             mapped = default_reference(field, our_id)
         if mapped is None:
-            raise _Unmappable(
-                f"{field}: {our_id!r} is not a FHIR id ([A-Za-z0-9.-]{{1,64}}) and "
-                "reference_map gave no server id for it; pass reference_map= to "
-                "FhirR4Remote to name the server's resource"
+            raise ValidationError.single(
+                field,
+                "is not a FHIR id, and reference_map gave no server id for it (pass "
+                "reference_map= to FhirR4Remote to name the server's resource)",
+                our_id,
+                "[A-Za-z0-9.-]{1,64}",
             )
         if not isinstance(mapped, str) or not _FHIR_ID.fullmatch(mapped):
-            raise _Unmappable(
-                f"{field}: reference_map gave {mapped!r} for {our_id!r}, which is not a "
-                "FHIR id ([A-Za-z0-9.-]{1,64})"
+            raise ValidationError.single(
+                field,
+                f"reference_map gave {mapped!r} for {our_id!r}, which is not a FHIR id",
+                mapped,
+                "[A-Za-z0-9.-]{1,64}",
             )
         resource_type = ref["reference"].split("/", 1)[0]
         ref["reference"] = f"{resource_type}/{mapped}"

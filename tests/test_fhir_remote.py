@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ import pytest
 from fhirclient.models.task import Task as FhirclientTask  # type: ignore[import-untyped]
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
 from clinik_local import Task, TaskStore, ValidationError, from_fhir
 from clinik_local.codec import encode_task
@@ -532,3 +535,97 @@ def test_cli_sync_run_with_remote_fhir_r4_delivers_to_the_fhir_server(
     )
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["pending"] == 0
+
+
+def test_conditional_create_on_medplum_takes_the_servers_id_and_updates_it(
+    tmp_path: Path, medplum_peer: MedplumPeer
+) -> None:
+    script = [Fault.DROP_AFTER]  # the first POST's answer is lost: If-None-Exist finds it
+    with FaultProxy(medplum_peer.base_url, script=script, methods=["POST"]) as proxy:
+        remote = FhirR4Remote(proxy.base_url, token, create="conditional")
+        with TaskStore.open(tmp_path / "t.db", sync=fast(remote, lanes=1)) as store:
+            task = store.tasks.create({"status": "requested", "intent": "order"}).data
+            flush_all(store)
+            store.tasks.update(tid(task), {"note": "updated"})
+            flush_all(store)
+            assert store.sync.conflicts() == []
+            assert store.sync.dead_letters() == []
+    found = httpx.get(
+        f"{medplum_peer.base_url}/Task", params={"identifier": f"{ID_SYSTEM}|{tid(task)}"}
+    ).json()
+    [entry] = found["entry"]
+    assert entry["resource"]["id"] != server_task_id(tid(task))  # a server-assigned UUID
+    assert entry["resource"]["note"] == [{"text": "updated"}]
+
+
+def test_a_refused_token_pauses_sync_as_auth_required(
+    tmp_path: Path, own_peer: MedplumPeer
+) -> None:
+    remote = FhirR4Remote(own_peer.base_url, lambda: "not-the-token")
+    with TaskStore.open(tmp_path / "t.db", sync=fast(remote)) as store:
+        store.tasks.create({"status": "requested", "intent": "order"})
+        status = store.sync.run_once()
+        assert status.state == "auth_required"
+        assert status.pending == 1
+        assert store.sync.dead_letters() == []
+
+
+# --- a model of operation sequences against the HAPI-like server, through faults --------
+
+NOTES = st.text(alphabet="abcxyz ", min_size=1, max_size=8)
+
+
+class FhirSyncMachine(RuleBasedStateMachine):
+    """Creates, updates, deletes and flushes under lost answers and 5xx: after every flush
+    the server's Tasks are exactly the model's (each once), and nothing is parked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="clinik-fhir-"))
+        self.server = HapiLikeFhirServer(token=TOKEN).start()
+        rates = {Fault.DROP_AFTER: 0.15, Fault.DROP_BEFORE: 0.1, Fault.ERROR_5XX: 0.1}
+        self.proxy = FaultProxy(self.server.url, rates=rates, seed=5).start()
+        remote = FhirR4Remote(self.proxy.base_url, token, timeout=2.0)
+        self.store = TaskStore.open(self.dir / "m.db", sync=fast(remote))
+        self.model: dict[str, dict[str, Any]] = {}
+
+    @rule(note=NOTES)
+    def create(self, note: str) -> None:
+        task = self.store.tasks.create({"status": "requested", "intent": "order", "note": note})
+        self.model[tid(task.data)] = content(encode_task(task.data))
+
+    @precondition(lambda self: bool(self.model))
+    @rule(data=st.data(), note=NOTES)
+    def update(self, data: st.DataObject, note: str) -> None:
+        task_id = data.draw(st.sampled_from(sorted(self.model)))
+        task = self.store.tasks.update(task_id, {"note": note}).data
+        self.model[task_id] = content(encode_task(task))
+
+    @precondition(lambda self: bool(self.model))
+    @rule(data=st.data())
+    def delete(self, data: st.DataObject) -> None:
+        task_id = data.draw(st.sampled_from(sorted(self.model)))
+        self.store.tasks.delete(task_id)
+        del self.model[task_id]
+
+    @rule()
+    def flush(self) -> None:
+        flush_all(self.store, deadline=60)
+        assert self.store.sync.dead_letters() == []
+        assert self.store.sync.conflicts() == []
+        on_server = {}
+        for server_id, resource in self.server.tasks().items():
+            task = from_fhir(resource)
+            assert server_id == server_task_id(tid(task))
+            on_server[tid(task)] = content(encode_task(task))
+        assert on_server == self.model
+
+    def teardown(self) -> None:
+        self.store.close()
+        self.proxy.stop()
+        self.server.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+FhirSyncMachine.TestCase.settings = settings(max_examples=12, stateful_step_count=15, deadline=None)
+test_fhir_sync_machine = FhirSyncMachine.TestCase

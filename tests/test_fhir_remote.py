@@ -32,7 +32,7 @@ from clinik_local.codec import encode_task
 from clinik_local.demo import SEED_LAB_ORDER, generate_requests
 from clinik_local.fhir import ID_SYSTEM
 from clinik_local.ids import ID_PATTERN
-from clinik_local.remotes.base import Change, Refused, Transient
+from clinik_local.remotes.base import Change, Delivered, Refused, Transient
 from clinik_local.remotes.fhir import (
     CHANGE_ID_URL,
     FhirR4Remote,
@@ -629,3 +629,21 @@ class FhirSyncMachine(RuleBasedStateMachine):
 
 FhirSyncMachine.TestCase.settings = settings(max_examples=12, stateful_step_count=15, deadline=None)
 test_fhir_sync_machine = FhirSyncMachine.TestCase
+
+
+def test_every_lane_of_the_engine_has_a_connection(hapi: HapiLikeFhirServer) -> None:
+    remote = FhirR4Remote(hapi.url, token, lanes=1)
+    for lane in range(4):  # SyncConfig(lanes=4) with a one-connection remote still sends
+        answer = remote.push(
+            Change(
+                change_id=f"chg_{lane}",
+                task_id=f"task_{lane}",
+                op="create",
+                body={"status": "draft", "intent": "plan", "authoredOn": "2025-01-01T00:00:00Z"},
+                server_version=None,
+            ),
+            lane=lane,
+        )
+        assert isinstance(answer, Delivered), answer
+    remote.close()
+    assert sorted(hapi.tasks()) == ["task-0", "task-1", "task-2", "task-3"]

@@ -228,7 +228,9 @@ class FhirR4Remote:
     ``create``: ``"put"`` (update-as-create with the client's id, the default) or
     ``"conditional"`` (``POST`` + ``If-None-Exist``; the server's id is then looked up
     by identifier and remembered). ``reference_map``: see the module docstring.
-    ``http_transport`` replaces the network, for tests.
+    ``lanes``: keep-alive connections, one per sync lane (as ``SyncConfig.lanes``, 2 by
+    default; a lane beyond them shares a connection). ``http_transport`` replaces the
+    network, for tests.
     """
 
     def __init__(
@@ -241,7 +243,7 @@ class FhirR4Remote:
         timeout: float = 10.0,
         allow_insecure_http: bool = False,
         ca_bundle: str | None = None,
-        lanes: int = 1,
+        lanes: int = 2,
         http_transport: httpx.BaseTransport | None = None,
     ) -> None:
         if create not in ("put", "conditional"):
@@ -263,6 +265,8 @@ class FhirR4Remote:
         self._timeout = timeout
         self._allow_insecure_http = allow_insecure_http
         self._ca_bundle = ca_bundle
+        if isinstance(lanes, bool) or not isinstance(lanes, int) or not 1 <= lanes <= 16:
+            raise ValidationError.single("lanes", "is out of range", lanes, "1..16")
         self._lanes = lanes
         self._http_transport = http_transport
         self._transport: Transport | None = None
@@ -309,6 +313,7 @@ class FhirR4Remote:
         Raises TransportError / ConnectFailed / AuthError (mapped by :meth:`push`).
         """
         transport = self._get_transport()
+        lane %= self._lanes
         all_headers = dict(_FHIR_JSON)
         if headers:
             all_headers.update(headers)

@@ -82,9 +82,11 @@ CREATE INDEX tasks_by_business_status ON tasks (business_status, authored_on, id
 CREATE INDEX tasks_by_encounter   ON tasks (encounter_id, authored_on, id);
 CREATE INDEX tasks_by_focus       ON tasks (focus_id, authored_on, id);
 
--- Derived search data, kept in step with tasks by the triggers below: they run inside
--- the same transaction as every write, deriving everything from the wire JSON in
--- tasks.body, so no write path has to remember them.
+-- Derived search data: written beside every task row, in the same transaction, by the
+-- one task-row writer in clinik_local/storage/rows.py, from the wire form it holds
+-- (clinik_local/derive.py). Schema version 2 has no triggers: deriving in Python and
+-- binding the rows costs 40% less per task than json_each re-parsing the body in SQL
+-- (benchmarks/lean_levers.py), and lets a bulk import build the indexes after the load.
 --
 -- task_refs: membership of basedOn / partOf ("tasks part of T").
 CREATE TABLE task_refs (
@@ -121,66 +123,20 @@ CREATE VIRTUAL TABLE task_text USING fts5 (
 -- rowid, so a dense text match walks the sort order (search.py, _dense_text).
 CREATE VIRTUAL TABLE task_text_terms USING fts5vocab(task_text, 'row');
 
-CREATE TRIGGER tasks_derive_insert AFTER INSERT ON tasks BEGIN
-    INSERT INTO task_refs (kind, ref, seq)
-        SELECT 'basedOn', value, new.seq FROM json_each(new.body, '$.basedOn')
-        UNION SELECT 'partOf', value, new.seq FROM json_each(new.body, '$.partOf');
-    INSERT INTO task_io (direction, type, value, seq, pos)
-        SELECT d.key, json_extract(i.value, '$.type'),
-               (SELECT CASE v.type WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'
-                       ELSE CAST(v.value AS TEXT) END
-                FROM json_each(i.value) AS v WHERE v.key LIKE 'value%'),
-               new.seq, i.key
-        FROM json_each(new.body) AS d, json_each(d.value) AS i
-        WHERE d.key IN ('input', 'output');
-    INSERT INTO task_text (rowid, description, note, business_status, code, io_values)
-        VALUES (
-            new.seq, json_extract(new.body, '$.description'),
-            json_extract(new.body, '$.note'), json_extract(new.body, '$.businessStatus'),
-            json_extract(new.body, '$.code'),
-            (SELECT group_concat(value, ' ') FROM task_io WHERE seq = new.seq)
-        );
-END;
-
-CREATE TRIGGER tasks_derive_delete AFTER DELETE ON tasks BEGIN
-    DELETE FROM task_refs WHERE seq = old.seq;
-    DELETE FROM task_io WHERE seq = old.seq;
-    DELETE FROM task_text WHERE rowid = old.seq;
-END;
-
-CREATE TRIGGER tasks_derive_update AFTER UPDATE OF body ON tasks
-WHEN old.body IS NOT new.body BEGIN
-    DELETE FROM task_refs WHERE seq = old.seq;
-    DELETE FROM task_io WHERE seq = old.seq;
-    DELETE FROM task_text WHERE rowid = old.seq;
-    INSERT INTO task_refs (kind, ref, seq)
-        SELECT 'basedOn', value, new.seq FROM json_each(new.body, '$.basedOn')
-        UNION SELECT 'partOf', value, new.seq FROM json_each(new.body, '$.partOf');
-    INSERT INTO task_io (direction, type, value, seq, pos)
-        SELECT d.key, json_extract(i.value, '$.type'),
-               (SELECT CASE v.type WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'
-                       ELSE CAST(v.value AS TEXT) END
-                FROM json_each(i.value) AS v WHERE v.key LIKE 'value%'),
-               new.seq, i.key
-        FROM json_each(new.body) AS d, json_each(d.value) AS i
-        WHERE d.key IN ('input', 'output');
-    INSERT INTO task_text (rowid, description, note, business_status, code, io_values)
-        VALUES (
-            new.seq, json_extract(new.body, '$.description'),
-            json_extract(new.body, '$.note'), json_extract(new.body, '$.businessStatus'),
-            json_extract(new.body, '$.code'),
-            (SELECT group_concat(value, ' ') FROM task_io WHERE seq = new.seq)
-        );
-END;
 
 -- task_history: every version of every task, including the deletion, for audit and
 -- conflict resolution. override_reason is set when an update bypassed the lifecycle
--- check (an administrative correction) and says why.
+-- check (an administrative correction) and says why. The body of a live task's
+-- current version is kept once, in tasks.body: its history row holds NULL until the
+-- next version (or the deletion) supersedes it and writes the body there
+-- (storage/rows.py; readers go through rows.history, which reads
+-- coalesce(task_history.body, tasks.body)). Schema version 2; version-1 files keep
+-- their full rows, which read the same.
 CREATE TABLE task_history (
     task_id         TEXT NOT NULL,
     version         INTEGER NOT NULL,
     op              TEXT NOT NULL CHECK (op IN ('create', 'update', 'delete')),
-    body            TEXT NOT NULL,       -- wire JSON of this version (the last one for a delete)
+    body            TEXT,                -- wire JSON of this version; NULL: it is in tasks.body
     changed_at      TEXT NOT NULL,
     override_reason TEXT,
     PRIMARY KEY (task_id, version)

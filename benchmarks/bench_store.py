@@ -5,9 +5,14 @@
     python benchmarks/bench_store.py --quick          # CI smoke run
 
 Raw apsw writes the same rows into a file made from the same schema.sql (so the
-same indexes and triggers), with prepared rows and no validation: the gap is what
-the library adds (validation, encoding, ids, history/outbox bookkeeping, decoding
-into Task objects). Reads compare against raw fetch + json.loads of the body.
+same indexes), task, derived search rows (from derive.py, as rows.py binds them),
+history and outbox, with prepared rows and no validation, through the indexes: the
+gap is what the library adds (validation, encoding, ids, bookkeeping, its bulk path,
+decoding into Task objects). Reads compare against raw fetch + json.loads of the body.
+
+*Pulled copies* are the server's tasks landing through ``rows.write_server_copy``
+(no outbox row), in chunks of 5,000 per transaction into a store of their own, as a
+pull would apply them; their rate is compared with the anchor's bulk rate.
 
 The *anchor* (issue 16) is what a developer would write by hand: one table with the
 six filter indexes on ``(field, authored_on, id)`` (patientId, ownerId, requesterId,
@@ -35,10 +40,13 @@ import apsw
 from clinik_local import TaskStore, encode_task
 from clinik_local.codec import decode_task
 from clinik_local.demo import SEED_LAB_ORDER, generate_requests
+from clinik_local.derive import derive_rows
 from clinik_local.ids import new_change_id, new_task_id
+from clinik_local.storage import rows as _rows
+from clinik_local.storage.rows import _COLUMNS
 from clinik_local.storage.rows import INSERT_HISTORY as _INSERT_HISTORY
-from clinik_local.storage.rows import INSERT_TASK as _INSERT_TASK
 from clinik_local.storage.rows import task_row as _row
+from clinik_local.timestamps import now as _now
 
 _INSERT_OUTBOX = (
     "INSERT INTO outbox (change_id, task_id, op, payload, base_version, created_at) "
@@ -130,10 +138,38 @@ def prepared_rows(requests: list[dict[str, Any]]) -> list[tuple[tuple[object, ..
     return out
 
 
+_TASK_AT = f"INSERT INTO tasks (seq, {_COLUMNS}) VALUES ({', '.join('?' * 19)})"
+_REFS = "INSERT INTO task_refs (kind, ref, seq) VALUES (?, ?, ?)"
+_IO = "INSERT INTO task_io (direction, type, value, seq, pos) VALUES (?, ?, ?, ?, ?)"
+_TEXT = (
+    "INSERT INTO task_text (rowid, description, note, business_status, code, io_values) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
+def raw_tasks(conn: apsw.Connection, rows: list[tuple[tuple[object, ...], str]]) -> None:
+    """Task rows and their derived rows, as rows.py writes them (seq = max + 1 on)."""
+    first = int(str(conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM tasks").fetchall()[0][0]))
+    conn.executemany(_TASK_AT, [(first + n, *r) for n, (r, _) in enumerate(rows)])
+    refs: list[tuple[object, ...]] = []
+    io: list[tuple[object, ...]] = []
+    text: list[tuple[object, ...]] = []
+    for seq, (_, body) in enumerate(rows, first):
+        d = derive_rows(json.loads(body))
+        refs.extend((k, r, seq) for k, r in d.refs)
+        io.extend((dr, t, v, seq, pos) for dr, t, v, pos in d.io)
+        text.append((seq, *d.text))
+    if refs:
+        conn.executemany(_REFS, refs)
+    if io:
+        conn.executemany(_IO, io)
+    conn.executemany(_TEXT, text)
+
+
 def raw_bulk(conn: apsw.Connection, rows: list[tuple[tuple[object, ...], str]]) -> None:
     conn.execute("BEGIN IMMEDIATE")
-    conn.executemany(_INSERT_TASK, [r for r, _ in rows])
-    conn.executemany(_INSERT_HISTORY, [(r[0], 1, "create", b, r[14], None) for r, b in rows])
+    raw_tasks(conn, rows)
+    conn.executemany(_INSERT_HISTORY, [(r[0], 1, "create", None, r[14], None) for r, _ in rows])
     conn.executemany(_INSERT_OUTBOX, [(new_change_id(), r[0], b, r[14]) for r, b in rows])
     conn.execute("COMMIT")
 
@@ -243,13 +279,38 @@ def main() -> None:
             ours_rate / raw_rate >= 0.6,
         )
         del rows
+        # --- pulled copies: the server's tasks through rows.write_server_copy ------------
+        pulled = TaskStore.open(Path(tmp) / "pulled.db")
+        server_tasks = []
+        for n, request in enumerate(requests):
+            wire = {**request, "id": f"t_srv{n:07d}", "versionId": "3"}
+            server_tasks.append(dict(wire, lastModified=wire["authoredOn"]))
+        pulled_s = 0.0
+        for i in range(0, count, chunk):
+            t0 = time.perf_counter()
+            with pulled._db.write() as conn:
+                stamp = _now()
+                for wire in server_tasks[i : i + chunk]:
+                    _rows.write_server_copy(conn, wire["id"], wire, now=stamp, reason="pull")
+            pulled_s += time.perf_counter() - t0
+        pulled.close()
+        del server_tasks
+        pulled_rate = count / pulled_s
+        table.add(
+            "pulled copies (write_server_copy) vs the anchor",
+            f"{pulled_rate:,.0f}/s",
+            f"anchor: {anchor_rate:,.0f}/s",
+            f"{pulled_rate / anchor_rate:.2f}x rate",
+            ">= 0.6x",
+            pulled_rate / anchor_rate >= 0.6,
+        )
         # --- single create with its outbox row ------------------------------------
         single_rows = iter(prepared_rows([SEED_LAB_ORDER] * samples))
 
         def raw_single() -> None:
             row, body = next(single_rows)
             raw.execute("BEGIN IMMEDIATE")
-            raw.execute(_INSERT_TASK, row)
+            raw_tasks(raw, [(row, body)])
             raw.execute(_INSERT_OUTBOX, (new_change_id(), row[0], body, row[14]))
             raw.execute("COMMIT")
 

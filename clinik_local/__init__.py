@@ -20,10 +20,14 @@ from .errors import (
     ClinikError,
     ConflictError,
     CorruptStoreError,
+    EncryptionKeyError,
+    EncryptionUnavailableError,
     FieldError,
     ForeignFileError,
     IllegalTransitionError,
+    KeyRequiredError,
     NewerSchemaError,
+    NotEncryptedError,
     NotFoundError,
     ReadOnlyStoreError,
     StorageError,
@@ -50,6 +54,7 @@ from .model import (
     TaskVersion,
     ValueKind,
 )
+from .storage.encryption import KeyProvider
 from .store import TaskStore
 from .tasks import TasksResource
 
@@ -95,11 +100,16 @@ __all__ = [
     "ConflictError",
     "CorruptStoreError",
     "DeadLetter",
+    "EncryptionKeyError",
+    "EncryptionUnavailableError",
     "Faults",
     "FieldError",
     "ForeignFileError",
     "IllegalTransitionError",
+    "KeyProvider",
+    "KeyRequiredError",
     "NewerSchemaError",
+    "NotEncryptedError",
     "NotFoundError",
     "Period",
     "ReadOnlyStoreError",

@@ -40,10 +40,10 @@ class AsyncTasksResource:
         return await asyncio.to_thread(self._tasks.create, request)
 
     async def create_many(
-        self, requests: Iterable[Mapping[str, object]]
+        self, requests: Iterable[Mapping[str, object]], *, synced: bool = False
     ) -> ApiResponse[list[Task]]:
         """Create many tasks in one transaction (see ``TasksResource.create_many``)."""
-        return await asyncio.to_thread(self._tasks.create_many, requests)
+        return await asyncio.to_thread(self._tasks.create_many, requests, synced=synced)
 
     async def get(self, task_id: str) -> ApiResponse[Task]:
         """Read one task (see ``TasksResource.get``)."""
@@ -79,10 +79,15 @@ class AsyncTasksResource:
         return await asyncio.to_thread(self._tasks.search, filters, **keywords)
 
     async def count(
-        self, filters: Mapping[str, object] | None = None, /, **keywords: object
+        self,
+        filters: Mapping[str, object] | None = None,
+        /,
+        *,
+        at_most: int | None = None,
+        **keywords: object,
     ) -> ApiResponse[int]:
-        """How many tasks match (see ``TasksResource.count``)."""
-        return await asyncio.to_thread(self._tasks.count, filters, **keywords)
+        """How many tasks match, up to ``at_most`` if given (see ``TasksResource.count``)."""
+        return await asyncio.to_thread(self._tasks.count, filters, at_most=at_most, **keywords)
 
     async def history(self, task_id: str) -> ApiResponse[list[TaskVersion]]:
         """Every recorded version of a task (see ``TasksResource.history``)."""

@@ -38,6 +38,7 @@ from .errors import (
     ValidationError,
 )
 from .storage import outbox as outbox_rows
+from .storage.encryption import KeyProvider, file_kind
 from .store import TaskStore
 
 if TYPE_CHECKING:
@@ -121,6 +122,7 @@ examples:
   CLINIK_TOKEN=secret clinik-local serve --port 8080
   CLINIK_TOKEN=secret clinik-local sync run --db clinic.db --url http://127.0.0.1:8080/api/v1
   clinik-local sync status --db clinic.db
+  CLINIK_DB_KEY=... clinik-local encrypt --db clinic.db   # then every --db command needs it
 
 exit codes:
 """
@@ -307,7 +309,68 @@ def _existing(path: str) -> str:
 
 
 def _open_existing(path: str, sync: SyncConfig | None = None) -> TaskStore:
-    return TaskStore.open(_existing(path), sync=sync)
+    return TaskStore.open(_existing(path), sync=sync, key=_key_for(path))
+
+
+# --- encryption keys: from the environment or a prompt, never from argv -------------------
+
+KEY_ENV = "CLINIK_DB_KEY"
+NEW_KEY_ENV = "CLINIK_DB_NEW_KEY"
+
+
+def _interactive() -> bool:
+    """Whether a person can be prompted (stdin is a terminal)."""
+    try:
+        return sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _prompt(prompt: str) -> str:
+    import getpass
+
+    return getpass.getpass(prompt)
+
+
+def _env_key(name: str) -> KeyProvider | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    return lambda: value
+
+
+def _asked_key(path: str, *, confirm: bool = False, what: str = "key") -> KeyProvider:
+    """A key typed at a prompt (twice with ``confirm``), asked once per command."""
+    if not _interactive():
+        env = NEW_KEY_ENV if what == "new key" else KEY_ENV
+        raise _Failure(
+            EXIT_USAGE,
+            f"no {what} for {path}: set {env} (keys are never taken from the command line), "
+            "or run in a terminal to be prompted",
+        )
+    key = _prompt(f"{what} for {path}: ")
+    if confirm and _prompt(f"{what} for {path} (again): ") != key:
+        raise _Failure(EXIT_USAGE, f"the two {what}s typed for {path} differ; nothing changed")
+    if not key:
+        raise _Failure(EXIT_USAGE, f"an empty {what} was typed for {path}; nothing changed")
+    return lambda: key
+
+
+def _key_for(path: str) -> KeyProvider | None:
+    """The key for the store at ``path``, the same way for every command taking --db.
+
+    ``CLINIK_DB_KEY`` if set; else, for a file that is encrypted, a prompt when stdin is
+    a terminal (otherwise none: opening then says the key is missing). ``:memory:``
+    stores are never encrypted, so they get no key.
+    """
+    if path == _MEMORY:
+        return None
+    env = _env_key(KEY_ENV)
+    if env is not None:
+        return env
+    if file_kind(path) == "encrypted" and _interactive():
+        return _asked_key(path)
+    return None
 
 
 @contextlib.contextmanager
@@ -374,6 +437,7 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
         out=out,
         sync_changes=args.sync_changes,
         replace=args.db == _DEMO_DB,
+        key=_key_for(args.db),
     )
 
 
@@ -381,7 +445,7 @@ def _cmd_tasks_create(args: argparse.Namespace, out: TextIO) -> int:
     request = _read_json(args.data, "request")
     if not isinstance(request, (dict, list)):
         raise ValidationError.single("request", "expected a JSON object or array", request)
-    with _removed_if_failed(args.db), TaskStore.open(args.db) as store:
+    with _removed_if_failed(args.db), TaskStore.open(args.db, key=_key_for(args.db)) as store:
         if isinstance(request, list):
             many = store.tasks.create_many(request)
             if args.json:
@@ -700,9 +764,21 @@ def _cmd_sync_local(args: argparse.Namespace, out: TextIO) -> int:
             result = [attrs.asdict(d) for d in sync.dead_letters()]
         elif args.action == "conflicts":
             result = [attrs.asdict(c) for c in sync.conflicts()]
+        elif args.action in ("retry", "discard") and args.all == (args.change_id is not None):
+            raise ValidationError.single(
+                "change_id", "give one change id, or --all (optionally with --status)"
+            )
+        elif args.action == "retry" and args.all:
+            result = {"retried": sync.retry_all(args.status), "sent": "on the next `sync run`"}
         elif args.action == "retry":
-            sync.retry(args.change_id)
-            result = {"retried": args.change_id, "sent": "on the next `sync run`"}
+            fresh = sync.retry(args.change_id)
+            result = {
+                "retried": args.change_id,
+                "changeId": fresh,
+                "sent": "on the next `sync run`",
+            }
+        elif args.action == "discard" and args.all:
+            result = {"discarded": sync.discard_all(args.status)}
         elif args.action == "discard":
             sync.discard(args.change_id)
             result = {"discarded": args.change_id}
@@ -724,6 +800,44 @@ def _cmd_sync_local(args: argparse.Namespace, out: TextIO) -> int:
 
 
 # --- export, import -------------------------------------------------------------------
+
+
+def _encryption_done(args: argparse.Namespace, out: TextIO, store: TaskStore, verb: str) -> int:
+    tasks = store.tasks.count().data
+    if args.json:
+        _json_out({"db": args.db, "encrypted": store.encrypted, "tasks": tasks}, out)
+    else:
+        out.write(f"{verb} {args.db} in place ({tasks:,} tasks)\n")
+    return EXIT_OK
+
+
+def _cmd_encrypt(args: argparse.Namespace, out: TextIO) -> int:
+    path = _existing(args.db)
+    if file_kind(path) == "encrypted":
+        raise _Failure(
+            EXIT_USAGE, f"{path} is already encrypted (change its key with `clinik-local rekey`)"
+        )
+    key = _env_key(KEY_ENV) or _asked_key(path, confirm=True)
+    with TaskStore.open(path) as store:
+        store.rekey(key)
+        return _encryption_done(args, out, store, "encrypted")
+
+
+def _cmd_decrypt(args: argparse.Namespace, out: TextIO) -> int:
+    path = _existing(args.db)
+    key = _env_key(KEY_ENV) or _asked_key(path)
+    with TaskStore.open(path, key=key) as store:
+        store.rekey(None)
+        return _encryption_done(args, out, store, "decrypted")
+
+
+def _cmd_rekey(args: argparse.Namespace, out: TextIO) -> int:
+    path = _existing(args.db)
+    key = _env_key(KEY_ENV) or _asked_key(path)
+    with TaskStore.open(path, key=key) as store:
+        new_key = _env_key(NEW_KEY_ENV) or _asked_key(path, confirm=True, what="new key")
+        store.rekey(new_key)
+        return _encryption_done(args, out, store, "re-keyed")
 
 
 def _cmd_export(args: argparse.Namespace, out: TextIO) -> int:
@@ -759,12 +873,14 @@ def _cmd_import(args: argparse.Namespace, out: TextIO) -> int:
     total = _count_ndjson_lines(args.file)  # before the store: a bad file creates nothing
     with (
         _removed_if_failed(args.db),
-        TaskStore.open(args.db) as store,
+        TaskStore.open(args.db, key=_key_for(args.db)) as store,
         open(args.file, encoding="utf-8") as source,
         Progress(f"importing {args.format}", total) as bar,
     ):
         try:
-            created = import_ndjson(store, source, args.format, progress=bar.advance)
+            created = import_ndjson(
+                store, source, args.format, progress=bar.advance, synced=args.synced
+            )
         except ValidationError as exc:
             raise _format_hint(exc, args.format) from None
     if args.json:
@@ -777,8 +893,32 @@ def _cmd_import(args: argparse.Namespace, out: TextIO) -> int:
 # --- the parser -----------------------------------------------------------------------
 
 
+def _add_encryption(sub: Any) -> None:
+    keys = (
+        f"The key comes from ${KEY_ENV} (rekey: the new one from ${NEW_KEY_ENV}), or is "
+        "asked for at a terminal; never from the command line. Exclusive: refused while "
+        "another process has the store open. Crash-safe: killed at any point, the store "
+        "opens with the old key or the new one."
+    )
+    for name, text, run in (
+        ("encrypt", "encrypt a plaintext store in place", _cmd_encrypt),
+        ("decrypt", "remove a store's encryption in place", _cmd_decrypt),
+        ("rekey", "change an encrypted store's key in place", _cmd_rekey),
+    ):
+        parser = sub.add_parser(
+            name,
+            help=text,
+            description=f"{text[0].upper()}{text[1:]}. {keys}",
+            epilog=f"example: {KEY_ENV}=... clinik-local {name} --db clinic.db",
+        )
+        _add_db(parser)
+        parser.set_defaults(run=run)
+
+
 def _add_db(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("--db", required=required, help="the store file")
+    parser.add_argument(
+        "--db", required=required, help=f"the store file (encrypted: key from ${KEY_ENV})"
+    )
     parser.add_argument("--json", action="store_true", help="compact, machine-readable JSON")
 
 
@@ -910,7 +1050,11 @@ def _add_sync(sub: Any) -> None:
         p.add_argument("--timeout", help=argparse.SUPPRESS)
         p.add_argument("--remote", choices=_REMOTES, help=argparse.SUPPRESS)
         if action in ("retry", "discard"):
-            p.add_argument("change_id")
+            p.add_argument("change_id", nargs="?", help="the dead letter's change id")
+            p.add_argument("--all", action="store_true", help=f"{action} every dead letter")
+            p.add_argument(
+                "--status", type=int, help="with --all: only those the server answered so (409)"
+            )
         if action == "resolve":
             p.add_argument("task_id")
             how = p.add_mutually_exclusive_group(required=True)
@@ -961,6 +1105,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_db(check)
     check.set_defaults(run=_cmd_check)
 
+    _add_encryption(sub)
+
     serve = sub.add_parser(
         "serve",
         help="run the reference clinik server (the sync contract) on 127.0.0.1",
@@ -1006,6 +1152,12 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_db(imp)
     imp.add_argument(
         "--format", type=_format_name, default="wire", metavar="{wire,R4,R5}", help="any case"
+    )
+    imp.add_argument(
+        "--synced",
+        action="store_true",
+        help="restore an export of a synced store: the server already has these tasks, "
+        "so nothing is sent again (see docs/offline-sync.md, Restoring a device)",
     )
     imp.add_argument("file", help="the NDJSON file (UTF-8)")
     imp.set_defaults(run=_cmd_import)

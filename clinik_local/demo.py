@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 from .model import TaskIntent, TaskPriority, TaskStatus
 from .progress import Progress
+from .storage.encryption import KeyProvider
 from .store import TaskStore
 from .testing.server import ReferenceServer
 
@@ -299,12 +300,14 @@ def run_demo(
     sync_changes: int = 1_000,
     *,
     replace: bool = True,
+    key: KeyProvider | None = None,
 ) -> int:
     """Run the demo and print its report to ``out`` as it goes; returns the exit code (0).
 
     ``db`` is the store file (``":memory:"`` allowed). With ``replace`` (the CLI sets it
     for the default file only) an existing file there is removed first, so every run
     starts from an empty store; otherwise the demo adds to what the file holds.
+    ``key`` encrypts the store file (see :meth:`TaskStore.open`).
     """
     out = out if out is not None else sys.stdout
     report = _Report(out)
@@ -319,7 +322,7 @@ def run_demo(
     report.line(
         f"store: {where}" + (" (replaced on each run)" if replace and db != ":memory:" else "")
     )
-    with TaskStore.open(db) as store:
+    with TaskStore.open(db, key=key) as store:
         report.header(f"local store {db}: create, get, search")
         seconds, response = _timed(lambda: store.tasks.create(SEED_LAB_ORDER))
         lab_order = response.data  # type: ignore[attr-defined]

@@ -3,14 +3,16 @@
 The store keeps three kinds of rows beside each task, for the searches that a column
 of ``tasks`` cannot serve (schema.sql): ``task_refs`` (basedOn / partOf membership),
 ``task_io`` (one row per input / output with its value as text) and ``task_text``
-(the full-text columns). Schema version 2 still derives them in SQL triggers that
-re-parse the body with ``json_each``; this module computes exactly the same rows
-from the wire mapping the writer already holds, so a write path can bind them
-instead (measured in benchmarks/lean_levers.py) and the triggers can go.
+(the full-text columns). Schema version 1 derived them in SQL triggers that
+re-parsed the body with ``json_each``; this module computes exactly the same rows
+from the wire mapping the writer already holds, and storage/rows.py binds them
+beside every task row (schema version 2 has no triggers; benchmarks/lean_levers.py
+measured the difference).
 
 Pure core: no SQLite, no storage imports. The input is a *valid* task in wire form
 (what ``codec.encode_task`` returns, or ``json.loads`` of a stored body); tests pin
-that the result equals what the triggers of schema.sql produce for the same body.
+that the result equals what the version-1 triggers (tests/data/schema_v1.sql)
+produce for the same body, so version-1 files and new rows agree.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ original is kept as ``__cause__``.
     │   ├── CorruptStoreError                the file is damaged or not SQLite at all
     │   ├── ForeignFileError                 a SQLite file, but not a clinik-local store
     │   ├── NewerSchemaError                 written by a newer clinik-local; upgrade to open
+    │   ├── EncryptionKeyError               the key does not open this encrypted store
+    │   │   └── KeyRequiredError             the store is encrypted and no key was given
+    │   ├── NotEncryptedError                a key was given for a plaintext store
+    │   ├── EncryptionUnavailableError       this environment's apsw cannot encrypt
     │   ├── ReadOnlyStoreError(PermissionError)  file or directory is not writable
     │   └── StoreFullError                   disk (or max_page_count) is full
     └── SyncError                            talking to the remote service failed
@@ -39,10 +43,14 @@ __all__ = [
     "ClinikError",
     "ConflictError",
     "CorruptStoreError",
+    "EncryptionKeyError",
+    "EncryptionUnavailableError",
     "FieldError",
     "ForeignFileError",
     "IllegalTransitionError",
+    "KeyRequiredError",
     "NewerSchemaError",
+    "NotEncryptedError",
     "NotFoundError",
     "ReadOnlyStoreError",
     "StorageError",
@@ -202,6 +210,30 @@ class ForeignFileError(StorageError):
 
 class NewerSchemaError(StorageError):
     """The file was written by a newer clinik-local; it was left untouched."""
+
+
+class EncryptionKeyError(StorageError):
+    """The key does not open this encrypted store (a wrong key); the file was left untouched.
+
+    Its message never contains the key.
+    """
+
+
+class KeyRequiredError(EncryptionKeyError):
+    """The store file is encrypted and was opened without a key; it was left untouched."""
+
+
+class NotEncryptedError(StorageError):
+    """A key was given for a store file that is not encrypted; it was left untouched.
+
+    Encrypt it in place first (``store.rekey(provider)`` on a store opened without a
+    key, or ``clinik-local encrypt --db PATH``), or open it without ``key=``.
+    """
+
+
+class EncryptionUnavailableError(StorageError):
+    """The installed ``apsw`` is a build without encryption (plain ``apsw`` instead of
+    ``apsw-sqlite3mc``); the message says how to repair the environment."""
 
 
 class ReadOnlyStoreError(StorageError, PermissionError):

@@ -669,8 +669,13 @@ def import_ndjson(
     stream: TextIO,
     format: NdjsonFormat = "wire",
     progress: Callable[[int], None] | None = None,
+    *,
+    synced: bool = False,
 ) -> int:
     """Create the tasks of an NDJSON stream in batches of 1,000; the count created.
+
+    ``synced=True`` restores an export of a synced store as already synced
+    (``create_many(..., synced=True)``): nothing is sent to the server again.
 
     Reads line by line (memory stays flat). Each batch is one transaction
     (``create_many``); on an error the batches before it stay. Errors name the line
@@ -684,7 +689,7 @@ def import_ndjson(
     def flush() -> None:
         nonlocal count
         try:
-            store.tasks.create_many([r for _, r in batch])
+            store.tasks.create_many([r for _, r in batch], synced=synced)
         except ValidationError as exc:
             raise ValidationError([_line_error(e, batch) for e in exc.errors]) from None
         count += len(batch)

@@ -121,6 +121,7 @@ __all__ = [
     "MAX_LIMIT",
     "TERMINAL_STATUSES",
     "CompiledSearch",
+    "check_at_most",
     "compile_search",
     "count_query",
     "next_cursor",
@@ -246,9 +247,16 @@ def count_query(compiled: CompiledSearch, at_most: int | None) -> tuple[str, tup
     """
     if at_most is None:
         return compiled.count_sql, compiled.count_params
+    check_at_most(at_most)
+    return compiled.bounded_count_sql, (*compiled.count_params, at_most)
+
+
+def check_at_most(at_most: object) -> None:
+    """ValidationError unless ``at_most`` is None or a positive integer (a count bound)."""
+    if at_most is None:
+        return
     if isinstance(at_most, bool) or not isinstance(at_most, int) or at_most < 1:
         raise ValidationError.single("at_most", "expected a positive integer", at_most, ">= 1")
-    return compiled.bounded_count_sql, (*compiled.count_params, at_most)
 
 
 def normalise_filters(

@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING
 
 import apsw
 
-from .errors import SyncError
+from .errors import SyncError, ValidationError
 from .storage.connection import DEFAULT_BUSY_TIMEOUT, MEMORY, ConnectionOptions, Durability
 from .storage.database import Database
+from .storage.encryption import KeyProvider
 from .tasks import TasksResource
 
 if TYPE_CHECKING:
@@ -49,9 +50,16 @@ class TaskStore:
         durability: Durability = "normal",
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
         sync: SyncConfig | None = None,
+        key: KeyProvider | None = None,
     ) -> None:
         """Prefer :meth:`TaskStore.open`; the arguments are the same."""
-        options = ConnectionOptions(durability=durability, busy_timeout=busy_timeout)
+        if key is not None and path == MEMORY:
+            raise ValidationError.single(
+                "key",
+                "an in-memory store is never written to disk, so it is not encrypted",
+                allowed="key=None for ':memory:', or a file path",
+            )
+        options = ConnectionOptions(durability=durability, busy_timeout=busy_timeout, key=key)
         self.path = path
         self.durability: Durability = durability
         self._db = Database(path, options)
@@ -70,6 +78,7 @@ class TaskStore:
         durability: Durability = "normal",
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
         sync: SyncConfig | None = None,
+        key: KeyProvider | None = None,
     ) -> TaskStore:
         """Open (creating if new, mode 0600) the store at ``path``, or ``":memory:"``.
 
@@ -77,8 +86,18 @@ class TaskStore:
         a power loss may lose the last transactions. ``"full"`` syncs every commit to
         disk (slower writes; nothing committed is lost on power loss). ``busy_timeout``
         is how long, in seconds, a write waits for another process's lock.
+
+        ``key``: a callable returning the encryption key (``str`` passphrase or
+        ``bytes``); the file is then encrypted at rest (docs/encryption.md). It is called
+        for each connection the store makes and the key is never kept, logged or shown.
+        A wrong key is :class:`~clinik_local.errors.EncryptionKeyError`; an encrypted
+        file opened without one :class:`~clinik_local.errors.KeyRequiredError`; a
+        plaintext file opened with one :class:`~clinik_local.errors.NotEncryptedError`;
+        each leaves the file untouched. ``":memory:"`` with a key is a ValidationError.
         """
-        return cls(os.fspath(path), durability=durability, busy_timeout=busy_timeout, sync=sync)
+        return cls(
+            os.fspath(path), durability=durability, busy_timeout=busy_timeout, sync=sync, key=key
+        )
 
     def _local_change(self) -> None:
         """A local edit committed: wake the sync worker, if there is one."""
@@ -108,7 +127,8 @@ class TaskStore:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
-        return f"<TaskStore {self.path!r} {state}>"
+        encrypted = " encrypted" if self.encrypted else ""
+        return f"<TaskStore {self.path!r}{encrypted} {state}>"
 
     @property
     def closed(self) -> bool:
@@ -136,6 +156,25 @@ class TaskStore:
         """
         with self._db.read() as conn:
             yield conn
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether the store file is encrypted at rest (opened with a key)."""
+        return self._db.encrypted
+
+    def rekey(self, key: KeyProvider | None) -> None:
+        """Re-encrypt the store file for ``key``'s provider; ``None`` decrypts it.
+
+        On a store opened without a key this encrypts it in place; with one, it changes
+        the key (or, with ``None``, removes encryption). From then on the store (and
+        every later :meth:`open`) uses the new key. Exclusive: it waits for this store's
+        reads in other threads (up to ``busy_timeout``, then
+        :class:`~clinik_local.errors.StoreLockedError` naming them) and refuses with
+        StoreLockedError while another process has the file open; nothing changes then.
+        Crash-safe: killed at any point, the file opens with the old key or the new one,
+        nothing lost. Needs free disk space for one more copy of the store.
+        """
+        self._db.rekey(key)
 
     def optimize(self) -> None:
         """Refresh the query planner's statistics (``PRAGMA optimize``).

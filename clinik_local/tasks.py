@@ -29,7 +29,7 @@ from .errors import (
 from .ids import ID_PATTERN, is_valid_id
 from .lifecycle import transition_problem
 from .model import ApiResponse, Task, TaskVersion
-from .search import compile_search, next_cursor, normalise_filters
+from .search import check_at_most, compile_search, next_cursor, normalise_filters
 from .storage import outbox, rows
 from .storage.database import Database
 from .wire import SERVER_FIELDS, dumps
@@ -121,17 +121,26 @@ class TasksResource:
         Raises ValidationError (bad request) or TaskExistsError (id already in use).
         """
         task = rows.stamp(_decode_new(request), 1, timestamps.now())
-        body = dumps(encode_task(task))
+        wire = encode_task(task)
+        body = dumps(wire)
         with self._db.write() as conn:
-            rows.insert_local(conn, task, body)
+            rows.insert_local(conn, task, body, wire=wire)
         self._notify()
         return ApiResponse(task, {"syncState": "pending"})
 
-    def create_many(self, requests: Iterable[Mapping[str, object]]) -> ApiResponse[list[Task]]:
+    def create_many(
+        self, requests: Iterable[Mapping[str, object]], *, synced: bool = False
+    ) -> ApiResponse[list[Task]]:
         """Create many tasks in one transaction: all of them, or (on any error) none.
 
         Errors name the request by index (``[3].status``). Meant for bulk import.
+        ``synced=True`` restores tasks the server already holds (from an export of a
+        synced store): no outbox rows, so nothing is created on the server again; a
+        later change of one asks the server for its version first and is sent as a
+        conditional write on it (see docs/offline-sync.md, "Restoring a device").
         """
+        if not isinstance(synced, bool):
+            raise ValidationError.single("synced", "expected True or False", synced)
         if isinstance(requests, (str, bytes, Mapping)) or not isinstance(requests, Iterable):
             raise ValidationError.single(
                 "requests", "expected a sequence of task requests", requests
@@ -163,14 +172,16 @@ class TasksResource:
             tasks.append(task)
         if problems:
             raise ValidationError(problems)
-        bodies = [dumps(encode_task(t)) for t in tasks]
+        wires = [encode_task(t) for t in tasks]
+        bodies = [dumps(w) for w in wires]
         with self._db.write() as conn:
-            rows.insert_local_many(conn, tasks, bodies, now)
+            rows.insert_local_many(conn, tasks, bodies, now, wires=wires, synced=synced)
         if len(tasks) >= _OPTIMIZE_AFTER:
             self._db.optimize()  # a bulk import shifts the statistics the planner uses
         if tasks:
             self._notify()
-        return ApiResponse(tasks, {"syncState": "pending", "count": len(tasks)})
+        state = "synced" if synced else "pending"
+        return ApiResponse(tasks, {"syncState": state, "count": len(tasks)})
 
     def update(
         self,
@@ -245,14 +256,15 @@ class TasksResource:
                 return ApiResponse(old, {"syncState": outbox.sync_state_of(conn, task_id)})
             now = max(timestamps.now(), old.last_modified or "")
             new = rows.stamp(new, version + 1, now)
-            new_body = dumps(encode_task(new))
+            new_wire = encode_task(new)
             rows.update_local(
                 conn,
                 new,
-                new_body,
+                dumps(new_wire),
                 base_version=version,
                 changed_at=new.last_modified or "",
                 reason=admin_override,
+                wire=new_wire,
             )
         self._notify()
         return ApiResponse(new, {"syncState": "pending"})
@@ -314,16 +326,27 @@ class TasksResource:
         return ApiResponse(tasks, meta)
 
     def count(
-        self, filters: Mapping[str, object] | None = None, /, **keywords: object
+        self,
+        filters: Mapping[str, object] | None = None,
+        /,
+        *,
+        at_most: int | None = None,
+        **keywords: object,
     ) -> ApiResponse[int]:
-        """How many tasks match the filters (same filters as :meth:`search`)."""
+        """How many tasks match the filters (same filters as :meth:`search`).
+
+        A count reads every match. ``at_most=N`` stops at N (a badge's "99+"): the
+        answer is then ``min(matches, N)``, so ``data == N`` means "N or more", and
+        ``meta["atMost"]`` is N. A positive integer, else ValidationError.
+        """
         merged = normalise_filters(filters, keywords)
         for paging in ("cursor", "limit", "sort", "total"):
             merged.pop(paging, None)
         compiled, _ = compile_search(merged)
+        check_at_most(at_most)  # before any read: bad input writes and reads nothing
         with self._db.read() as conn:
-            total = rows.count_matching(conn, compiled)
-        return ApiResponse(total, {})
+            total = rows.count_matching(conn, compiled, at_most=at_most)
+        return ApiResponse(total, {} if at_most is None else {"atMost": at_most})
 
     def history(self, task_id: str) -> ApiResponse[list[TaskVersion]]:
         """Every recorded version of a task, oldest first (also after it was deleted).

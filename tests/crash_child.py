@@ -249,7 +249,10 @@ def check_store(path: Path, reported: Reported) -> tuple[list[str], int]:
             rows = fetch_all(conn, "SELECT id, version, body FROM tasks")
             history = fetch_all(
                 conn,
-                "SELECT task_id, version, op, body FROM task_history ORDER BY task_id, version",
+                # The current version's body is kept once, in tasks (schema.sql).
+                "SELECT h.task_id, h.version, h.op, coalesce(h.body, t.body) "
+                "FROM task_history AS h LEFT JOIN tasks AS t "
+                "ON t.id = h.task_id AND h.body IS NULL ORDER BY h.task_id, h.version",
             )
             outbox = fetch_all(conn, "SELECT task_id, op, payload FROM outbox ORDER BY seq")
             refs = fetch_all(conn, "SELECT count(*) FROM task_refs")[0][0]

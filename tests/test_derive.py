@@ -1,14 +1,17 @@
-"""clinik_local.derive computes exactly the rows the schema's triggers derive in SQL.
+"""clinik_local.derive computes exactly the rows the version-1 triggers derived in SQL.
 
-The reference is the real trigger text of schema.sql, run on a scratch in-memory
-database whose task_text is a plain table (a contentless FTS5 table cannot be read
-back): for any valid task, derive_rows(wire) must equal what the trigger wrote.
+The reference is the real trigger text of schema version 1 (tests/data/schema_v1.sql,
+as released: every version-1 file holds rows it wrote, and schema version 2 derives
+in Python instead), run on a scratch in-memory database whose task_text is a plain
+table (a contentless FTS5 table cannot be read back): for any valid task,
+derive_rows(wire) must equal what the trigger wrote.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import apsw
@@ -18,14 +21,15 @@ from hypothesis import strategies as st
 
 from clinik_local.codec import decode_task, encode_task
 from clinik_local.derive import derive_rows, io_value_text
-from clinik_local.storage.migrations import schema_sql
 
 from .strategies import valid_requests
 
+V1_SCHEMA = (Path(__file__).parent / "data" / "schema_v1.sql").read_text(encoding="utf-8")
+
 
 def _trigger_db() -> apsw.Connection:
-    """tasks, task_refs, task_io from schema.sql; task_text as a plain table; the trigger."""
-    sql = schema_sql()
+    """tasks, task_refs, task_io of version 1; task_text as a plain table; the trigger."""
+    sql = V1_SCHEMA
     conn = apsw.Connection(":memory:")
     for name in ("tasks", "task_refs", "task_io"):
         conn.execute(re.search(rf"CREATE TABLE {name} \(.*?\n\)[^;]*;", sql, re.S)[0])  # type: ignore[index]

@@ -23,6 +23,8 @@ from clinik_local.ids import new_change_id, new_task_id
 from clinik_local.storage import migrations as migrations_module
 from clinik_local.storage.migrations import APPLICATION_ID, SCHEMA_VERSION
 
+from .derived import derived_problems
+
 V1_SCHEMA = (Path(__file__).parent / "data" / "schema_v1.sql").read_text(encoding="utf-8")
 _RANK = {"stat": 0, "asap": 1, "urgent": 2, "routine": 3, None: 4}
 _TASK = (
@@ -186,3 +188,41 @@ def test_a_failing_migration_leaves_the_version_1_file_exactly_as_it_was(
         TaskStore.open(path)
     assert "no_such_table" in str(raised.value)
     assert _snapshot(path) == before
+
+
+def _schema(path: Path) -> set[tuple[object, ...]]:
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return set(
+            conn.execute(
+                "SELECT type, name, tbl_name, sql FROM sqlite_schema WHERE name NOT LIKE 'sqlite_%'"
+            ).fetchall()
+        )
+    finally:
+        conn.close()
+
+
+def test_a_migrated_version_1_file_has_exactly_the_schema_of_a_new_file(
+    tmp_path: Path,
+) -> None:
+    build_v1(tmp_path / "v1.db", count=20)
+    TaskStore.open(tmp_path / "v1.db").close()
+    TaskStore.open(tmp_path / "new.db").close()
+    migrated, fresh = _schema(tmp_path / "v1.db"), _schema(tmp_path / "new.db")
+    assert not any(kind == "trigger" for kind, *_ in fresh)
+    assert migrated == fresh
+
+
+def test_the_derived_rows_of_a_migrated_file_are_what_derive_rows_computes(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v1.db"
+    build_v1(path, count=120)
+    conn = apsw.Connection(str(path))
+    try:  # the fixture must hold every kind of derived row
+        for table in ("task_refs", "task_io", "task_text"):
+            assert conn.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0], table
+    finally:
+        conn.close()
+    TaskStore.open(path).close()
+    assert derived_problems(path) == []

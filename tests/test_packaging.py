@@ -2,9 +2,13 @@
 
 Each install goes into its own directory under tmp_path (``pip install --target``) and is
 probed by a child interpreter that puts that directory first on ``sys.path``; the
-dependencies (attrs, cattrs, apsw) come from the running environment, so nothing but the
-build backend is fetched. (A ``venv --system-site-packages`` would see the base
+dependencies (attrs, cattrs, apsw-sqlite3mc) come from the running environment, so nothing
+but the build backend is fetched. (A ``venv --system-site-packages`` would see the base
 interpreter's packages rather than this environment's, so it could not import the deps.)
+
+One test goes the whole way instead (issue 14): a fresh ``python -m venv``, ``pip
+install`` of the wheel with its dependencies, as a user would, then an encrypted and a
+plaintext store in it.
 """
 
 from __future__ import annotations
@@ -115,3 +119,68 @@ def test_a_plain_source_checkout_on_the_path_finds_the_top_level_schema_sql(
     location, digest = _probe(tmp_path, None, PYTHONPATH=str(ROOT))
     assert location == ROOT / "clinik_local" / "__init__.py"
     assert digest == _sha(SCHEMA)
+
+
+#: Runs in the fresh virtualenv: one encrypted and one plaintext store, through the
+#: installed wheel and the dependencies pip resolved for it.
+_ENCRYPTION_PROBE = """
+import sys
+import apsw
+import clinik_local
+from clinik_local import EncryptionKeyError, TaskStore
+from clinik_local.demo import SEED_LAB_ORDER
+
+assert clinik_local.__file__.startswith(sys.prefix), clinik_local.__file__
+with TaskStore.open("enc.db", key=lambda: "venv-key") as store:
+    store.tasks.create(SEED_LAB_ORDER)
+with TaskStore.open("plain.db") as store:
+    store.tasks.create(SEED_LAB_ORDER)
+with TaskStore.open("enc.db", key=lambda: "venv-key") as store:
+    assert store.tasks.count().data == 1
+try:
+    TaskStore.open("enc.db", key=lambda: "wrong")
+except EncryptionKeyError:
+    pass
+else:
+    raise SystemExit("a wrong key opened the store")
+print(apsw.mc_version)
+print(open("enc.db", "rb").read(16) != b"SQLite format 3\\x00")
+print(open("plain.db", "rb").read(16) == b"SQLite format 3\\x00")
+"""
+
+
+@pytest.mark.slow
+def test_one_pip_install_of_the_wheel_into_a_fresh_venv_gives_encrypted_and_plain_stores(
+    wheel: Path, tmp_path: Path
+) -> None:
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / ("Scripts" if os.name == "nt" else "bin") / "python"
+    # The documented install: the wheel and its runtime dependencies, nothing else.
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    installed = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format=freeze"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout.lower()
+    names = {line.split("==")[0].replace("_", "-") for line in installed.split()}
+    assert "apsw-sqlite3mc" in names
+    assert "apsw" not in names  # plain apsw would overwrite the cipher build's files
+    result = subprocess.run(
+        [str(python), "-c", _ENCRYPTION_PROBE],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    mc_version, encrypted, plain = result.stdout.splitlines()
+    assert mc_version.startswith("SQLite3 Multiple Ciphers")
+    assert (encrypted, plain) == ("True", "True")

@@ -12,6 +12,7 @@ EXPORTED = {
     # the store and its resource
     "TaskStore",
     "TasksResource",
+    "KeyProvider",
     "ApiResponse",
     # the model
     "Task",
@@ -49,6 +50,10 @@ EXPORTED = {
     "NewerSchemaError",
     "ReadOnlyStoreError",
     "StoreFullError",
+    "EncryptionKeyError",
+    "KeyRequiredError",
+    "NotEncryptedError",
+    "EncryptionUnavailableError",
     "SyncError",
     "TransportError",
     "AuthError",

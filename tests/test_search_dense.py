@@ -150,6 +150,21 @@ def test_a_bounded_count_stops_at_most_at_the_bound(store: TaskStore) -> None:
             count_query(compiled, bad)  # type: ignore[arg-type]
 
 
+def test_store_count_at_most_is_the_smaller_of_the_matches_and_the_bound(
+    store: TaskStore,
+) -> None:
+    full = store.tasks.count(text="panel").data
+    assert full > 100
+    for at_most in (1, 100, full, full + 5):
+        bounded = store.tasks.count({"text": "panel"}, at_most=at_most)
+        assert bounded.data == min(full, at_most)
+        assert bounded.meta == {"atMost": at_most}
+    assert store.tasks.count(text="panel").meta == {}
+    for bad in (0, -1, True, "5", 2.5):
+        with pytest.raises(ValidationError, match="at_most"):
+            store.tasks.count(text="panel", at_most=bad)  # type: ignore[arg-type]
+
+
 def test_the_vocabulary_view_exists_and_sees_the_indexed_terms(store: TaskStore) -> None:
     with store.read() as conn:
         terms = conn.execute(

@@ -10,7 +10,8 @@ IllegalTransitionError), and invariants check after every step that every task `
 returns matches the model (fields and version), deleted ids are not found, a full
 search equals the model, and ``count`` and the row counts of tasks, history and outbox
 follow the mutations (one history and one outbox row per create, changing update and
-delete). (The sync state machine is ``tests/test_sync_stateful.py``.)
+delete), and the derived search rows are exactly those of the stored bodies. (The
+sync state machine is ``tests/test_sync_stateful.py``.)
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from clinik_local import (
     can_transition,
     encode_task,
 )
+from tests.derived import derived_problems
 from tests.strategies import PRIORITIES, STATUSES, small_ids, texts
 from tests.wire import BOOKKEEPING
 
@@ -267,6 +269,10 @@ class StoreVersusModel(RuleBasedStateMachine):
         counts = self.store.table_counts()
         assert counts["tasks"] == len(self.model)
         assert counts["task_history"] == counts["outbox"] == self.changes
+
+    @invariant()
+    def derived_search_rows_are_those_of_the_stored_bodies(self) -> None:
+        assert derived_problems(self.path) == []
 
 
 StoreVersusModel.TestCase.settings = settings(

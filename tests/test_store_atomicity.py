@@ -221,9 +221,10 @@ def _check_outbox_rows_match_history(store: TaskStore, after_seq: int) -> None:
     """Each new outbox row pairs with the history row of the same change."""
     with store.read() as conn:
         rows: list[tuple[Any, ...]] = conn.execute(
-            "SELECT o.task_id, o.op, o.payload, o.base_version, h.version, h.op, h.body "
-            "FROM outbox AS o LEFT JOIN task_history AS h "
+            "SELECT o.task_id, o.op, o.payload, o.base_version, h.version, h.op, "
+            "coalesce(h.body, t.body) FROM outbox AS o LEFT JOIN task_history AS h "
             "ON h.task_id = o.task_id AND h.version = ifnull(o.base_version, 0) + 1 "
+            "LEFT JOIN tasks AS t ON t.id = h.task_id AND h.body IS NULL "
             "WHERE o.seq > ?",
             (after_seq,),
         ).fetchall()

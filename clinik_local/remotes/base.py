@@ -57,6 +57,12 @@ class Change:
     op: Literal["create", "update", "delete"]
     body: dict[str, Any] | None
     server_version: str | None
+    #: The server is known to hold the task although its version is not known here (a
+    #: store restored from an export): ask the server for its version, don't create.
+    known_on_server: bool = False
+    #: With ``known_on_server``: the task as this device believes the server holds it;
+    #: a server task that differs from it is a conflict, never overwritten.
+    base: dict[str, Any] | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC
+from typing import Any
 
 import httpx
 
@@ -126,6 +127,20 @@ class ClinikRemote:
         headers = {"Idempotency-Key": change.change_id}
         body: bytes | None = None
         version = change.server_version
+        if version is None and change.known_on_server and change.op != "create":
+            # A restored task: the server holds it at a version we don't know. Ask,
+            # then write conditionally on that version (never re-create it: 409).
+            asked = self._server_copy(change.task_id, lane)
+            if not isinstance(asked, tuple | None):
+                return asked
+            if asked is None:
+                if change.op == "delete":
+                    return Delivered(gone=True)
+            else:
+                version, server_task, raw = asked
+                if change.base is None or without_server_fields(server_task) != change.base:
+                    # Changed on the server since the export: both sides are kept.
+                    return Conflict(server_task=server_task, status=412, body=raw)
         if change.op == "delete":
             method, path = "DELETE", f"/tasks/{change.task_id}"
             headers["If-Match"] = f'"{version}"'
@@ -150,6 +165,32 @@ class ClinikRemote:
             transport.forget_token()
             return AuthFailed(message=str(exc))
         return self._classify(method, answer, transport)
+
+    def _server_copy(
+        self, task_id: str, lane: int
+    ) -> tuple[str, dict[str, Any], str] | PushOutcome | None:
+        """The server's (versionId, task, body) of a task (None: it has none), or why it
+        can't be had."""
+        transport = self._get_transport()
+        try:
+            answer = transport.request("GET", f"/tasks/{task_id}", lane=lane)
+        except ConnectFailed as exc:
+            return Unreachable(message=str(exc))
+        except TransportError as exc:
+            return Transient(error=str(exc))
+        except AuthError as exc:
+            transport.forget_token()
+            return AuthFailed(message=str(exc))
+        if answer.status == 404:
+            return None
+        if answer.status == 200:
+            data = loads_or_none(answer.body)
+            task = data.get("data") if isinstance(data, dict) else None
+            version = task.get("versionId") if isinstance(task, dict) else None
+            if isinstance(task, dict) and isinstance(version, str):
+                return version, task, answer.body
+            return Transient(error="the server's task came without a versionId", status=200)
+        return self._classify("GET", answer, transport)
 
     @staticmethod
     def _wire_body(change: Change) -> bytes:

@@ -9,11 +9,11 @@ steps that apply to the connection's *role*:
 ``checkpointer``  the background thread's connection that runs WAL checkpoints;
 ``backup``        a connection that only copies pages (``Connection.backup``).
 
-The seam for what comes next: a step added to :data:`SETUP` (say, applying an
-encryption key from a provider, which must come *first*, before SQLite reads a page)
-reaches every role by editing that one tuple; a step that concerns only some roles
-says so in its :class:`Step` entry. :class:`ConnectionOptions` carries what the steps
-need (durability, busy timeout; a key provider would go there too).
+A step added to :data:`SETUP` reaches every role by editing that one tuple; a step
+that concerns only some roles says so in its :class:`Step` entry. The first step keys
+the connection (encryption at rest, see :mod:`.encryption`): it must come before
+SQLite reads a page. :class:`ConnectionOptions` carries what the steps need
+(durability, busy timeout, the key provider).
 
 Errors: anything apsw raises comes out as the library's
 :class:`~clinik_local.errors.StorageError` subclass for it (:func:`storage_error`,
@@ -23,6 +23,8 @@ Errors: anything apsw raises comes out as the library's
 from __future__ import annotations
 
 import contextlib
+import os
+import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -40,6 +42,7 @@ from ..errors import (
     StoreLockedError,
     ValidationError,
 )
+from .encryption import KeyProvider, key_connection
 from .migrations import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, schema_sql
 
 __all__ = [
@@ -78,6 +81,16 @@ def _check_busy_timeout(_instance: object, _attribute: object, value: object) ->
         )
 
 
+def _check_key(_instance: object, _attribute: object, value: KeyProvider | None) -> None:
+    if value is not None and not callable(value):
+        # The value is not shown: it may well be the key itself, passed by mistake.
+        raise ValidationError.single(
+            "key",
+            f"must be a callable returning the key, not a {type(value).__name__}",
+            allowed="a callable returning str or bytes (e.g. lambda: keyring_lookup()), or None",
+        )
+
+
 @attrs.frozen(kw_only=True)
 class ConnectionOptions:
     """What the set-up steps need to know, the same for every connection of a store.
@@ -85,10 +98,18 @@ class ConnectionOptions:
     ``durability``: ``"normal"`` (a crash of the app loses nothing committed) or
     ``"full"`` (every commit synced to disk). ``busy_timeout``: seconds a connection
     waits for another's lock before :class:`~clinik_local.errors.StoreLockedError`.
+    ``key``: the encryption key's provider, or ``None`` for a plaintext store; never
+    in the repr (a ``functools.partial`` would show its arguments).
     """
 
     durability: Durability = attrs.field(default="normal", validator=_check_durability)
     busy_timeout: float = attrs.field(default=DEFAULT_BUSY_TIMEOUT, validator=_check_busy_timeout)
+    key: KeyProvider | None = attrs.field(default=None, validator=_check_key, repr=False, eq=False)
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether connections are keyed (the store is encrypted at rest)."""
+        return self.key is not None
 
     @property
     def busy_timeout_ms(self) -> int:
@@ -163,10 +184,30 @@ class Opening:
         return self.path == MEMORY
 
 
+def apply_key(conn: apsw.Connection, opening: Opening) -> None:
+    """Key the connection from the provider and prove the key, before anything else.
+
+    SQLite must have the key before it reads a page; the proof reads the schema, so a
+    wrong key is :class:`~clinik_local.errors.EncryptionKeyError` here, and a plaintext
+    file given a key (or an encrypted one given none) its own error, with the file
+    untouched. Without a key on a plaintext file this only reads 24 bytes of header.
+    """
+    probe = _immutable_connection if opening.role == "writer" else None
+    key_connection(conn, opening.path, opening.options.key, probe)
+
+
+def _immutable_connection(path: str) -> apsw.Connection:
+    """A read-only connection that ignores (and never touches) ``-wal`` and ``-shm``:
+    proves a key without SQLite writing read marks into another process's ``-shm``."""
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?immutable=1"
+    return apsw.Connection(uri, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+
+
 def set_busy_timeout(conn: apsw.Connection, opening: Opening) -> None:
     """Wait for another connection's lock instead of failing at once.
 
-    First, so that every later step that touches the file already waits politely.
+    First (it does no I/O), so that every later step that touches the file, the key's
+    proof included, already waits politely.
     """
     conn.set_busy_timeout(opening.options.busy_timeout_ms)
 
@@ -314,9 +355,12 @@ class Step:
 
 
 #: The set-up pipeline, in apsw best-practice order. Add a step here and it reaches
-#: every connection of its roles (an encryption key step goes first, for ALL_ROLES).
+#: every connection of its roles. The key is the first thing that touches the file, on
+#: every role of a file store; only the busy timeout (no I/O) comes before it, so that
+#: proving the key waits politely for another process's lock (a rekey in progress).
 SETUP: tuple[Step, ...] = (
     Step(set_busy_timeout),
+    Step(apply_key, memory=False),
     Step(load_memory_image, _WRITER, files=False),
     Step(check_identity, _WRITER),
     Step(set_wal, _WRITER, memory=False),

@@ -17,14 +17,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import threading
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import apsw
+import attrs
 
-from ..errors import ReadOnlyStoreError, StorageError
+from ..errors import (
+    CorruptStoreError,
+    ReadOnlyStoreError,
+    StorageError,
+    StoreLockedError,
+    ValidationError,
+)
 from .connection import (
     MEMORY,
     ConnectionOptions,
@@ -33,10 +41,104 @@ from .connection import (
     storage_error,
     translated,
 )
+from .encryption import KeyProvider, fsync_directory, rekey_connection
 
 __all__ = ["Database"]
 
 _log = logging.getLogger("clinik_local.storage")
+
+
+def _rekey_copy_path(path: str) -> str:
+    return path + ".rekey-tmp"
+
+
+def _remove_rekey_copy(path: str) -> None:
+    for suffix in ("", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(_rekey_copy_path(path) + suffix)
+
+
+def rekey_file(
+    writer: apsw.Connection, path: str, old: ConnectionOptions, new: ConnectionOptions
+) -> apsw.Connection:
+    """Re-encrypt the store at ``path`` by copy, rekey, verify and rename; the new writer.
+
+    ``writer`` is the store's writer connection (keyed with ``old``); on success it is
+    closed and a new writer keyed with ``new`` is returned. On failure before the
+    rename, ``writer`` is left working on the unchanged file (back in WAL mode).
+    """
+    copy = _rekey_copy_path(path)
+    with translated(path):
+        try:
+            writer.pragma("journal_mode", "delete")  # refused while anyone else has it open
+        except (apsw.BusyError, apsw.LockedError):
+            raise StoreLockedError(
+                f"rekey needs the store to itself, but another connection (another process?) "
+                f"has {path} open; close it and retry. Nothing changed."
+            ) from None
+    renamed = False
+    old_inode = -1
+    try:
+        with translated(path):
+            writer.execute("BEGIN EXCLUSIVE")  # nobody opens the file until we are done
+            writer.execute("SELECT count(*) FROM sqlite_schema").fetchall()
+        # One descriptor, kept open to the end: closing any descriptor of the file would
+        # drop this process's POSIX locks on it (SQLite's exclusive lock included).
+        old_inode = os.open(path, os.O_RDWR)
+        _remove_rekey_copy(path)
+        _copy_file(old_inode, copy, os.fstat(old_inode).st_mode & 0o777)
+        target = open_connection(copy, "backup", old)
+        try:
+            with translated(copy):
+                target.pragma("synchronous", "FULL")
+                rekey_connection(target, new.key)
+        finally:
+            target.close()
+        check = open_connection(copy, "backup", new)  # proves the new key on the copy
+        try:
+            with translated(copy):
+                problems = [str(row[0]) for row in check.execute("PRAGMA quick_check")]
+        finally:
+            check.close()
+        if problems != ["ok"]:
+            raise CorruptStoreError(f"the re-encrypted copy failed its check: {problems[:3]}")
+        os.replace(copy, path)
+        renamed = True
+        fsync_directory(path)
+        # A process that opened the store meanwhile (now waiting for our lock) holds the
+        # old inode: wipe its header, so such a process fails loudly instead of writing
+        # to a file nobody will read again.
+        with contextlib.suppress(OSError):
+            os.pwrite(old_inode, bytes(24), 0)
+    except OSError as exc:
+        if isinstance(exc, StorageError):
+            raise
+        raise StorageError(f"rekey of {path} failed: {exc.strerror or exc}") from exc
+    finally:
+        if not renamed:
+            _remove_rekey_copy(path)
+            with contextlib.suppress(apsw.Error):
+                if not writer.get_autocommit():
+                    writer.execute("ROLLBACK")
+                writer.pragma("journal_mode", "wal")
+        if old_inode >= 0:
+            os.close(old_inode)
+    with contextlib.suppress(apsw.Error):
+        writer.close()
+    return open_connection(path, "writer", new)
+
+
+def _copy_file(source_fd: int, target: str, mode: int) -> None:
+    """Copy the whole file behind ``source_fd`` into a new file ``target``, synced."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        os.fchmod(fd, mode | 0o600)
+        offset = 0
+        while chunk := os.pread(source_fd, 1 << 20, offset):
+            out.write(chunk)
+            offset += len(chunk)
+        out.flush()
+        os.fsync(fd)
 
 
 def _create_private_file(path: Path) -> None:
@@ -141,13 +243,176 @@ def _memory_template(options: ConnectionOptions) -> bytes:
     return _memory_image
 
 
-class _ReaderBox:
-    """One thread's read connection; closed by the database (or when the thread ends)."""
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
-    __slots__ = ("__weakref__", "conn")
+
+class _Template:
+    """What a brand-new memory store holds, learnt once from a fresh copy of the image:
+    the schema cookie, the tables to clear, the FTS tables, and the template's own rows."""
+
+    def __init__(self, conn: apsw.Connection) -> None:
+        self.schema_version = int(conn.pragma("schema_version"))
+        objects = fetch_all(
+            conn, "SELECT name, sql FROM sqlite_schema WHERE type = 'table' ORDER BY name"
+        )
+        virtual = [
+            str(n) for n, sql in objects if str(sql or "").upper().startswith("CREATE VIRTUAL")
+        ]
+        # FTS5 tables are emptied with 'delete-all'; other virtual tables (the fts5vocab
+        # view of the terms) hold nothing of their own.
+        self.fts = tuple(
+            str(n)
+            for n, sql in objects
+            if re.search(r"USING\s+fts5\s*\(", str(sql or ""), re.IGNORECASE)
+        )
+        self.tables = tuple(
+            str(n)
+            for n, _ in objects
+            if not str(n).startswith("sqlite_")
+            and str(n) not in virtual
+            and not any(str(n).startswith(f"{v}_") for v in virtual)
+        )
+        self.has_sequence = any(str(n) == "sqlite_sequence" for n, _ in objects)
+        self.rows = {t: fetch_all(conn, f"SELECT * FROM {_quote(t)}") for t in self.tables}
+
+
+class _MemoryPool:
+    """Parsed in-memory connections, handed to new memory stores and reset on close.
+
+    The first statement on a fresh connection makes SQLite parse the whole schema
+    (hundreds of microseconds: the indexes, the FTS table); a test suite that opens a
+    store per test pays that per test. A closed memory store gives its connection back
+    here instead; it is reset to exactly what a brand-new store holds by deleting every
+    row (tables found in ``sqlite_schema``, so a table added to ``schema.sql`` is reset
+    too; FTS tables with ``'delete-all'``; AUTOINCREMENT counters; the template's own
+    rows put back, ``created_at`` fresh) and reused with its parsed schema and prepared
+    statements. A connection whose schema changed (``ANALYZE``, say), whose pragmas were
+    changed or whose reset failed is closed instead. One pool per process (a forked child
+    starts with an empty one); a store that is never closed never returns its connection.
+    """
+
+    SIZE = 4
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[tuple[ConnectionOptions, apsw.Connection]] = []
+        self._template: _Template | None = None
+
+    def take(self, options: ConnectionOptions) -> apsw.Connection:
+        with self._lock:
+            for index in range(len(self._free) - 1, -1, -1):  # last in, first out
+                opts, conn = self._free[index]
+                if opts == options:
+                    del self._free[index]
+                    return conn
+        conn = open_connection(MEMORY, "writer", options, image=_memory_template(options))
+        if self._template is None:
+            with translated(MEMORY):
+                template = _Template(conn)
+            with self._lock:
+                if self._template is None:
+                    self._template = template
+        return conn
+
+    def give(self, options: ConnectionOptions, conn: apsw.Connection) -> None:
+        template = self._template
+        reusable = template is not None and len(self._free) < self.SIZE
+        if reusable:
+            assert template is not None
+            try:
+                reusable = self._reset(conn, template)
+            except apsw.Error:
+                reusable = False
+        if reusable:
+            with self._lock:
+                if len(self._free) < self.SIZE:
+                    self._free.append((options, conn))
+                    return
+        with contextlib.suppress(apsw.Error):
+            conn.close()
+
+    @staticmethod
+    def _reset(conn: apsw.Connection, template: _Template) -> bool:
+        if not conn.get_autocommit():
+            conn.execute("ROLLBACK")
+        if (
+            int(conn.pragma("schema_version")) != template.schema_version
+            or conn.pragma("foreign_keys") != 1
+            or conn.pragma("query_only") != 0
+        ):
+            return False
+        # Which tables differ from the template (one probe for the empty ones, a read of
+        # the few template rows for the others), so a store that wrote a few rows pays
+        # for clearing a few tables, and one that wrote nothing for none.
+        empty = [t for t in template.tables if not template.rows[t]]
+        flags = (
+            fetch_all(
+                conn, "SELECT " + ", ".join(f"EXISTS (SELECT 1 FROM {_quote(t)})" for t in empty)
+            )[0]
+            if empty
+            else ()
+        )
+        dirty = [t for t, flag in zip(empty, flags, strict=True) if flag]
+        dirty += [
+            t
+            for t in template.tables
+            if template.rows[t]
+            and fetch_all(conn, f"SELECT * FROM {_quote(t)}") != template.rows[t]
+        ]
+        sequence = template.has_sequence and bool(
+            fetch_all(conn, "SELECT EXISTS (SELECT 1 FROM sqlite_sequence)")[0][0]
+        )
+        if not dirty and not sequence:
+            return True
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for table in dirty:
+                # WHERE true: no truncate optimisation, which clears every index b-tree
+                # even of an almost empty table (measured several times slower here).
+                conn.execute(f"DELETE FROM {_quote(table)} WHERE true")
+                rows = template.rows[table]
+                if rows:
+                    marks = ", ".join("?" * len(rows[0]))
+                    conn.executemany(f"INSERT INTO {_quote(table)} VALUES ({marks})", rows)
+            if dirty:  # derived text rows come only with rows of the tables above
+                for fts in template.fts:
+                    conn.execute(f"INSERT INTO {_quote(fts)}({_quote(fts)}) VALUES ('delete-all')")
+            if sequence:
+                conn.execute("DELETE FROM sqlite_sequence")
+            conn.execute("COMMIT")
+        except BaseException:
+            if not conn.get_autocommit():
+                conn.execute("ROLLBACK")
+            raise
+        return True
+
+    def forget(self) -> None:
+        """Drop every pooled connection without closing it (a forked child's copy)."""
+        self._free = []
+        self._lock = threading.Lock()
+
+
+_POOL = _MemoryPool()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_POOL.forget)
+
+
+class _ReaderBox:
+    """One thread's read connection; closed by the database (or when the thread ends).
+
+    ``lock`` is held by the owning thread while it reads (re-entrant: reads nest), and by
+    :meth:`Database.rekey` while it re-encrypts the file: a rekey closes idle readers and
+    waits for busy ones; a closed reader is opened again, with the new key, on next use.
+    """
+
+    __slots__ = ("__weakref__", "conn", "depth", "lock", "thread_name")
 
     def __init__(self, conn: apsw.Connection) -> None:
         self.conn: apsw.Connection | None = conn
+        self.lock = threading.RLock()
+        self.depth = 0
+        self.thread_name = threading.current_thread().name
 
     def close(self) -> None:
         if self.conn is not None:
@@ -184,8 +449,9 @@ class Database:
                 except OSError as exc:
                     raise StorageError(f"cannot create the store file {path}: {exc}") from exc
             self._conn = open_connection(path, "writer", options)
+            _remove_rekey_copy(path)  # left by a rekey that was killed (we are open: none runs)
         else:
-            self._conn = open_connection(path, "writer", options, image=_memory_template(options))
+            self._conn = _POOL.take(options)
         self._checkpointer: _Checkpointer | None = None
         if not self.is_memory:
             self._checkpointer = _Checkpointer(path, options)
@@ -212,9 +478,11 @@ class Database:
             for box in list(self._readers):
                 box.close()
             self._local = threading.local()
+            if self.is_memory:
+                _POOL.give(self.options, self._conn)
+                return
             with contextlib.suppress(apsw.Error):
-                if not self.is_memory:
-                    self._conn.pragma("optimize")
+                self._conn.pragma("optimize")
             self._conn.close()
 
     def _check_open(self) -> None:
@@ -266,23 +534,98 @@ class Database:
                 except apsw.Error as exc:
                     raise storage_error(exc, self.path) from exc
             return
-        try:
-            conn = self._local.conn
-        except AttributeError:
-            conn = self._new_reader()
-        try:
-            yield conn
-        except apsw.Error as exc:
-            raise storage_error(exc, self.path) from exc
+        box: _ReaderBox | None = getattr(self._local, "box", None)
+        if box is None:
+            box = self._new_reader()
+        with box.lock:
+            if box.conn is None:  # closed by a rekey: open it again, with the new key
+                self._check_open()
+                box.conn = open_connection(self.path, "reader", self.options)
+            box.depth += 1
+            try:
+                yield box.conn
+            except apsw.Error as exc:
+                raise storage_error(exc, self.path) from exc
+            finally:
+                box.depth -= 1
 
-    def _new_reader(self) -> apsw.Connection:
-        conn = open_connection(self.path, "reader", self.options)
-        box = _ReaderBox(conn)
+    def _new_reader(self) -> _ReaderBox:
+        box = _ReaderBox(open_connection(self.path, "reader", self.options))
         self._local.box = box  # closed with the thread's locals, or by close()
-        self._local.conn = conn
         with self._lock:
             self._readers.add(box)
-        return conn
+        return box
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether the store's connections are keyed (encrypted at rest)."""
+        return self.options.encrypted
+
+    def rekey(self, key: KeyProvider | None) -> None:
+        """Re-encrypt the store for ``key``'s provider (``None``: decrypt it), exclusively.
+
+        Exclusive in this process: under the writer's lock, every other thread's reader
+        is closed once idle (a reader still busy after ``busy_timeout`` makes the rekey
+        refuse with :class:`StoreLockedError`, naming that thread); those threads read
+        again, with the new key, afterwards. Exclusive across processes: the file leaves
+        WAL mode, which SQLite refuses while any other connection has it open (again
+        :class:`StoreLockedError`, nothing changed), and stays locked until done.
+
+        Crash-safe by copy and rename: the pages are copied (SQLite backup) into a
+        private file beside the store, that copy is re-encrypted and verified, and only
+        then renamed over the store. A SIGKILL at any point leaves the store openable
+        with the old key (before the rename) or the new one (after); needs free disk
+        space for one more copy.
+        """
+        if self.is_memory:
+            raise ValidationError.single(
+                "key", "an in-memory store is never on disk, so it cannot be encrypted"
+            )
+        new_options = attrs.evolve(self.options, key=key)
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+        with self._lock:
+            try:
+                self._check_open()
+                if not self._conn.get_autocommit():
+                    raise StorageError("rekey cannot run inside a write transaction")
+                held = self._take_readers()
+                try:
+                    self._conn = rekey_file(self._conn, self.path, self.options, new_options)
+                    self.options = new_options
+                finally:
+                    for box in held:
+                        box.lock.release()
+            finally:
+                self._checkpointer = _Checkpointer(self.path, self.options)
+                try:
+                    self._conn.set_wal_hook(self._checkpointer.wal_hook)
+                except apsw.Error:  # the new writer could not be opened after the rename
+                    self._closed = True
+
+    def _take_readers(self) -> list[_ReaderBox]:
+        """Lock and close every reader (waiting for busy ones up to the busy timeout)."""
+        held: list[_ReaderBox] = []
+        busy: list[str] = []
+        for box in list(self._readers):
+            if box.lock.acquire(timeout=self.options.busy_timeout):
+                if box.depth:  # this very thread is inside a read() block
+                    box.lock.release()
+                    busy.append(box.thread_name)
+                    continue
+                held.append(box)
+                box.close()
+            else:
+                busy.append(box.thread_name)
+        if busy:
+            for box in held:
+                box.lock.release()
+            names = ", ".join(repr(name) for name in sorted(busy))
+            raise StoreLockedError(
+                f"rekey needs the store to itself, but a read is still running in thread(s) "
+                f"{names} after the busy timeout; retry when they are done. Nothing changed."
+            )
+        return held
 
     def optimize(self) -> None:
         """Refresh the query planner's statistics (``PRAGMA optimize``) on the writer."""

@@ -22,15 +22,23 @@ APPLICATION_ID = 0x436C6E6B
 #: The schema version this release writes and fully understands.
 SCHEMA_VERSION = 2
 
-#: Version 2 (issue 16, a lean write path): task_text without prefix indexes, rebuilt
-#: from the bodies exactly as the triggers derive it and merged into one segment (an
-#: FTS5 rowid probe costs one seek per segment: 3x faster dense text), and its vocabulary view
-#: task_text_terms (dense text searches); tasks_by_authored also carries
-#: period_start, for periodStart ranges walked in the default sort order. Nothing
-#: else changes: every task, history row, outbox row and derived row is kept.
+#: Version 2 (issue 16, a lean write path): no triggers (storage/rows.py writes the
+#: derived rows beside every task row, from derive.py); task_text without prefix
+#: indexes, rebuilt from the bodies exactly as the version-1 triggers derived it and
+#: merged into one segment (an FTS5 rowid probe costs one seek per segment: 3x faster
+#: dense text), and its vocabulary view task_text_terms (dense text searches);
+#: tasks_by_authored also carries period_start, for periodStart ranges walked in the
+#: default sort order; task_history.body may be NULL (the current version's body is
+#: kept once, in tasks; the table is copied into its new form, every row as it was).
+#: Nothing else changes: every task, history row, outbox row and derived row is kept.
+#: Each CREATE is spelt exactly as in schema.sql, so a migrated
+#: file and a new one have the same schema text (tests/test_migrations.py).
 _TO_2 = """
+DROP TRIGGER tasks_derive_insert;
+DROP TRIGGER tasks_derive_delete;
+DROP TRIGGER tasks_derive_update;
 DROP INDEX tasks_by_authored;
-CREATE INDEX tasks_by_authored ON tasks (authored_on, id, period_start);
+CREATE INDEX tasks_by_authored    ON tasks (authored_on, id, period_start);
 DROP TABLE task_text;
 CREATE VIRTUAL TABLE task_text USING fts5 (
     description, note, business_status, code, io_values,
@@ -44,6 +52,18 @@ SELECT seq, json_extract(body, '$.description'), json_extract(body, '$.note'),
        (SELECT group_concat(value, ' ') FROM task_io WHERE task_io.seq = tasks.seq)
 FROM tasks ORDER BY seq;
 INSERT INTO task_text (task_text) VALUES ('optimize');
+ALTER TABLE task_history RENAME TO task_history_v1;
+CREATE TABLE task_history (
+    task_id         TEXT NOT NULL,
+    version         INTEGER NOT NULL,
+    op              TEXT NOT NULL CHECK (op IN ('create', 'update', 'delete')),
+    body            TEXT,                -- wire JSON of this version; NULL: it is in tasks.body
+    changed_at      TEXT NOT NULL,
+    override_reason TEXT,
+    PRIMARY KEY (task_id, version)
+) WITHOUT ROWID;
+INSERT INTO task_history SELECT * FROM task_history_v1 ORDER BY task_id, version;
+DROP TABLE task_history_v1;
 """
 
 #: SQL that upgrades a store *to* each version from the one before it.

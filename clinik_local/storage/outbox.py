@@ -16,7 +16,7 @@ Rows come out as typed attrs objects (:class:`OutboxRow`, :class:`DeadLetterRow`
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import apsw
@@ -88,7 +88,10 @@ STATE_BY_RANK: dict[int | None, TaskSyncState] = {
 
 _SELECT_SENDABLE = """
 SELECT o.seq, o.change_id, o.task_id, o.op, o.payload, o.attempts, o.next_attempt_at,
-       s.server_version
+       s.server_version, s.task_id IS NOT NULL,
+       CASE WHEN s.task_id IS NOT NULL AND s.server_version IS NULL THEN
+           (SELECT h.body FROM task_history h
+            WHERE h.task_id = o.task_id AND h.version = o.base_version) END
 FROM outbox o LEFT JOIN task_sync s ON s.task_id = o.task_id
 WHERE o.state IN ('pending', 'in_flight') AND o.seq > ?
 ORDER BY o.seq LIMIT ?
@@ -118,6 +121,11 @@ class OutboxRow:
     attempts: int
     next_attempt_at: str | None
     server_version: str | None
+    #: The server holds this task (a task_sync row), even if its version is unknown.
+    on_server: bool = False
+    #: When its version is unknown (a restored task): the local version the change was
+    #: made on, which is what this device believes the server holds.
+    base_body: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -184,8 +192,19 @@ def sync_state_of(conn: apsw.Connection, task_id: str) -> TaskSyncState:
 def select_sendable(conn: apsw.Connection, after: int, limit: int) -> list[OutboxRow]:
     """Up to ``limit`` pending or in-flight changes after ``seq``, in order."""
     return [
-        OutboxRow(int(seq), str(cid), str(tid), op, payload, int(attempts), next_at, version)
-        for seq, cid, tid, op, payload, attempts, next_at, version in fetch_all(
+        OutboxRow(
+            int(seq),
+            str(cid),
+            str(tid),
+            op,
+            payload,
+            int(attempts),
+            next_at,
+            version,
+            bool(known),
+            base,
+        )
+        for seq, cid, tid, op, payload, attempts, next_at, version, known, base in fetch_all(
             conn, _SELECT_SENDABLE, (after, limit)
         )
     ]
@@ -317,6 +336,16 @@ def set_server_version(
     conn.execute(_UPSERT_SYNC, (task_id, version, modified, now))
 
 
+def mark_known_on_server(conn: apsw.Connection, task_ids: Sequence[str], now: str) -> None:
+    """The server holds these tasks at a version not known here (a restore): a later
+    change of one asks the server for its version instead of creating it again."""
+    conn.executemany(
+        "INSERT INTO task_sync (task_id, server_version, server_modified, synced_at) "
+        "VALUES (?, NULL, NULL, ?) ON CONFLICT (task_id) DO NOTHING",
+        [(task_id, now) for task_id in task_ids],
+    )
+
+
 def forget_server_version(conn: apsw.Connection, task_id: str) -> None:
     """The server has no such task (any more): the next change of it is a create."""
     conn.execute("DELETE FROM task_sync WHERE task_id = ?", (task_id,))
@@ -349,21 +378,53 @@ def dead_letters(conn: apsw.Connection) -> list[DeadLetterRow]:
     ]
 
 
-def retry_dead(conn: apsw.Connection, change_id: str) -> bool:
-    """Make a dead letter pending again, as new; False if there is no such dead letter."""
+def retry_dead(conn: apsw.Connection, change_id: str) -> str | None:
+    """Make a dead letter pending again, as new, under a NEW change id (returned).
+
+    A refused change was not applied, and a server may store its refusal under the
+    key and replay it (the contract, "Writes"), so a retry is sent under a fresh key.
+    None if there is no such dead letter.
+    """
+    fresh = new_change_id()
     conn.execute(
         "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = NULL, "
-        "last_error = NULL, last_status = NULL, last_body = NULL "
+        "last_error = NULL, last_status = NULL, last_body = NULL, change_id = ? "
         "WHERE change_id = ? AND state = 'dead'",
-        (change_id,),
+        (fresh, change_id),
     )
-    return bool(conn.changes())
+    return fresh if conn.changes() else None
+
+
+def _dead_ids(conn: apsw.Connection, status: int | None) -> list[str]:
+    rows = conn.execute(
+        "SELECT change_id FROM outbox WHERE state = 'dead' AND (? IS NULL OR last_status = ?) "
+        "ORDER BY seq",
+        (status, status),
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def retry_dead_all(conn: apsw.Connection, status: int | None = None) -> int:
+    """Retry every dead letter (those the server answered ``status``, if given)."""
+    ids = _dead_ids(conn, status)
+    for change_id in ids:
+        retry_dead(conn, change_id)
+    return len(ids)
 
 
 def discard_dead(conn: apsw.Connection, change_id: str) -> bool:
     """Drop a dead letter; False if there is no such dead letter."""
     conn.execute("DELETE FROM outbox WHERE change_id = ? AND state = 'dead'", (change_id,))
     return bool(conn.changes())
+
+
+def discard_dead_all(conn: apsw.Connection, status: int | None = None) -> int:
+    """Drop every dead letter (those the server answered ``status``, if given)."""
+    conn.execute(
+        "DELETE FROM outbox WHERE state = 'dead' AND (? IS NULL OR last_status = ?)",
+        (status, status),
+    )
+    return int(conn.changes())
 
 
 def _conflict(r: tuple[object, ...]) -> ConflictRow:

@@ -18,30 +18,47 @@ Reads: a task's body and version (:func:`current`), with its sync state
 (:func:`get_with_state`), its history (:func:`history`), and the execution of a
 compiled search (:func:`search_page`, :func:`count_matching`).
 
+**Derived search rows** (``task_refs``, ``task_io``, ``task_text``) are written here,
+beside every task row, from the wire form the writer already holds
+(:func:`clinik_local.derive.derive_rows`), not by triggers re-parsing the body: every
+write of a task row goes through :func:`_write_task_rows` or :func:`_delete_task_row`,
+the only SQL that touches ``tasks`` and the derived tables (issue 16).
+
+**History** keeps every version; the body of a live task's current version is kept
+once, in ``tasks.body`` (its history row holds NULL until a later version or the
+deletion supersedes it, when the writer moves the old body there), so a create
+writes the body twice (task, outbox), not three times. :func:`history` reads them back.
+
+**Bulk imports**: :func:`insert_local_many` with a batch at least a quarter the size of
+the store drops the search indexes of tasks and the derived tables, loads, and builds
+them again, all inside the caller's transaction (all or nothing, like any write).
+
 Every function takes the connection it runs on and does no I/O but SQLite; the
-caller (:class:`~clinik_local.storage.database.Database`) owns the transaction. This
-is the write path a leaner implementation would replace, one function at a time.
+caller (:class:`~clinik_local.storage.database.Database`) owns the transaction.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import apsw
 import attrs
 
 from ..codec import decode_task, encode_task
+from ..derive import derive_rows
 from ..errors import TaskExistsError
 from ..ids import new_task_id
 from ..model import NO_PRIORITY_RANK, Task
-from ..search import CompiledSearch, page_query
+from ..search import CompiledSearch, count_query, page_query
 from ..wire import dumps, without_server_fields
 from . import outbox
 from .connection import fetch_all
 
 __all__ = [
+    "BULK_MIN",
+    "FTS_OPTIMIZE_AFTER",
     "INSERT_HISTORY",
     "INSERT_TASK",
     "UPDATE_TASK",
@@ -77,18 +94,22 @@ UPDATE tasks SET version = ?, status = ?, intent = ?, priority = ?, priority_ran
     period_start = ?, period_end = ?, body = ?
 WHERE id = ?
 """
-#: Insert one history row: (task_id, version, op, body, changed_at, override_reason).
+#: Insert one history row: (task_id, version, op, body, changed_at, override_reason);
+#: body None for the task's current version (its body is in tasks).
 INSERT_HISTORY = """
 INSERT INTO task_history (task_id, version, op, body, changed_at, override_reason)
 VALUES (?, ?, ?, ?, ?, ?)
 """
 _SELECT_CURRENT = "SELECT body, version FROM tasks WHERE id = ?"
 _SELECT_WITH_STATE = f"SELECT body, {outbox.SYNC_RANK_SUBQUERY} FROM tasks WHERE id = ?"
-_DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
+# The current version's body is in tasks (task_history.body is NULL there: schema.sql).
 _SELECT_HISTORY = """
-SELECT version, op, body, changed_at, override_reason FROM task_history
-WHERE task_id = ? ORDER BY version
+SELECT h.version, h.op, coalesce(h.body, t.body), h.changed_at, h.override_reason
+FROM task_history AS h LEFT JOIN tasks AS t ON t.id = h.task_id AND h.body IS NULL
+WHERE h.task_id = ? ORDER BY h.version
 """
+#: The superseded version's body moves into its history row (it was NULL: current).
+_KEEP_SUPERSEDED = "UPDATE task_history SET body = ? WHERE task_id = ? AND body IS NULL"
 _TOP_VERSION = "SELECT coalesce(max(version), 0) FROM task_history WHERE task_id = ?"
 # An id is taken while a task has it, and for good once it had history (a deleted task).
 _ID_TAKEN = (
@@ -158,12 +179,137 @@ def _version_of(task: Task) -> int:
     return int(task.version_id)
 
 
-def _write_row(conn: apsw.Connection, task: Task, body: str, *, exists: bool) -> None:
-    row = task_row(task, _version_of(task), body)
-    if exists:
-        conn.execute(UPDATE_TASK, (*row[1:], task.id))
-    else:
-        conn.execute(INSERT_TASK, row)
+# --- the one writer of task rows and their derived rows --------------------------------
+
+_INSERT_TASK_AT = f"INSERT INTO tasks (seq, {_COLUMNS}) VALUES ({', '.join('?' * 19)})"
+_NEXT_SEQ = "SELECT coalesce(max(seq), 0) + 1 FROM tasks"
+_SELECT_SEQ_BODY = "SELECT seq, body FROM tasks WHERE id = ?"
+_DELETE_TASK_RETURNING = "DELETE FROM tasks WHERE id = ? RETURNING seq, body"
+_INSERT_REF = "INSERT INTO task_refs (kind, ref, seq) VALUES (?, ?, ?)"
+_INSERT_IO = "INSERT INTO task_io (direction, type, value, seq, pos) VALUES (?, ?, ?, ?, ?)"
+_INSERT_TEXT = (
+    "INSERT INTO task_text (rowid, description, note, business_status, code, io_values) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+_DELETE_DERIVED = (
+    "DELETE FROM task_refs WHERE seq = ?",
+    "DELETE FROM task_io WHERE seq = ?",
+    "DELETE FROM task_text WHERE rowid = ?",
+)
+#: The search indexes a bulk import drops and builds again (their own CREATE text);
+#: the primary keys and UNIQUE(id) stay, so a clash is still caught row by row.
+_BULK_INDEXES = (
+    "SELECT name, sql FROM sqlite_schema WHERE type = 'index' AND sql IS NOT NULL "
+    "AND tbl_name IN ('tasks', 'task_refs', 'task_io') ORDER BY name"
+)
+#: A batch takes the bulk path from this size, and when it is at least a quarter of the
+#: tasks already stored (building an index anew costs about four incremental inserts).
+BULK_MIN = 2_000
+#: After an import of this many tasks, task_text is merged into one segment (FTS5
+#: 'optimize'): a rowid probe costs one seek per segment (dense text searches).
+FTS_OPTIMIZE_AFTER = 10_000
+
+
+def _insert_derived(conn: apsw.Connection, items: Iterable[tuple[int, Mapping[str, Any]]]) -> None:
+    """task_refs, task_io and task_text rows of each (seq, wire task), as derive_rows says."""
+    refs: list[tuple[object, ...]] = []
+    io: list[tuple[object, ...]] = []
+    text: list[tuple[object, ...]] = []
+    for seq, wire in items:
+        derived = derive_rows(wire)
+        refs.extend((kind, ref, seq) for kind, ref in derived.refs)
+        io.extend((d, t, v, seq, pos) for d, t, v, pos in derived.io)
+        text.append((seq, *derived.text))
+    if refs:
+        conn.executemany(_INSERT_REF, refs)
+    if io:
+        conn.executemany(_INSERT_IO, io)
+    conn.executemany(_INSERT_TEXT, text)
+
+
+def _write_task_rows(
+    conn: apsw.Connection,
+    tasks: Sequence[Task],
+    bodies: Sequence[str],
+    wires: Sequence[Mapping[str, Any]] | None,
+    *,
+    exists: bool,
+) -> None:
+    """Write task rows (new ones, or ``exists``: replacing the row of the same id) and
+    keep their derived rows in step: the one place task rows are written.
+
+    New rows get explicit seqs, max + 1 onwards (the caller holds the write lock), so a
+    batch is one executemany and its derived rows know their seqs. A replaced row keeps
+    its seq; its derived rows are rewritten only when the body changed. ``wires`` are
+    the wire forms of ``bodies`` when the caller has them (else parsed from the body).
+    """
+    wire_list = list(wires) if wires is not None else [json.loads(b) for b in bodies]
+    if not exists:
+        first = int(fetch_all(conn, _NEXT_SEQ)[0][0])
+        conn.executemany(
+            _INSERT_TASK_AT,
+            [
+                (first + n, *task_row(t, _version_of(t), b))
+                for n, (t, b) in enumerate(zip(tasks, bodies, strict=True))
+            ],
+        )
+        _insert_derived(conn, enumerate(wire_list, first))
+        return
+    for task, body, wire in zip(tasks, bodies, wire_list, strict=True):
+        seq, old_body = fetch_all(conn, _SELECT_SEQ_BODY, (task.id,))[0]
+        conn.execute(_KEEP_SUPERSEDED, (old_body, task.id))
+        conn.execute(UPDATE_TASK, (*task_row(task, _version_of(task), body)[1:], task.id))
+        if old_body != body:
+            for sql in _DELETE_DERIVED:
+                conn.execute(sql, (seq,))
+            _insert_derived(conn, [(int(seq), wire)])
+
+
+def _delete_task_row(conn: apsw.Connection, task_id: str) -> bool:
+    """Delete a task row and its derived rows, its body kept in its history row; False
+    if there was no such row."""
+    found = fetch_all(conn, _DELETE_TASK_RETURNING, (task_id,))
+    for seq, body in found:
+        conn.execute(_KEEP_SUPERSEDED, (body, task_id))
+        for sql in _DELETE_DERIVED:
+            conn.execute(sql, (seq,))
+    return bool(found)
+
+
+@attrs.frozen
+class _DroppedIndexes:
+    """What a bulk import dropped: each index's CREATE text and its planner statistics."""
+
+    indexes: list[tuple[str, str]]
+    stats: list[tuple[object, ...]]
+
+
+_HAS_STAT1 = "SELECT count(*) FROM sqlite_schema WHERE name = 'sqlite_stat1'"
+_SELECT_STATS = "SELECT tbl, idx, stat FROM sqlite_stat1"
+_INSERT_STATS = "INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES (?, ?, ?)"
+
+
+def _drop_for_bulk(conn: apsw.Connection, count: int) -> _DroppedIndexes | None:
+    """For a large batch: drop the search indexes (to build again after the load); None
+    for an ordinary batch, which writes through them."""
+    if count < BULK_MIN or count * 4 < int(fetch_all(conn, _NEXT_SEQ)[0][0]) - 1:
+        return None
+    indexes = [(str(n), str(sql)) for n, sql in fetch_all(conn, _BULK_INDEXES)]
+    stats: list[tuple[object, ...]] = []
+    if fetch_all(conn, _HAS_STAT1)[0][0]:
+        names = {n for n, _ in indexes}
+        stats = [r for r in fetch_all(conn, _SELECT_STATS) if r[1] in names]
+    for name, _sql in indexes:
+        conn.execute(f'DROP INDEX "{name}"')  # names from sqlite_schema, not from input
+    return _DroppedIndexes(indexes, stats)
+
+
+def _build_again(conn: apsw.Connection, dropped: _DroppedIndexes) -> None:
+    """Create the dropped indexes from their own text and restore their statistics."""
+    for _name, sql in dropped.indexes:
+        conn.execute(sql)
+    if dropped.stats:
+        conn.executemany(_INSERT_STATS, dropped.stats)
 
 
 # --- reads ----------------------------------------------------------------------------
@@ -211,53 +357,79 @@ def search_page(conn: apsw.Connection, compiled: CompiledSearch) -> tuple[list[A
     return rows, total
 
 
-def count_matching(conn: apsw.Connection, compiled: CompiledSearch) -> int:
-    """How many tasks the compiled search matches."""
-    return int(fetch_all(conn, compiled.count_sql, compiled.count_params)[0][0])
+def count_matching(
+    conn: apsw.Connection, compiled: CompiledSearch, *, at_most: int | None = None
+) -> int:
+    """How many tasks the compiled search matches (with ``at_most``: up to that many)."""
+    sql, params = count_query(compiled, at_most)
+    return int(fetch_all(conn, sql, params)[0][0])
 
 
 # --- local edits: task row + history row + exactly one outbox row ---------------------
 
 
-def insert_local(conn: apsw.Connection, task: Task, body: str) -> None:
+def insert_local(
+    conn: apsw.Connection, task: Task, body: str, *, wire: Mapping[str, Any] | None = None
+) -> None:
     """A new task created here (stamped at version 1). TaskExistsError if the id is taken.
 
     An id once used by a task that was deleted stays taken: its history (and the
-    server's copy of the id) still belong to that task.
+    server's copy of the id) still belong to that task. ``wire``: the task's wire form,
+    when the caller has it (``body`` is its JSON), saves parsing the body again.
     """
     assert task.id is not None
     try:
-        conn.execute(INSERT_TASK, task_row(task, 1, body))
-        conn.execute(INSERT_HISTORY, (task.id, 1, "create", body, task.last_modified, None))
+        _write_task_rows(conn, [task], [body], None if wire is None else [wire], exists=False)
+        conn.execute(INSERT_HISTORY, (task.id, 1, "create", None, task.last_modified, None))
     except apsw.ConstraintError:
         raise TaskExistsError(task.id) from None
     outbox.enqueue(conn, task.id, "create", body, None, task.last_modified or "")
 
 
 def insert_local_many(
-    conn: apsw.Connection, tasks: Sequence[Task], bodies: Sequence[str], now: str
+    conn: apsw.Connection,
+    tasks: Sequence[Task],
+    bodies: Sequence[str],
+    now: str,
+    *,
+    wires: Sequence[Mapping[str, Any]] | None = None,
+    synced: bool = False,
 ) -> None:
-    """Many new tasks at once: all of them, or (TaskExistsError naming one taken id) none."""
-    rows = [task_row(t, 1, b) for t, b in zip(tasks, bodies, strict=True)]
-    # A savepoint: on a clash, undo this batch's rows before looking. Explicit, not
-    # `with conn:`: SQLITE_FULL rolls the whole transaction back, and the context
-    # manager's RELEASE would then hide StoreFullError behind "no such savepoint".
+    """Many new tasks at once: all of them, or (TaskExistsError naming one taken id) none.
+
+    ``synced``: the tasks are restored copies of what the server already holds (a
+    restore from an export): no outbox rows, and the tasks are marked known on the
+    server (their server version unknown until the next exchange).
+
+    A large batch (:data:`BULK_MIN` tasks, and at least a quarter of the store) loads
+    with the search indexes dropped and builds them after, in the same savepoint. An
+    import of :data:`FTS_OPTIMIZE_AFTER` tasks or more ends by merging task_text.
+    """
+    # A savepoint: on a clash, undo this batch's rows (and any dropped index) before
+    # looking. Explicit, not `with conn:`: SQLITE_FULL rolls the whole transaction
+    # back, and the context manager's RELEASE would then hide StoreFullError behind
+    # "no such savepoint".
     conn.execute("SAVEPOINT create_many")
     try:
-        conn.executemany(INSERT_TASK, rows)
+        dropped = _drop_for_bulk(conn, len(tasks))
+        _write_task_rows(conn, tasks, bodies, wires, exists=False)
         # Inside the savepoint too: the id of a deleted task clashes here, on its history.
         conn.executemany(
             INSERT_HISTORY,
-            [
-                (t.id, 1, "create", b, t.last_modified, None)
-                for t, b in zip(tasks, bodies, strict=True)
-            ],
+            [(t.id, 1, "create", None, t.last_modified, None) for t in tasks],
         )
+        if dropped is not None:
+            _build_again(conn, dropped)
+        if len(tasks) >= FTS_OPTIMIZE_AFTER:
+            conn.execute("INSERT INTO task_text (task_text) VALUES ('optimize')")
         conn.execute("RELEASE create_many")
     except apsw.ConstraintError:
         conn.execute("ROLLBACK TO create_many")
         taken = next(t.id for t in tasks if fetch_all(conn, _ID_TAKEN, (t.id,))[0][0])
         raise TaskExistsError(str(taken)) from None
+    if synced:
+        outbox.mark_known_on_server(conn, [t.id or "" for t in tasks], now)
+        return
     outbox.enqueue_many(
         conn,
         [(t.id or "", "create", b, None, now) for t, b in zip(tasks, bodies, strict=True)],
@@ -273,22 +445,24 @@ def update_local(
     changed_at: str,
     reason: str | None = None,
     exists: bool = True,
+    wire: Mapping[str, Any] | None = None,
 ) -> None:
     """A local edit producing ``task`` (stamped at its new version) from ``base_version``.
 
     ``exists=False`` writes the row anew (a task deleted here that the server still
     has, brought back by a conflict resolution); its history calls that a create.
+    ``wire``: the task's wire form, when the caller has it.
     """
     assert task.id is not None
-    _write_row(conn, task, body, exists=exists)
+    _write_task_rows(conn, [task], [body], None if wire is None else [wire], exists=exists)
     op = "update" if exists else "create"
-    conn.execute(INSERT_HISTORY, (task.id, _version_of(task), op, body, changed_at, reason))
+    conn.execute(INSERT_HISTORY, (task.id, _version_of(task), op, None, changed_at, reason))
     outbox.enqueue(conn, task.id, "update", body, base_version, changed_at)
 
 
 def delete_local(conn: apsw.Connection, task_id: str, body: str, version: int, now: str) -> None:
     """Delete a task here (``version``/``body``: what it was); history keeps the last body."""
-    conn.execute(_DELETE_TASK, (task_id,))
+    _delete_task_row(conn, task_id)
     conn.execute(INSERT_HISTORY, (task_id, version + 1, "delete", body, now, None))
     outbox.enqueue(conn, task_id, "delete", None, version, now)
 
@@ -309,10 +483,11 @@ def write_server_copy(
     request["id"] = task_id
     exists = current(conn, task_id) is not None
     task = stamp(decode_task(request), top_version(conn, task_id) + 1, now)
-    body = dumps(encode_task(task))
-    _write_row(conn, task, body, exists=exists)
+    wire = encode_task(task)
+    body = dumps(wire)
+    _write_task_rows(conn, [task], [body], [wire], exists=exists)
     op = "update" if exists else "create"
-    conn.execute(INSERT_HISTORY, (task_id, _version_of(task), op, body, now, reason))
+    conn.execute(INSERT_HISTORY, (task_id, _version_of(task), op, None, now, reason))
     return task
 
 
@@ -321,7 +496,7 @@ def delete_server_copy(conn: apsw.Connection, task_id: str, *, now: str) -> bool
     found = current(conn, task_id)
     if found is None:
         return False
-    conn.execute(_DELETE_TASK, (task_id,))
+    _delete_task_row(conn, task_id)
     top = top_version(conn, task_id)
     conn.execute(INSERT_HISTORY, (task_id, top + 1, "delete", found[0], now, None))
     return True

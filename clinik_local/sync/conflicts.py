@@ -77,11 +77,37 @@ def dead_letters(db: Database) -> list[DeadLetter]:
     ]
 
 
-def retry(db: Database, change_id: str) -> None:
-    """Send a dead letter again (NotFoundError if there is no such dead letter)."""
+def retry(db: Database, change_id: str) -> str:
+    """Send a dead letter again under a new change id, which is returned
+    (NotFoundError if there is no such dead letter)."""
     with db.write() as conn:
-        if not outbox.retry_dead(conn, change_id):
+        fresh = outbox.retry_dead(conn, change_id)
+        if fresh is None:
             raise NotFoundError(f"no dead letter with change_id {change_id!r}")
+    return fresh
+
+
+def _check_status(status: object) -> int | None:
+    if status is None:
+        return None
+    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+        raise ValidationError.single("status", "expected an HTTP status code", status, "100-599")
+    return status
+
+
+def retry_all(db: Database, status: int | None = None) -> int:
+    """Send every dead letter again (only those answered ``status``, if given), each
+    under a new change id; returns how many."""
+    wanted = _check_status(status)
+    with db.write() as conn:
+        return outbox.retry_dead_all(conn, wanted)
+
+
+def discard_all(db: Database, status: int | None = None) -> int:
+    """Drop every dead letter (only those answered ``status``, if given); how many."""
+    wanted = _check_status(status)
+    with db.write() as conn:
+        return outbox.discard_dead_all(conn, wanted)
 
 
 def discard(db: Database, change_id: str) -> None:

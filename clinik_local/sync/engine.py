@@ -288,15 +288,33 @@ class SyncEngine:
         """Every parked change, oldest first, with the server's status and body."""
         return _conflicts.dead_letters(self._db)
 
-    def retry(self, change_id: str) -> None:
-        """Send a dead letter again (e.g. after the server's data was fixed)."""
-        _conflicts.retry(self._db, change_id)
+    def retry(self, change_id: str) -> str:
+        """Send a dead letter again (e.g. after the server's data was fixed).
+
+        The change goes under a new change id (returned): a server may replay a stored
+        refusal for the old key.
+        """
+        fresh = _conflicts.retry(self._db, change_id)
         self._wake.set()
+        return fresh
+
+    def retry_all(self, status: int | None = None) -> int:
+        """Send every dead letter again (only those the server answered ``status``, e.g.
+        409, if given), each under a new change id; returns how many."""
+        count = _conflicts.retry_all(self._db, status)
+        self._wake.set()
+        return count
 
     def discard(self, change_id: str) -> None:
         """Drop a dead letter for good (the local task keeps its state)."""
         _conflicts.discard(self._db, change_id)
         self._wake.set()
+
+    def discard_all(self, status: int | None = None) -> int:
+        """Drop every dead letter (only those answered ``status``, if given); how many."""
+        count = _conflicts.discard_all(self._db, status)
+        self._wake.set()
+        return count
 
     def conflicts(self) -> list[SyncConflict]:
         """Every task in conflict, with the local change and the server's current task."""

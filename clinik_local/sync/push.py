@@ -79,11 +79,18 @@ def to_change(row: OutboxRow, server_version: str | None) -> Change:
         op=row.op,
         body=body,
         server_version=server_version,
+        known_on_server=row.on_server and server_version is None,
+        base=_base_of(row) if row.on_server and server_version is None else None,
     )
 
 
+def _base_of(row: OutboxRow) -> dict[str, Any] | None:
+    stored = loads_or_none(row.base_body)
+    return without_server_fields(stored) if isinstance(stored, dict) else None
+
+
 def _push(remote: Remote, row: OutboxRow, version: str | None, lane: int) -> PushOutcome:
-    if row.op == "delete" and version is None:
+    if row.op == "delete" and version is None and not row.on_server:
         # The server never acknowledged this task: there is nothing to delete there.
         return Delivered(gone=True)
     return remote.push(to_change(row, version), lane=lane)

@@ -647,3 +647,34 @@ def test_every_lane_of_the_engine_has_a_connection(hapi: HapiLikeFhirServer) -> 
         assert isinstance(answer, Delivered), answer
     remote.close()
     assert sorted(hapi.tasks()) == ["task-0", "task-1", "task-2", "task-3"]
+
+
+def test_the_hapi_like_server_answers_as_hapi_does(hapi: HapiLikeFhirServer) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=hapi.url, headers=auth) as client:
+        body = {"resourceType": "Task", "id": "t1", "status": "draft", "intent": "plan"}
+        created = client.put("/Task/t1", json=body)
+        assert created.status_code == 201
+        assert created.headers["ETag"] == 'W/"1"'
+        assert created.headers["Location"].endswith("/Task/t1/_history/1")
+        assert client.put("/Task/t1", json=body, headers={"If-Match": 'W/"1"'}).status_code == 200
+        stale = client.put("/Task/t1", json=body, headers={"If-Match": 'W/"1"'})
+        assert stale.status_code == 409
+        assert stale.json()["issue"][0]["diagnostics"].startswith("HAPI-0989: ")
+        assert client.put("/Task/t2", json=body).status_code == 400  # id differs from the URL
+        first = client.post("/Task", json=dict(body, identifier=[{"system": "s", "value": "v"}]))
+        assert first.status_code == 201
+        again = client.post("/Task", json=body, headers={"If-None-Exist": "identifier=s|v"})
+        assert again.status_code == 200
+        assert again.json()["id"] == first.json()["id"]
+        since = client.get("/Task/t1").json()["meta"]["lastUpdated"]
+        assert client.delete("/Task/t1", headers={"If-Match": 'W/"2"'}).status_code == 200
+        assert client.get("/Task/t1").status_code == 410
+        assert client.delete("/Task/t1").status_code == 200  # nothing left: still 200
+        history = client.get("/Task/_history", params={"_since": since}).json()
+        assert [e["request"]["method"] for e in history["entry"]] == ["DELETE", "POST", "PUT"]
+        newer = client.get(
+            "/Task", params={"_lastUpdated": f"gt{since}", "_sort": "_lastUpdated"}
+        ).json()
+        assert [e["resource"]["id"] for e in newer["entry"]] == [first.json()["id"]]
+        assert client.get("/Task", headers={"Authorization": "Bearer x"}).status_code == 401

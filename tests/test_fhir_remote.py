@@ -35,6 +35,7 @@ from clinik_local.ids import ID_PATTERN
 from clinik_local.remotes.base import Change, Delivered, Refused, Transient
 from clinik_local.remotes.fhir import (
     CHANGE_ID_URL,
+    CONTENT_HASH_URL,
     FhirR4Remote,
     server_task_id,
     task_id_from_server,
@@ -454,7 +455,7 @@ def test_the_seed_lab_order_reads_back_from_medplum_with_a_strict_fhir_client(
     ]
     assert parsed.executionPeriod.start.isostring.startswith("2025-02-01T08:00:00")
     assert parsed.executionPeriod.end.isostring.startswith("2025-02-01T17:00:00")
-    assert [e.url for e in parsed.extension] == [CHANGE_ID_URL]
+    assert [e.url for e in parsed.extension] == [CHANGE_ID_URL, CONTENT_HASH_URL]
     assert from_fhir(read.json()).patient_id == "pt_abc123"  # ours, through the identifier
 
 

@@ -14,17 +14,19 @@ change goes on the wire:
   gone) is delivered.
 
 The body is ``to_fhir(task, "R4")`` with the server id, the references mapped
-(``reference_map``, below), and the change id in an extension (:data:`CHANGE_ID_URL`).
+(``reference_map``, below), and the change id and content hash in extensions.
 
-Exactly once without keys: every version we write carries its change id, so a retry
-after a lost answer recognises its own write. A retried update gets ``412``/``409``
-(its ``If-Match`` is now stale, our own write moved the version on); the remote then
-reads the server's task: if it is our write (our change id and our content, or our change
-id in the task's ``_history``) the change is :class:`~.base.Delivered` with that version,
-otherwise it is a :class:`~.base.Conflict` carrying the server's task (as a wire task,
-through :func:`~clinik_local.fhir.from_fhir`). A create is never made twice: a ``PUT`` by
-the deterministic id writes the same resource again, and ``If-None-Exist`` finds the
-first one.
+Exactly once without keys: every version we write carries its change id and the
+SHA-256 of its content (:data:`CONTENT_HASH_URL`), so a retry after a lost answer
+recognises its own write (:func:`written_by`: our change id, and content that still
+hashes to what that change wrote, so that another client's edit keeping our extensions
+is not taken for ours). A retried update gets ``412``/``409`` (its ``If-Match`` is now
+stale, our own write moved the version on); the remote then reads the server's task:
+if it is our write (or our write is in the task's ``_history``) the change is
+:class:`~.base.Delivered` with that version, otherwise it is a :class:`~.base.Conflict`
+carrying the server's task (as a wire task, through :func:`~clinik_local.fhir.from_fhir`).
+A create is never made twice: a ``PUT`` by the deterministic id writes the same resource
+again, and ``If-None-Exist`` finds the first one.
 
 Other answers: ``401`` asks the token provider once more, then is
 :class:`~.base.AuthFailed`; ``408``/``425``/``429``/``5xx`` and network failures are
@@ -80,16 +82,22 @@ from .transport import ConnectFailed, Response, Transport, check_base_url
 
 __all__ = [
     "CHANGE_ID_URL",
+    "CONTENT_HASH_URL",
     "REFERENCE_FIELDS",
     "FhirR4Remote",
     "ReferenceMap",
+    "content_hash",
     "default_reference",
     "server_task_id",
     "task_id_from_server",
+    "written_by",
 ]
 
 #: Extension url (on the Task) carrying the change id of the local change that wrote it.
 CHANGE_ID_URL = "urn:clinik-local:change-id"
+#: Extension url (on the Task) carrying the SHA-256 of the content that change wrote, so
+#: that a later edit by another client keeping our extensions is not taken for ours.
+CONTENT_HASH_URL = "urn:clinik-local:content-sha256"
 #: The fields ``reference_map`` is asked about.
 REFERENCE_FIELDS = (
     "patientId",
@@ -205,12 +213,38 @@ def _outcome_text(body: str) -> str:
     return body[:500]
 
 
-def _change_id_of(resource: Mapping[str, Any]) -> str | None:
+def _extension(resource: Mapping[str, Any], url: str) -> str | None:
     for ext in resource.get("extension") or []:
-        if isinstance(ext, dict) and ext.get("url") == CHANGE_ID_URL:
+        if isinstance(ext, dict) and ext.get("url") == url:
             value = ext.get("valueString")
             return value if isinstance(value, str) else None
     return None
+
+
+def content_hash(wire: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of a wire task's content: no server fields, canonical JSON."""
+    canonical = json.dumps(
+        without_server_fields(wire), sort_keys=True, ensure_ascii=False, separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def written_by(resource: Mapping[str, Any]) -> str | None:
+    """The change id of the local change that wrote this server version, else None.
+
+    A version is ours when it carries our change id and its content is still what that
+    change wrote (the content hash beside it): a client that edits the task and keeps
+    our extensions makes a version that is not ours.
+    """
+    change_id = _extension(resource, CHANGE_ID_URL)
+    recorded = _extension(resource, CONTENT_HASH_URL)
+    if change_id is None or recorded is None:
+        return None
+    try:
+        wire = _wire_of(resource)
+    except ValidationError:
+        return None
+    return change_id if content_hash(wire) == recorded else None
 
 
 def _wire_of(resource: Mapping[str, Any]) -> dict[str, Any]:
@@ -394,7 +428,7 @@ class FhirR4Remote:
             )
         with self._lock:
             self._server_ids[change.task_id] = resource["id"]
-        if answer.status == 201 or _change_id_of(resource) == change.change_id:
+        if answer.status == 201 or written_by(resource) == change.change_id:
             return self._delivered(answer)
         # 200: a task with our identifier existed before, written by another change
         return self._conflict(resource, answer)
@@ -425,7 +459,7 @@ class FhirR4Remote:
         if not isinstance(current, dict):
             return Transient(error="the server's task could not be read", status=answer.status)
         if change.op != "delete":
-            if _change_id_of(current) == change.change_id and self._same_content(current, change):
+            if written_by(current) == change.change_id:
                 return self._delivered(answer)
             ours = self._own_version(change, server_id, lane)
             if ours is not None:
@@ -441,19 +475,11 @@ class FhirR4Remote:
         found: dict[str, Any] | None = None
         for entry in bundle.get("entry") or []:
             resource = entry.get("resource") if isinstance(entry, dict) else None
-            if isinstance(resource, dict) and _change_id_of(resource) == change.change_id:
+            if isinstance(resource, dict) and written_by(resource) == change.change_id:
                 found = resource  # newest first: the last match is the oldest
         if found is None:
             return None
         return self._delivered_resource(found)
-
-    def _same_content(self, resource: Mapping[str, Any], change: Change) -> bool:
-        try:
-            server = _content(_wire_of(resource))
-        except ValidationError:
-            return False
-        ours = _content(encode_task(decode_task(dict(change.body or {}, id=change.task_id))))
-        return server == ours
 
     def _known_server_id(self, task_id: str, lane: int) -> str | Response | None:
         """The server's id of our task: deterministic, or (conditional creates) looked up.
@@ -503,8 +529,11 @@ class FhirR4Remote:
             for item in resource.get(key, ()):
                 if "valueReference" in item:
                     self._map(item["valueReference"], f"{key}.valueReference")
-        resource.setdefault("extension", []).append(
-            {"url": CHANGE_ID_URL, "valueString": change.change_id}
+        resource.setdefault("extension", []).extend(
+            [
+                {"url": CHANGE_ID_URL, "valueString": change.change_id},
+                {"url": CONTENT_HASH_URL, "valueString": content_hash(encode_task(task))},
+            ]
         )
         return resource
 

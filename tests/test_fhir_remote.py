@@ -39,6 +39,7 @@ from clinik_local.remotes.fhir import (
     FhirR4Remote,
     server_task_id,
     task_id_from_server,
+    written_by,
 )
 from clinik_local.sync import SyncConfig
 from clinik_local.testing.fhir_server import HapiLikeFhirServer
@@ -679,3 +680,13 @@ def test_the_hapi_like_server_answers_as_hapi_does(hapi: HapiLikeFhirServer) -> 
         ).json()
         assert [e["resource"]["id"] for e in newer["entry"]] == [first.json()["id"]]
         assert client.get("/Task", headers={"Authorization": "Bearer x"}).status_code == 401
+
+
+def test_a_version_is_ours_only_while_its_content_is_what_our_change_wrote() -> None:
+    remote = FhirR4Remote("http://127.0.0.1:1/fhir/R4", token)
+    resource = remote.fhir_resource(a_change(op="create", version=None))
+    resource["meta"] = {"versionId": "7", "lastUpdated": "2025-01-02T00:00:00.000Z"}
+    assert written_by(resource) == "chg_1"  # server fields do not count
+    edited = dict(resource, note=[{"text": "another client, keeping our extensions"}])
+    assert written_by(edited) is None
+    assert written_by({k: v for k, v in resource.items() if k != "extension"}) is None

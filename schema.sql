@@ -194,3 +194,33 @@ CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 ) WITHOUT ROWID;
+
+-- ====================================================================================
+-- Two-way sync (issue 12; schema version 3, storage/migrations.py _SYNC_PULL runs the
+-- same statements on an older file, so a new file and a migrated one are alike).
+-- ====================================================================================
+-- outbox.patch: the wire fields the change set (JSON object {field: value or null}:
+-- merge.patch_of(previous local body, new local body)); NULL for a delete, and for rows
+-- written before version 3 (derived from consecutive bodies when needed). A pulled
+-- server version is merged with these patches (merge.rebase).
+ALTER TABLE outbox ADD COLUMN patch TEXT;
+-- task_history.origin: who made the version: 'local' (an edit here), 'server' (a
+-- server copy: pulled, listed, or a resolution keeping the server's task) or 'merge'
+-- (undelivered local changes replayed on a newer server version).
+ALTER TABLE task_history ADD COLUMN origin TEXT NOT NULL DEFAULT 'local'
+    CHECK (origin IN ('local', 'server', 'merge'));
+-- sync_bases: the last server copy of each task this device accepted, the base of
+-- every merge. body is the server's wire JSON exactly as sent (unknown fields and
+-- over-long texts included); version_id its versionId. unseen: a versionId this device
+-- learnt outside the change log (a 2xx or 412 answer) that the log has not shown yet;
+-- log items of the task before it are older than what is known and are skipped.
+-- listed: the bootstrap generation (meta sync.generation) that last saw the task;
+-- after a bootstrap, tasks it did not see and with no undelivered change are removed.
+-- (storage/replica.py owns this table and the sync.* keys of meta.)
+CREATE TABLE sync_bases (
+    task_id     TEXT PRIMARY KEY,
+    version_id  TEXT,
+    body        TEXT NOT NULL,
+    unseen      TEXT,
+    listed      INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;

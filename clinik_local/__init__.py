@@ -13,70 +13,122 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .aio import AsyncTaskStore
-from .codec import MAX_LIST_ITEMS, TEXT_LIMITS, decode_task, encode_task
-from .errors import (
-    AuthError,
-    ClinikError,
-    ConflictError,
-    CorruptStoreError,
-    EncryptionKeyError,
-    EncryptionUnavailableError,
-    FieldError,
-    ForeignFileError,
-    IllegalTransitionError,
-    KeyRequiredError,
-    NewerSchemaError,
-    NotEncryptedError,
-    NotFoundError,
-    ReadOnlyStoreError,
-    StorageError,
-    StoreFullError,
-    StoreLockedError,
-    SyncError,
-    TaskExistsError,
-    TransportError,
-    ValidationError,
-    VersionConflictError,
-)
-from .fhir import export_ndjson, from_fhir, import_ndjson, to_fhir
-from .ids import new_task_id
-from .lifecycle import TERMINAL, TRANSITIONS, can_transition, transition_problem
-from .model import (
-    ApiResponse,
-    Period,
-    Restriction,
-    Task,
-    TaskInputOutput,
-    TaskIntent,
-    TaskPriority,
-    TaskStatus,
-    TaskVersion,
-    ValueKind,
-)
-from .storage.encryption import KeyProvider
-from .store import TaskStore
-from .tasks import TasksResource
-
 if TYPE_CHECKING:
+    from .aio import AsyncTaskStore
+    from .codec import MAX_LIST_ITEMS, TEXT_LIMITS, decode_task, encode_task
+    from .errors import (
+        AuthError,
+        ClinikError,
+        ConflictError,
+        CorruptStoreError,
+        EncryptionKeyError,
+        EncryptionUnavailableError,
+        FieldError,
+        ForeignFileError,
+        IllegalTransitionError,
+        KeyRequiredError,
+        NewerSchemaError,
+        NotEncryptedError,
+        NotFoundError,
+        ReadOnlyStoreError,
+        StorageError,
+        StoreFullError,
+        StoreLockedError,
+        SyncError,
+        TaskExistsError,
+        TransportError,
+        ValidationError,
+        VersionConflictError,
+    )
+    from .events import ChangeEvent
+    from .fhir import export_ndjson, from_fhir, import_ndjson, to_fhir
+    from .ids import new_task_id
+    from .lifecycle import TERMINAL, TRANSITIONS, can_transition, transition_problem
+    from .model import (
+        ApiResponse,
+        Period,
+        Restriction,
+        Task,
+        TaskInputOutput,
+        TaskIntent,
+        TaskPriority,
+        TaskStatus,
+        TaskVersion,
+        ValueKind,
+    )
+    from .storage.encryption import KeyProvider
+    from .store import TaskStore
     from .sync import DeadLetter, SyncConfig, SyncConflict, SyncEngine, SyncStatus
+    from .tasks import TasksResource
     from .testing.server import Faults, ReferenceServer
 
-# Sync and the reference server pull in httpx and http.server; they load on first use
-# so that `import clinik_local` stays cheap for apps (and test suites) that never sync.
-_LAZY = {
-    "DeadLetter": "sync",
-    "SyncConfig": "sync",
-    "SyncConflict": "sync",
-    "SyncEngine": "sync",
-    "SyncStatus": "sync",
-    "Faults": "testing.server",
-    "ReferenceServer": "testing.server",
+# Every public name loads on first use (PEP 562), from the module that defines it, so
+# `import clinik_local` costs almost nothing and a program (the CLI, an app that never
+# syncs, uses asyncio or FHIR) pays only for the modules it touches: asyncio, cattrs,
+# httpx, http.server and apsw are loaded by the calls that need them.
+_MODULE_OF = {
+    "AsyncTaskStore": "aio",
+    **dict.fromkeys(("MAX_LIST_ITEMS", "TEXT_LIMITS", "decode_task", "encode_task"), "codec"),
+    **dict.fromkeys(
+        (
+            "AuthError",
+            "ClinikError",
+            "ConflictError",
+            "CorruptStoreError",
+            "EncryptionKeyError",
+            "EncryptionUnavailableError",
+            "FieldError",
+            "ForeignFileError",
+            "IllegalTransitionError",
+            "KeyRequiredError",
+            "NewerSchemaError",
+            "NotEncryptedError",
+            "NotFoundError",
+            "ReadOnlyStoreError",
+            "StorageError",
+            "StoreFullError",
+            "StoreLockedError",
+            "SyncError",
+            "TaskExistsError",
+            "TransportError",
+            "ValidationError",
+            "VersionConflictError",
+        ),
+        "errors",
+    ),
+    **dict.fromkeys(("export_ndjson", "from_fhir", "import_ndjson", "to_fhir"), "fhir"),
+    "new_task_id": "ids",
+    "ChangeEvent": "events",
+    **dict.fromkeys(
+        ("TERMINAL", "TRANSITIONS", "can_transition", "transition_problem"), "lifecycle"
+    ),
+    **dict.fromkeys(
+        (
+            "ApiResponse",
+            "Period",
+            "Restriction",
+            "Task",
+            "TaskInputOutput",
+            "TaskIntent",
+            "TaskPriority",
+            "TaskStatus",
+            "TaskVersion",
+            "ValueKind",
+        ),
+        "model",
+    ),
+    "KeyProvider": "storage.encryption",
+    "TaskStore": "store",
+    **dict.fromkeys(
+        ("DeadLetter", "SyncConfig", "SyncConflict", "SyncEngine", "SyncStatus"), "sync"
+    ),
+    "TasksResource": "tasks",
+    **dict.fromkeys(("Faults", "ReferenceServer"), "testing.server"),
 }
 
 
 def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
+    module = _MODULE_OF.get(name)
     if module is None:
         raise AttributeError(f"module 'clinik_local' has no attribute {name!r}")
     import importlib
@@ -84,6 +136,10 @@ def __getattr__(name: str) -> object:
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 
 __version__ = "0.1.0"
@@ -96,6 +152,7 @@ __all__ = [
     "ApiResponse",
     "AsyncTaskStore",
     "AuthError",
+    "ChangeEvent",
     "ClinikError",
     "ConflictError",
     "CorruptStoreError",

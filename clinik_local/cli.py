@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from . import __version__
-from .codec import encode_task
 from .errors import (
     ClinikError,
     ConflictError,
@@ -37,11 +36,10 @@ from .errors import (
     SyncError,
     ValidationError,
 )
-from .storage import outbox as outbox_rows
-from .storage.encryption import KeyProvider, file_kind
-from .store import TaskStore
 
 if TYPE_CHECKING:
+    from .storage.encryption import KeyProvider
+    from .store import TaskStore
     from .sync import SyncConfig, SyncStatus
 
 __all__ = ["EXIT_CODES", "main"]
@@ -309,6 +307,8 @@ def _existing(path: str) -> str:
 
 
 def _open_existing(path: str, sync: SyncConfig | None = None) -> TaskStore:
+    from .store import TaskStore
+
     return TaskStore.open(_existing(path), sync=sync, key=_key_for(path))
 
 
@@ -363,6 +363,8 @@ def _key_for(path: str) -> KeyProvider | None:
     a terminal (otherwise none: opening then says the key is missing). ``:memory:``
     stores are never encrypted, so they get no key.
     """
+    from .storage.encryption import file_kind
+
     if path == _MEMORY:
         return None
     env = _env_key(KEY_ENV)
@@ -442,6 +444,9 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_tasks_create(args: argparse.Namespace, out: TextIO) -> int:
+    from .codec import encode_task
+    from .store import TaskStore
+
     request = _read_json(args.data, "request")
     if not isinstance(request, (dict, list)):
         raise ValidationError.single("request", "expected a JSON object or array", request)
@@ -460,6 +465,8 @@ def _cmd_tasks_create(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_tasks_get(args: argparse.Namespace, out: TextIO) -> int:
+    from .codec import encode_task
+
     with _open_existing(args.db) as store:
         response = store.tasks.get(args.id)
     _envelope_out(encode_task(response.data), response.meta, args.json, out)
@@ -467,6 +474,8 @@ def _cmd_tasks_get(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_tasks_update(args: argparse.Namespace, out: TextIO) -> int:
+    from .codec import encode_task
+
     changes = _read_json(args.data, "changes")
     if not isinstance(changes, dict):
         raise ValidationError.single(
@@ -488,6 +497,8 @@ def _cmd_tasks_delete(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_tasks_history(args: argparse.Namespace, out: TextIO) -> int:
+    from .codec import encode_task
+
     with _open_existing(args.db) as store:
         response = store.tasks.history(args.id)
     if args.json:
@@ -511,6 +522,8 @@ def _cmd_tasks_history(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_tasks_search(args: argparse.Namespace, out: TextIO) -> int:
+    from .codec import encode_task
+
     filters = _parse_filters(args.filters)
     for name, flag in (("limit", args.limit), ("cursor", args.cursor)):
         if flag is None:
@@ -537,6 +550,8 @@ def _cmd_tasks_search(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
+    from .storage import outbox as outbox_rows
+
     with _open_existing(args.db) as store:
         problems = store.integrity_check()
         counts = store.table_counts()
@@ -812,6 +827,9 @@ def _encryption_done(args: argparse.Namespace, out: TextIO, store: TaskStore, ve
 
 
 def _cmd_encrypt(args: argparse.Namespace, out: TextIO) -> int:
+    from .storage.encryption import file_kind
+    from .store import TaskStore
+
     path = _existing(args.db)
     if file_kind(path) == "encrypted":
         raise _Failure(
@@ -824,6 +842,8 @@ def _cmd_encrypt(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_decrypt(args: argparse.Namespace, out: TextIO) -> int:
+    from .store import TaskStore
+
     path = _existing(args.db)
     key = _env_key(KEY_ENV) or _asked_key(path)
     with TaskStore.open(path, key=key) as store:
@@ -832,6 +852,8 @@ def _cmd_decrypt(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_rekey(args: argparse.Namespace, out: TextIO) -> int:
+    from .store import TaskStore
+
     path = _existing(args.db)
     key = _env_key(KEY_ENV) or _asked_key(path)
     with TaskStore.open(path, key=key) as store:
@@ -869,6 +891,7 @@ def _format_hint(exc: ValidationError, fmt: str) -> ValidationError:
 def _cmd_import(args: argparse.Namespace, out: TextIO) -> int:
     from .fhir import import_ndjson
     from .progress import Progress
+    from .store import TaskStore
 
     total = _count_ndjson_lines(args.file)  # before the store: a bad file creates nothing
     with (

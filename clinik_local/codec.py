@@ -35,14 +35,12 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import unicodedata
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
-import cattrs
-from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
-from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from .errors import FieldError, ValidationError
 from .errors import shorten as _shorten
@@ -58,6 +56,12 @@ from .model import (
     ValueKind,
 )
 from .timestamps import InstantError, parse_instant
+
+if TYPE_CHECKING:
+    import cattrs
+
+    #: The library's one cattrs converter (built on first use: see ``__getattr__``).
+    converter: cattrs.Converter
 
 __all__ = [
     "MAX_LIST_ITEMS",
@@ -384,8 +388,8 @@ def _check_restriction(value: object) -> Restriction:
 
 # --- the converter ---------------------------------------------------------------------
 
-converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
-"""The library's one cattrs converter. Use :func:`decode_task` / :func:`encode_task`."""
+# cattrs (its import and the generated structure/unstructure functions) costs tens of
+# milliseconds: built on the first decode or encode, not on `import clinik_local`.
 
 _ID_FIELDS = ("id", "focus_id", "patient_id", "encounter_id", "requester_id", "owner_id")
 _TEXT_FIELDS = ("status_reason", "business_status", "code", "description", "reason_code", "note")
@@ -433,29 +437,33 @@ def _optional_enum(hook: Callable[[object, Any], _T]) -> Callable[[object, Any],
     return check
 
 
-_overrides: dict[str, Any] = {
-    "status": override(rename="status", struct_hook=_required_enum(_status_hook)),
-    "intent": override(rename="intent", struct_hook=_required_enum(_intent_hook)),
-    "priority": override(struct_hook=_optional_enum(_priority_enum_hook)),
-    "authored_on": override(
-        rename="authoredOn", struct_hook=_required(_check_instant), omit_if_default=False
-    ),
-    "version_id": override(rename="versionId", struct_hook=_version_hook),
-    "execution_period": override(rename="executionPeriod", struct_hook=_optional(_check_period)),
-    "based_on": override(rename="basedOn", struct_hook=_id_list),
-    "part_of": override(rename="partOf", struct_hook=_id_list),
-    "input": override(struct_hook=_io_list),
-    "output": override(struct_hook=_io_list),
-    "restriction": override(struct_hook=_optional(_check_restriction)),
-}
-for _name in _ID_FIELDS:
-    _overrides[_name] = override(rename=wire_name(_name), struct_hook=_optional(_check_id))
-for _name in _TEXT_FIELDS:
-    _overrides[_name] = override(rename=wire_name(_name), struct_hook=_text_hook(_name))
-for _name in _INSTANT_FIELDS:
-    _overrides[_name] = override(rename=wire_name(_name), struct_hook=_optional(_check_instant))
+def _structure_overrides() -> dict[str, Any]:
+    from cattrs.gen import override
 
-_structure_task_fields = make_dict_structure_fn(Task, converter, **_overrides)
+    overrides: dict[str, Any] = {
+        "status": override(rename="status", struct_hook=_required_enum(_status_hook)),
+        "intent": override(rename="intent", struct_hook=_required_enum(_intent_hook)),
+        "priority": override(struct_hook=_optional_enum(_priority_enum_hook)),
+        "authored_on": override(
+            rename="authoredOn", struct_hook=_required(_check_instant), omit_if_default=False
+        ),
+        "version_id": override(rename="versionId", struct_hook=_version_hook),
+        "execution_period": override(
+            rename="executionPeriod", struct_hook=_optional(_check_period)
+        ),
+        "based_on": override(rename="basedOn", struct_hook=_id_list),
+        "part_of": override(rename="partOf", struct_hook=_id_list),
+        "input": override(struct_hook=_io_list),
+        "output": override(struct_hook=_io_list),
+        "restriction": override(struct_hook=_optional(_check_restriction)),
+    }
+    for _name in _ID_FIELDS:
+        overrides[_name] = override(rename=wire_name(_name), struct_hook=_optional(_check_id))
+    for _name in _TEXT_FIELDS:
+        overrides[_name] = override(rename=wire_name(_name), struct_hook=_text_hook(_name))
+    for _name in _INSTANT_FIELDS:
+        overrides[_name] = override(rename=wire_name(_name), struct_hook=_optional(_check_instant))
+    return overrides
 
 
 def _unstructure_io(io: TaskInputOutput) -> dict[str, object]:
@@ -482,11 +490,6 @@ def _unstructure_restriction(r: Restriction) -> dict[str, object]:
     return out
 
 
-converter.register_unstructure_hook(TaskInputOutput, _unstructure_io)
-converter.register_unstructure_hook(Period, _unstructure_period)
-converter.register_unstructure_hook(Restriction, _unstructure_restriction)
-
-
 def _unstructure_ios(items: tuple[TaskInputOutput, ...]) -> list[dict[str, object]]:
     return [_unstructure_io(i) for i in items]
 
@@ -505,24 +508,71 @@ _unstruct_hooks: dict[str, Callable[[Any], Any]] = {
     "input": _unstructure_ios,
     "output": _unstructure_ios,
 }
-_unstructure_overrides: dict[str, Any] = {
-    name: override(
-        rename=ov.rename,
-        omit_if_default=ov.omit_if_default,
-        unstruct_hook=_unstruct_hooks.get(name),
-    )
-    for name, ov in _overrides.items()
-}
-_unstructure_task = make_dict_unstructure_fn(
-    Task, converter, _cattrs_omit_if_default=True, **_unstructure_overrides
-)
-converter.register_unstructure_hook(Task, _unstructure_task)
+
+
+@attrs.frozen
+class _Codec:
+    """The converter and the two generated functions the entry points call."""
+
+    converter: cattrs.Converter
+    structure: Callable[[Mapping[str, object], type[Task]], Task]
+    unstructure: Callable[[Task], dict[str, Any]]
+    class_validation_error: type[Exception]
+
+
+_codec: _Codec | None = None
+_codec_lock = threading.Lock()
+
+
+def _get_codec() -> _Codec:
+    """The codec, built once (thread-safe) on first use."""
+    codec = _codec
+    return codec if codec is not None else _build_codec()
+
+
+def _build_codec() -> _Codec:
+    global _codec
+    with _codec_lock:
+        if _codec is not None:
+            return _codec
+        import cattrs
+        from cattrs.errors import ClassValidationError
+        from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+
+        converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+        overrides = _structure_overrides()
+        structure = make_dict_structure_fn(Task, converter, **overrides)
+        converter.register_unstructure_hook(TaskInputOutput, _unstructure_io)
+        converter.register_unstructure_hook(Period, _unstructure_period)
+        converter.register_unstructure_hook(Restriction, _unstructure_restriction)
+        unstructure_overrides: dict[str, Any] = {
+            name: override(
+                rename=ov.rename,
+                omit_if_default=ov.omit_if_default,
+                unstruct_hook=_unstruct_hooks.get(name),
+            )
+            for name, ov in overrides.items()
+        }
+        unstructure = make_dict_unstructure_fn(
+            Task, converter, _cattrs_omit_if_default=True, **unstructure_overrides
+        )
+        converter.register_unstructure_hook(Task, unstructure)
+        _codec = _Codec(converter, structure, unstructure, ClassValidationError)
+        return _codec
+
+
+def __getattr__(name: str) -> object:
+    if name == "converter":  # the library's one cattrs converter; prefer decode/encode_task
+        return _get_codec().converter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- errors: cattrs' exception tree -> FieldErrors with wire paths ------------------------
 
 
 def _collect(exc: BaseException, path: str, out: list[FieldError]) -> None:
+    from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+
     if isinstance(exc, ClassValidationError):
         for sub in exc.exceptions:
             notes = [n for n in getattr(sub, "__notes__", []) if hasattr(n, "name")]
@@ -581,9 +631,10 @@ def decode_task(request: Mapping[str, object]) -> Task:
         raise ValidationError.single(
             "$", f"a task request must be a mapping, not {type(request).__name__}", request
         )
+    codec = _get_codec()
     try:
-        task: Task = _structure_task_fields(request, Task)
-    except (ClassValidationError, _Invalid) as exc:
+        task: Task = codec.structure(request, Task)
+    except (codec.class_validation_error, _Invalid) as exc:
         problems: list[FieldError] = []
         _collect(exc, "", problems)
         raise ValidationError(problems) from None
@@ -689,7 +740,7 @@ def _invariant_problems(task: Task) -> list[FieldError]:
 
 def encode_task(task: Task) -> dict[str, Any]:
     """The wire (camelCase) mapping of a task; absent and empty fields are omitted."""
-    out: dict[str, Any] = _unstructure_task(task)
+    out: dict[str, Any] = _get_codec().unstructure(task)
     return out
 
 

@@ -183,6 +183,9 @@ class TaskVersion:
     change of the task from 1; ``changed_at`` is when it was written (UTC instant);
     ``override_reason`` is the ``admin_override`` an update gave, else ``None``;
     ``task`` is the task as that version left it (for a delete: as it was when deleted).
+    ``origin``: ``"local"`` (an edit here), ``"server"`` (a server copy: pulled, or a
+    resolution keeping the server's task) or ``"merge"`` (local changes replayed on a
+    newer server version).
     """
 
     version: int
@@ -190,6 +193,7 @@ class TaskVersion:
     changed_at: str
     override_reason: str | None
     task: Task
+    origin: str = "local"
 
 
 T = TypeVar("T")

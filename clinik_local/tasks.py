@@ -26,8 +26,10 @@ from .errors import (
     VersionConflictError,
     shorten,
 )
+from .events import ChangeEvent
 from .ids import ID_PATTERN, is_valid_id
 from .lifecycle import transition_problem
+from .merge import patch_of
 from .model import ApiResponse, Task, TaskVersion
 from .search import check_at_most, compile_search, next_cursor, normalise_filters
 from .storage import outbox, rows
@@ -125,6 +127,7 @@ class TasksResource:
         body = dumps(wire)
         with self._db.write() as conn:
             rows.insert_local(conn, task, body, wire=wire)
+            self._db.note_change(str(task.id), "local")
         self._notify()
         return ApiResponse(task, {"syncState": "pending"})
 
@@ -176,6 +179,7 @@ class TasksResource:
         bodies = [dumps(w) for w in wires]
         with self._db.write() as conn:
             rows.insert_local_many(conn, tasks, bodies, now, wires=wires, synced=synced)
+            self._db.note_changes((str(t.id) for t in tasks), "local")
         if len(tasks) >= _OPTIMIZE_AFTER:
             self._db.optimize()  # a bulk import shifts the statistics the planner uses
         if tasks:
@@ -238,7 +242,10 @@ class TasksResource:
             if expected is not None and expected != str(version):
                 raise VersionConflictError(task_id, expected, str(version))
             current: dict[str, Any] = json.loads(body)
-            merged = {k: v for k, v in current.items() if k not in _READ_ONLY}
+            # Fields this version does not know (a newer server's, kept in a server
+            # copy) are carried through untouched, so the next push does not erase them.
+            unknown = {k: v for k, v in current.items() if k not in rows.KNOWN_FIELDS}
+            merged = {k: v for k, v in current.items() if k not in _READ_ONLY and k not in unknown}
             # None clears a field: decode treats null as absent, and still names unknown keys.
             merged.update(changes)
             if merged.get("authoredOn") is None:
@@ -257,6 +264,7 @@ class TasksResource:
             now = max(timestamps.now(), old.last_modified or "")
             new = rows.stamp(new, version + 1, now)
             new_wire = encode_task(new)
+            new_wire.update(unknown)
             rows.update_local(
                 conn,
                 new,
@@ -265,7 +273,9 @@ class TasksResource:
                 changed_at=new.last_modified or "",
                 reason=admin_override,
                 wire=new_wire,
+                patch=dumps(patch_of(current, new_wire)),
             )
+            self._db.note_change(task_id, "local")
         self._notify()
         return ApiResponse(new, {"syncState": "pending"})
 
@@ -283,6 +293,7 @@ class TasksResource:
             if expected is not None and expected != str(version):
                 raise VersionConflictError(task_id, expected, str(version))
             rows.delete_local(conn, task_id, body, version, timestamps.now())
+            self._db.note_change(task_id, "local")
         self._notify()
         return ApiResponse({"id": task_id, "deleted": True}, {"syncState": "pending"})
 
@@ -366,10 +377,28 @@ class TasksResource:
                 changed_at=h.changed_at,
                 override_reason=h.override_reason,
                 task=task_from_stored(json.loads(h.body)),
+                origin=h.origin,
             )
             for h in found
         ]
         return ApiResponse(items, {})
+
+    def watch(self, callback: Callable[[ChangeEvent], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` after every commit that changes tasks; returns the
+        unsubscribe callable.
+
+        The :class:`~clinik_local.events.ChangeEvent` names the tasks that changed and
+        whether the change was ``"local"`` (an edit through this store) or ``"pulled"``
+        (written by sync from the server). Callbacks run on the store's notification
+        thread, one at a time, in commit order, after the commit and never while a
+        write lock or a sync pass is held: they may read, write and call ``store.sync``.
+        An exception in a callback is logged (``clinik_local.events``) and ignored.
+        """
+        if not callable(callback):
+            raise ValidationError.single(
+                "callback", "must be a callable taking a ChangeEvent", type(callback)
+            )
+        return self._db.feed.subscribe(callback)
 
     def _notify(self) -> None:
         if self._on_change is not None:

@@ -59,6 +59,7 @@ CORE = {
     "fhir",
     "merge",
     "derive",
+    "events",
 }
 TOOLS = {"aio", "cli", "demo", "progress", "server", "pytest_plugin", "testing", ""}
 
@@ -248,6 +249,16 @@ def test_every_tasks_method_has_an_async_twin_with_the_same_signature() -> None:
     for name in public:
         twin = getattr(AsyncTasksResource, name, None)
         assert twin is not None, f"AsyncTasksResource lacks {name}"
+        if name == "watch":
+            # watch(callback) -> unsubscribe has an async-iterator twin: watch() yields
+            # the same ChangeEvents (tests/test_watch.py); leaving the loop unsubscribes.
+            assert inspect.isasyncgenfunction(twin), name
+            assert list(inspect.signature(twin).parameters) == ["self"], name
+            assert list(inspect.signature(TasksResource.watch).parameters) == [
+                "self",
+                "callback",
+            ]
+            continue
         assert inspect.iscoroutinefunction(twin), name
         assert inspect.signature(twin) == inspect.signature(getattr(TasksResource, name)), name
 

@@ -237,6 +237,7 @@ _UNPRIVILEGED = r"""
 import json, os, sys
 from clinik_local import TaskStore, StorageError
 import clinik_local.tasks, clinik_local.search, clinik_local.codec  # before the uid drop
+clinik_local.codec.converter  # cattrs loads on first use: now, while the stdlib is readable
 os.setgid(65534)
 os.setuid(65534)
 path, result = sys.argv[1], {}

@@ -125,6 +125,8 @@ def test_every_table_written_behind_the_api_is_empty_again() -> None:
                     values.append('{"raw_json": "raw_x"}')
                 elif name == "direction":
                     values.append("input")
+                elif name == "origin":
+                    values.append("server")
                 elif "INT" in str(kind).upper():
                     values.append(987_654)
                 else:

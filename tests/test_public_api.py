@@ -14,6 +14,7 @@ EXPORTED = {
     "TasksResource",
     "KeyProvider",
     "ApiResponse",
+    "ChangeEvent",
     # the model
     "Task",
     "Period",
@@ -102,6 +103,60 @@ def test_importing_the_package_does_not_load_the_network_stack() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     assert out.split() == ["False", "False"]
+
+
+#: What ``import clinik_local`` must not load: every public name loads on first use, so an
+#: app (and every CLI call) pays only for what it touches (issue 15 item 9).
+NOT_LOADED_BY_IMPORT = (
+    "httpx",
+    "http.server",
+    "asyncio",
+    "ssl",
+    "argparse",
+    "cattrs",
+    "apsw",
+    "clinik_local.fhir",
+    "clinik_local.search",
+    "clinik_local.store",
+    "clinik_local.sync",
+    "clinik_local.aio",
+)
+
+
+def _loaded_after(code: str) -> set[str]:
+    probe = f"import sys\n{code}\nprint(' '.join(sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    return set(out.split())
+
+
+def test_importing_the_package_loads_none_of_the_heavy_modules() -> None:
+    loaded = _loaded_after("import clinik_local")
+    assert "clinik_local" in loaded
+    assert loaded.isdisjoint(NOT_LOADED_BY_IMPORT), loaded & set(NOT_LOADED_BY_IMPORT)
+
+
+def test_a_public_name_loads_its_module_on_first_use() -> None:
+    loaded = _loaded_after("import clinik_local; clinik_local.TaskStore")
+    assert {"clinik_local.store", "apsw"} <= loaded
+    assert loaded.isdisjoint({"httpx", "asyncio", "clinik_local.fhir", "cattrs"})
+
+
+def test_the_cli_version_loads_neither_the_store_nor_the_codec() -> None:
+    loaded = _loaded_after(
+        "import contextlib, io, clinik_local.cli as c\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):"
+        " c.main(['--version'])"
+    )
+    assert "clinik_local.cli" in loaded
+    assert loaded.isdisjoint({"clinik_local.store", "clinik_local.codec", "cattrs", "apsw"})
+
+
+def test_star_import_gives_every_public_name() -> None:
+    namespace: dict[str, object] = {}
+    exec("from clinik_local import *", namespace)
+    assert set(clinik_local.__all__) <= set(namespace)
 
 
 def test_package_ships_a_py_typed_marker() -> None:

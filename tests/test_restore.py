@@ -104,9 +104,11 @@ def test_a_device_restored_from_an_export_sends_nothing_twice(
     assert on_server[ids[2]]["note"] == "n2"
 
 
-def test_a_restored_task_changed_on_the_server_since_the_export_is_a_conflict(
+def test_a_restored_task_changed_on_the_server_since_the_export_merges_other_fields(
     server: ReferenceServer,
 ) -> None:
+    # The server reassigned the task, the restored device edited its note: both survive
+    # (a field-level three-way merge on the exported copy, tests/test_sync_rebase.py).
     with syncing(":memory:", server) as first:
         task = first.tasks.create(REQUEST).data
         assert first.sync.flush(timeout=20)
@@ -117,12 +119,35 @@ def test_a_restored_task_changed_on_the_server_since_the_export_is_a_conflict(
     with syncing(":memory:", server) as second:
         import_ndjson(second, io.StringIO(export.getvalue()), synced=True)
         second.tasks.update(task.id, {"note": "edited from the stale export"})
+        assert second.sync.flush(timeout=20)
+        assert second.sync.conflicts() == []
+        local = second.tasks.get(task.id).data
+        assert (local.note, local.owner_id) == ("edited from the stale export", "prac_reassigned")
+    assert server.tasks()[task.id]["note"] == "edited from the stale export"
+    assert server.tasks()[task.id]["ownerId"] == "prac_reassigned"
+
+
+def test_a_restored_task_whose_field_the_server_changed_too_is_a_conflict(
+    server: ReferenceServer,
+) -> None:
+    with syncing(":memory:", server) as first:
+        task = first.tasks.create(REQUEST).data
+        assert first.sync.flush(timeout=20)
+        export = io.StringIO()
+        export_ndjson(first, export)
+    assert task.id is not None
+    server.update_task(task.id, {"note": "changed at the clinic"})
+    with syncing(":memory:", server) as second:
+        import_ndjson(second, io.StringIO(export.getvalue()), synced=True)
+        second.tasks.update(task.id, {"note": "edited from the stale export"})
         second.sync.flush(timeout=20)
         (conflict,) = second.sync.conflicts()
         assert conflict.server is not None
-        assert conflict.server["ownerId"] == "prac_reassigned"
-    assert server.tasks()[task.id]["note"] == "first"  # not overwritten
-    assert server.tasks()[task.id]["ownerId"] == "prac_reassigned"
+        assert conflict.server["note"] == "changed at the clinic"
+        assert conflict.local is not None
+        assert conflict.local["note"] == "edited from the stale export"
+        assert [r.field for r in conflict.reasons] == ["note"]
+    assert server.tasks()[task.id]["note"] == "changed at the clinic"  # not overwritten
 
 
 def test_a_restored_task_the_server_no_longer_has_is_created_again(

@@ -152,8 +152,11 @@ def test_update_carries_if_match_of_the_servers_version(
 
 
 def test_changes_of_one_task_are_applied_in_the_order_they_were_made(
-    store: TaskStore, server: ReferenceServer
+    tmp_path: Path, server: ReferenceServer, provider: Provider
 ) -> None:
+    # Push only: a pulling store may rebase (squash) changes whose answers were lost
+    # onto the server's copy (tests/test_sync_rebase.py); here every change goes alone.
+    store = TaskStore.open(tmp_path / "push.db", sync=make_config(server, provider, pull=False))
     ids = [str(store.tasks.create({**REQUEST, "note": f"n{i}"}).data.id) for i in range(20)]
     for round_ in range(3):
         for task_id in ids:
@@ -166,6 +169,7 @@ def test_changes_of_one_task_are_applied_in_the_order_they_were_made(
         per_task.setdefault(task_id, []).append(key)
     assert all(keys == sorted(keys) and len(keys) == 4 for keys in per_task.values())
     assert server_tasks(server) == local_tasks(store)
+    store.close()
 
 
 def test_rejected_task_is_a_dead_letter_while_a_thousand_others_go_through(
@@ -396,13 +400,16 @@ def test_entries_left_in_flight_by_a_crash_are_resent_with_the_same_key(
     tmp_path: Path, server: ReferenceServer, provider: Provider
 ) -> None:
     path = tmp_path / "c.db"
-    with TaskStore.open(path, sync=make_config(server, provider)) as st:
+    # Push only: a pulling store would learn from the server's copy that the change
+    # was applied (tests/test_sync_pull.py); here the resend with the same key does.
+    config = make_config(server, provider, pull=False)
+    with TaskStore.open(path, sync=config) as st:
         st.tasks.create(REQUEST)
         server.faults.script = ["drop_after"]
         st.sync.run_once()  # applied on the server; the answer was lost
         with st._db.write() as conn:  # as a crash between sending and recording leaves it
             conn.execute("UPDATE outbox SET state = 'in_flight'")
-    with TaskStore.open(path, sync=make_config(server, provider)) as st:
+    with TaskStore.open(path, sync=config) as st:
         assert st.sync.status().in_flight == 1
         assert st.sync.flush(timeout=10)
         assert st.sync.status().in_flight == 0

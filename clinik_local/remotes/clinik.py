@@ -15,34 +15,56 @@ What each answer is (the contract's table): 2xx delivered; 404 on DELETE deliver
 once more and retries once, then is :class:`~.base.AuthFailed`; any other status is
 refused for good. A network failure is transient; no connection at all is
 :class:`~.base.Unreachable`.
+
+The pull side (:class:`~.base.PullRemote`): :meth:`ClinikRemote.list_page` is
+``GET /tasks?<scope>&limit=&cursor=`` (the first page's ``meta.changesCursor`` becomes
+``changes_cursor``) and :meth:`ClinikRemote.changes_page` is
+``GET /tasks/changes?since=&limit=&<scope>``; a scope's values go comma-joined (the
+contract's "any of"). ``410`` on the log is :class:`~.base.CursorExpired`; the other
+answers are classified as for a push (401 asks for a fresh token once), and a ``200``
+whose body is not the contract's page is transient. An item or task without a usable
+``id`` cannot be applied and is skipped (logged); every other task is handed on exactly
+as the server sent it.
 """
 
 from __future__ import annotations
 
 import email.utils
+import logging
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
 from ..errors import AuthError, TransportError
+from ..ids import is_valid_id
 from ..wire import dumps, loads_or_none, without_server_fields
 from .base import (
     AuthFailed,
     Change,
+    ChangesOutcome,
+    ChangesPage,
     Conflict,
+    CursorExpired,
     Delivered,
+    ListedPage,
+    ListOutcome,
+    LogItem,
     PushOutcome,
     Refused,
+    Scope,
     Transient,
     Unreachable,
 )
 from .transport import ConnectFailed, Response, Transport, check_base_url
 
 __all__ = ["TRANSIENT_STATUSES", "ClinikRemote", "parse_retry_after"]
+
+_log = logging.getLogger("clinik_local.sync")
 
 #: Statuses retried with backoff (with any other 5xx).
 TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -192,6 +214,78 @@ class ClinikRemote:
             return Transient(error="the server's task came without a versionId", status=200)
         return self._classify("GET", answer, transport)
 
+    # --- the pull side -------------------------------------------------------------------
+
+    @property
+    def service(self) -> str:
+        """Which service this is (recorded with the store's sync state)."""
+        return self.base_url
+
+    def list_page(self, scope: Scope, cursor: str | None, limit: int) -> ListOutcome:
+        """One page of ``GET /tasks`` for the scope (see the module docstring)."""
+        params = [*_scope_params(scope), ("limit", str(limit))]
+        if cursor is not None:
+            params.append(("cursor", cursor))
+        answer = self._read("/tasks?" + _query(params))
+        if isinstance(answer, CursorExpired):  # not on a listing (410 is read as refused)
+            return Refused(status=410, body=None, error=answer.message)
+        if not isinstance(answer, dict):
+            return answer
+        data, meta = answer.get("data"), answer.get("meta")
+        if not isinstance(data, list) or not isinstance(meta, dict):
+            return Transient(error="the task listing is not a page of tasks", status=200)
+        tasks = tuple(t for t in data if _has_id(t, "listed task"))
+        following = meta.get("nextCursor")
+        changes = meta.get("changesCursor")
+        if cursor is None and not isinstance(changes, str):
+            return Transient(error="the first listing page has no changesCursor", status=200)
+        return ListedPage(
+            tasks=tasks,
+            next_cursor=following if isinstance(following, str) and following else None,
+            changes_cursor=changes if isinstance(changes, str) else None,
+        )
+
+    def changes_page(self, scope: Scope, since: str, limit: int) -> ChangesOutcome:
+        """One page of ``GET /tasks/changes`` after ``since`` (see the module docstring)."""
+        params = [("since", since), ("limit", str(limit)), *_scope_params(scope)]
+        answer = self._read("/tasks/changes?" + _query(params), log=True)
+        if not isinstance(answer, dict):
+            return answer
+        data, meta = answer.get("data"), answer.get("meta")
+        following = meta.get("nextCursor") if isinstance(meta, dict) else None
+        if not isinstance(data, list) or not isinstance(following, str) or not following:
+            return Transient(error="the change log answer is not a page of changes", status=200)
+        items = tuple(item for item in map(_log_item, data) if item is not None)
+        more = bool(meta.get("hasMore")) if isinstance(meta, dict) else False
+        return ChangesPage(items=items, next_cursor=following, has_more=more)
+
+    def _read(
+        self, path: str, *, log: bool = False
+    ) -> dict[str, Any] | CursorExpired | Refused | Transient | AuthFailed | Unreachable:
+        transport = self._get_transport()
+        try:
+            answer = transport.request("GET", path)
+            if answer.status == 401:
+                transport.refresh_token()
+                answer = transport.request("GET", path)
+        except ConnectFailed as exc:
+            return Unreachable(message=str(exc))
+        except TransportError as exc:
+            return Transient(error=str(exc))
+        except AuthError as exc:
+            transport.forget_token()
+            return AuthFailed(message=str(exc))
+        if answer.status == 200:
+            body = loads_or_none(answer.body)
+            if isinstance(body, dict):
+                return body
+            return Transient(error="the answer is not a JSON envelope", status=200)
+        if answer.status == 410 and log:
+            return CursorExpired(message="the change log no longer reaches back (410)")
+        outcome = self._classify("GET", answer, transport)
+        assert not isinstance(outcome, (Delivered, Conflict))
+        return outcome
+
     @staticmethod
     def _wire_body(change: Change) -> bytes:
         body = without_server_fields(change.body or {})
@@ -225,3 +319,43 @@ class ClinikRemote:
                 retry_after=parse_retry_after(answer.header("Retry-After")),
             )
         return Refused(status=status, body=answer.body, error=f"HTTP {status}")
+
+
+def _scope_params(scope: Scope) -> list[tuple[str, str]]:
+    return [(name, ",".join(values)) for name, values in sorted(scope.items())]
+
+
+def _query(params: list[tuple[str, str]]) -> str:
+    return "&".join(f"{quote(k, safe='')}={quote(v, safe=',')}" for k, v in params)
+
+
+def _has_id(task: object, what: str) -> bool:
+    if isinstance(task, dict) and isinstance(task.get("id"), str) and is_valid_id(task["id"]):
+        return True
+    _log.warning("skipped a %s without a usable id", what)
+    return False
+
+
+def _log_item(item: object) -> LogItem | None:
+    """A change-log item as the engine takes it, or None (logged) if it cannot be used."""
+    if not isinstance(item, dict) or not _has_id(item, "change-log item"):
+        if isinstance(item, dict):
+            return None
+        _log.warning("skipped a change-log item that is not an object")
+        return None
+    deleted = item.get("deleted") is True
+    task = item.get("task")
+    if not deleted and (not isinstance(task, dict) or task.get("id", item["id"]) != item["id"]):
+        _log.warning("skipped change-log item of %s: no task", item["id"])
+        return None
+    version = item.get("versionId")
+    if version is None and isinstance(task, dict):
+        version = task.get("versionId")
+    change_id = item.get("changeId")
+    return LogItem(
+        task_id=item["id"],
+        deleted=deleted,
+        task=None if deleted else task,
+        version=None if version is None else str(version),
+        change_id=change_id if isinstance(change_id, str) else None,
+    )

@@ -15,12 +15,13 @@ Nothing above this layer sees ``apsw`` errors: they come out as StorageError sub
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import re
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import apsw
@@ -33,6 +34,7 @@ from ..errors import (
     StoreLockedError,
     ValidationError,
 )
+from ..events import ChangeFeed, ChangeOrigin
 from .connection import (
     MEMORY,
     ConnectionOptions,
@@ -43,9 +45,35 @@ from .connection import (
 )
 from .encryption import KeyProvider, fsync_directory, rekey_connection
 
-__all__ = ["Database"]
+__all__ = ["Database", "WriteAbandonedError", "writes_only_if"]
 
 _log = logging.getLogger("clinik_local.storage")
+
+#: The "still wanted?" check of the current context (see :func:`writes_only_if`).
+_still_wanted: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
+    "clinik_local_still_wanted", default=None
+)
+
+
+class WriteAbandonedError(StorageError):
+    """A write was not started because its caller no longer wanted it; nothing written."""
+
+
+@contextlib.contextmanager
+def writes_only_if(still_wanted: Callable[[], bool]) -> Iterator[None]:
+    """Within the block (in this context), every :meth:`Database.write` asks first.
+
+    ``still_wanted()`` is called once the writer's lock and SQLite's write lock are
+    held, just before the block's statements run; ``False`` rolls back and raises
+    :class:`WriteAbandonedError`, so nothing is written. ``True`` means the write has
+    started: it runs to its commit (or error) whatever happens to the caller.
+    ``AsyncTaskStore`` uses this so that a cancelled call that never started never writes.
+    """
+    token = _still_wanted.set(still_wanted)
+    try:
+        yield
+    finally:
+        _still_wanted.reset(token)
 
 
 def _rekey_copy_path(path: str) -> str:
@@ -245,6 +273,20 @@ def _memory_template(options: ConnectionOptions) -> bytes:
 
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+_USING_FTS5 = re.compile(r"\bUSING\s+fts5\s*\(", re.IGNORECASE)
+
+
+def _fts5_tables(conn: apsw.Connection) -> list[str]:
+    """The FTS5 tables of the store (not its fts5vocab tables), from ``sqlite_schema``."""
+    return [
+        str(name)
+        for name, sql in fetch_all(
+            conn, "SELECT name, sql FROM sqlite_schema WHERE type = 'table' ORDER BY name"
+        )
+        if _USING_FTS5.search(str(sql or ""))
+    ]
 
 
 class _Template:
@@ -461,6 +503,9 @@ class Database:
         self._readers: weakref.WeakSet[_ReaderBox] = weakref.WeakSet()
         self._closed = False
         self._after_commit: list[Callable[[], None]] = []
+        self._changes: list[tuple[str, ChangeOrigin]] = []
+        #: Change notifications: :meth:`note_change` inside a write, published after it.
+        self.feed = ChangeFeed()
 
     @property
     def closed(self) -> bool:
@@ -473,6 +518,7 @@ class Database:
             return
         if self._checkpointer is not None:
             self._checkpointer.stop()
+        self.feed.close()
         with self._lock:
             self._closed = True
             for box in list(self._readers):
@@ -496,14 +542,21 @@ class Database:
         Anything raised inside rolls the whole transaction back. apsw errors come out
         as StorageError subclasses. Callbacks queued with :meth:`after_commit` inside
         the block run after a successful commit, outside the lock. No network I/O in here.
+        Inside :func:`writes_only_if`, the caller is asked (after the locks are taken,
+        before the block runs) whether it still wants the write.
         """
         callbacks: list[Callable[[], None]]
+        still_wanted = _still_wanted.get()
         with self._lock:
             self._check_open()
             conn = self._conn
             with translated(self.path):
                 conn.execute("BEGIN IMMEDIATE")
             try:
+                # Asked only now that both locks are held: a caller that gave up while
+                # waiting for them (this process's writer or another process's) never writes.
+                if still_wanted is not None and not still_wanted():
+                    raise WriteAbandonedError("the caller gave up before the write started")
                 with translated(self.path):  # no apsw error escapes the block either
                     yield conn
                     conn.execute("COMMIT")
@@ -512,10 +565,24 @@ class Database:
                     with contextlib.suppress(apsw.Error):
                         conn.execute("ROLLBACK")
                 self._after_commit.clear()
+                self._changes.clear()
                 raise
             callbacks, self._after_commit = self._after_commit, []
+            changes, self._changes = self._changes, []
+        if changes:
+            self.feed.publish(changes)
         for callback in callbacks:
             callback()
+
+    def note_change(self, task_id: str, origin: ChangeOrigin) -> None:
+        """The current write changes ``task_id``: watchers hear of it after the commit."""
+        if self.feed.watched:
+            self._changes.append((task_id, origin))
+
+    def note_changes(self, task_ids: Iterable[str], origin: ChangeOrigin) -> None:
+        """:meth:`note_change` for many tasks."""
+        if self.feed.watched:
+            self._changes.extend((task_id, origin) for task_id in task_ids)
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once the current write transaction has committed."""
@@ -635,9 +702,29 @@ class Database:
                 self._conn.pragma("optimize")
 
     def integrity_check(self) -> list[str]:
-        """``PRAGMA integrity_check`` problems; an empty list means the file is sound."""
+        """``PRAGMA integrity_check`` problems; an empty list means the file is sound.
+
+        Runs on this thread's reader, in one read transaction that first opens a cursor
+        on every FTS5 table. FTS5 keeps a copy of its index's structure per connection
+        and refreshes it only when a statement opens a cursor on the table; its integrity
+        check opens none and checks the index against the copy as it is. A reader whose
+        copy predates later commits (by the writer or another process) would report
+        segments merged away since as ``fts5: corruption found reading blob ...`` on a
+        sound file. (Searches open cursors, so they always see the current index.)
+        """
         with self.read() as conn:
-            rows = conn.execute("PRAGMA integrity_check").fetchall()
+            own = conn.get_autocommit()
+            if own:
+                conn.execute("BEGIN")  # the refresh and the check see one snapshot
+            try:
+                for table in _fts5_tables(conn):
+                    # A damaged index fails here too: the check below says how.
+                    with contextlib.suppress(apsw.CorruptError):
+                        fetch_all(conn, f"SELECT rowid FROM {_quote(table)} WHERE rowid = 0")
+                rows = conn.execute("PRAGMA integrity_check").fetchall()
+            finally:
+                if own and not conn.get_autocommit():
+                    conn.execute("COMMIT")
         problems = [str(r[0]) for r in rows]
         return [] if problems == ["ok"] else problems
 

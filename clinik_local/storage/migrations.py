@@ -20,7 +20,7 @@ __all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_VERSION", "schema_sql"]
 #: ``PRAGMA application_id`` of every clinik-local store: ASCII "Clnk".
 APPLICATION_ID = 0x436C6E6B
 #: The schema version this release writes and fully understands.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Version 2 (issue 16, a lean write path): no triggers (storage/rows.py writes the
 #: derived rows beside every task row, from derive.py); task_text without prefix
@@ -66,8 +66,27 @@ INSERT INTO task_history SELECT * FROM task_history_v1 ORDER BY task_id, version
 DROP TABLE task_history_v1;
 """
 
+#: Version 3 (issue 12, two-way sync): outbox rows record the fields each change set
+#: (``patch``), history rows who made them (``origin``), and ``sync_bases`` keeps the
+#: last server copy of each task (the base of merges). The same statements end
+#: schema.sql, so a migrated file and a new one are alike. Nothing is rewritten: rows
+#: of version 2 get ``patch`` NULL (derived from consecutive bodies when needed) and
+#: ``origin`` 'local'; bases appear as tasks are pulled or delivered.
+_SYNC_PULL = """
+ALTER TABLE outbox ADD COLUMN patch TEXT;
+ALTER TABLE task_history ADD COLUMN origin TEXT NOT NULL DEFAULT 'local'
+    CHECK (origin IN ('local', 'server', 'merge'));
+CREATE TABLE sync_bases (
+    task_id     TEXT PRIMARY KEY,
+    version_id  TEXT,
+    body        TEXT NOT NULL,
+    unseen      TEXT,
+    listed      INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+"""
+
 #: SQL that upgrades a store *to* each version from the one before it.
-MIGRATIONS: Mapping[int, str] = {2: _TO_2}
+MIGRATIONS: Mapping[int, str] = {2: _TO_2, 3: _SYNC_PULL}
 
 
 @functools.cache

@@ -31,8 +31,10 @@ __all__ = [
     "ConflictRow",
     "DeadLetterRow",
     "Op",
+    "OpenChange",
     "OutboxRow",
     "TaskSyncState",
+    "change_task",
     "clear_backoff",
     "conflict_count",
     "conflict_of",
@@ -44,9 +46,13 @@ __all__ = [
     "drop_open_changes",
     "enqueue",
     "enqueue_many",
+    "forget_all_server_versions",
     "forget_server_version",
+    "has_open_changes",
     "mark_in_flight",
     "oldest_change_at",
+    "open_changes",
+    "park_conflict",
     "parked_tasks",
     "record_conflict",
     "record_dead",
@@ -54,10 +60,14 @@ __all__ = [
     "record_transient",
     "record_unsent",
     "recover_in_flight",
+    "replace_open_changes",
     "retry_dead",
     "select_sendable",
+    "server_version_of",
     "set_server_version",
+    "set_server_versions",
     "sync_state_of",
+    "tasks_with_open_changes",
 ]
 
 Op = Literal["create", "update", "delete"]
@@ -65,8 +75,8 @@ Op = Literal["create", "update", "delete"]
 TaskSyncState = Literal["pending", "synced", "conflict", "rejected"]
 
 _INSERT_CHANGE = """
-INSERT INTO outbox (change_id, task_id, op, payload, base_version, created_at)
-VALUES (?, ?, ?, ?, ?, ?)
+INSERT INTO outbox (change_id, task_id, op, payload, base_version, created_at, patch)
+VALUES (?, ?, ?, ?, ?, ?, ?)
 """
 
 # conflict outranks rejected outranks pending; no open change at all means synced.
@@ -165,10 +175,16 @@ def enqueue(
     payload: str | None,
     base_version: int | None,
     created_at: str,
+    patch: str | None = None,
 ) -> str:
-    """Append one change to the outbox (caller holds the write transaction)."""
+    """Append one change to the outbox (caller holds the write transaction).
+
+    ``patch``: the wire fields the change set, as JSON (``merge.patch_of``); None for
+    a delete, and allowed for a create (its patch is its payload) or an update made
+    on ``base_version`` (derived from the two bodies when needed).
+    """
     change_id = new_change_id()
-    conn.execute(_INSERT_CHANGE, (change_id, task_id, op, payload, base_version, created_at))
+    conn.execute(_INSERT_CHANGE, (change_id, task_id, op, payload, base_version, created_at, patch))
     return change_id
 
 
@@ -177,7 +193,7 @@ def enqueue_many(
     changes: list[tuple[str, Op, str | None, int | None, str]],
 ) -> None:
     """Append many changes ``(task_id, op, payload, base_version, created_at)`` at once."""
-    conn.executemany(_INSERT_CHANGE, [(new_change_id(), *change) for change in changes])
+    conn.executemany(_INSERT_CHANGE, [(new_change_id(), *change, None) for change in changes])
 
 
 def sync_state_of(conn: apsw.Connection, task_id: str) -> TaskSyncState:
@@ -346,9 +362,143 @@ def mark_known_on_server(conn: apsw.Connection, task_ids: Sequence[str], now: st
     )
 
 
+def server_version_of(conn: apsw.Connection, task_id: str) -> str | None:
+    """The server's version of the task as last acknowledged (the next ``If-Match``)."""
+    found = fetch_all(conn, "SELECT server_version FROM task_sync WHERE task_id = ?", (task_id,))
+    return None if not found or found[0][0] is None else str(found[0][0])
+
+
 def forget_server_version(conn: apsw.Connection, task_id: str) -> None:
     """The server has no such task (any more): the next change of it is a create."""
     conn.execute("DELETE FROM task_sync WHERE task_id = ?", (task_id,))
+
+
+# --- the changes of one task, for a rebase (pull side) ---------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class OpenChange:
+    """One undelivered change of a task (any state), with what a rebase needs.
+
+    ``patch`` as stored (None: derive it); ``previous_body``: the local body the change
+    was made on (the history row at ``base_version``), to derive a missing patch.
+    """
+
+    seq: int
+    change_id: str
+    op: Op
+    payload: str | None
+    patch: str | None
+    state: str
+    base_version: int | None
+    previous_body: str | None
+
+
+def open_changes(conn: apsw.Connection, task_id: str) -> list[OpenChange]:
+    """Every change of the task still in the outbox, oldest first."""
+    return [
+        OpenChange(
+            seq=int(r[0]),
+            change_id=str(r[1]),
+            op=r[2],
+            payload=r[3],
+            patch=r[4],
+            state=str(r[5]),
+            base_version=None if r[6] is None else int(r[6]),
+            previous_body=r[7],
+        )
+        for r in fetch_all(
+            conn,
+            "SELECT o.seq, o.change_id, o.op, o.payload, o.patch, o.state, o.base_version, "
+            "(SELECT coalesce(h.body, t.body) FROM task_history h "
+            " LEFT JOIN tasks t ON t.id = h.task_id AND h.body IS NULL "
+            " WHERE h.task_id = o.task_id AND h.version = o.base_version) "
+            "FROM outbox o WHERE o.task_id = ? ORDER BY o.seq",
+            (task_id,),
+        )
+    ]
+
+
+def tasks_with_open_changes(conn: apsw.Connection, task_ids: Sequence[str]) -> set[str]:
+    """Which of these tasks have a change still in the outbox (one query)."""
+    if not task_ids:
+        return set()
+    marks = ",".join("?" * len(task_ids))
+    return {
+        str(r[0])
+        for r in fetch_all(
+            conn, f"SELECT DISTINCT task_id FROM outbox WHERE task_id IN ({marks})", tuple(task_ids)
+        )
+    }
+
+
+def set_server_versions(
+    conn: apsw.Connection, versions: Sequence[tuple[str, object, object]], now: str
+) -> None:
+    """Many :func:`set_server_version` at once: ``(task_id, version, modified)``."""
+    conn.executemany(_UPSERT_SYNC, [(t, v, m, now) for t, v, m in versions])
+
+
+def has_open_changes(conn: apsw.Connection, task_id: str) -> bool:
+    """Whether the task has any change still in the outbox (undelivered)."""
+    return bool(fetch_all(conn, "SELECT 1 FROM outbox WHERE task_id = ? LIMIT 1", (task_id,)))
+
+
+def change_task(conn: apsw.Connection, change_id: str) -> str | None:
+    """The task of an open change with this id (one of this store's own), or None."""
+    found = fetch_all(conn, "SELECT task_id FROM outbox WHERE change_id = ?", (change_id,))
+    return str(found[0][0]) if found else None
+
+
+def replace_open_changes(
+    conn: apsw.Connection,
+    task_id: str,
+    op: Op | None,
+    payload: str | None,
+    patch: str | None,
+    base_version: int | None,
+    now: str,
+) -> str | None:
+    """A rebase merged: the task's open changes (and conflict) become one new change
+    under a NEW change id (returned), or none when ``op`` is None."""
+    drop_open_changes(conn, task_id)
+    if op is None:
+        return None
+    return enqueue(conn, task_id, op, payload, base_version, now, patch)
+
+
+def park_conflict(
+    conn: apsw.Connection, task_id: str, server_body: str | None, now: str
+) -> str | None:
+    """A rebase could not merge: the task's first open change is parked as ``conflict``
+    (its later ones wait behind it) and the server's task is kept. Returns the parked
+    change id (None if the task has no open change). A conflict already open keeps its
+    change and time; only its server side is replaced."""
+    first = fetch_all(
+        conn,
+        "SELECT seq, change_id, payload FROM outbox WHERE task_id = ? ORDER BY seq LIMIT 1",
+        (task_id,),
+    )
+    if not first:
+        return None
+    seq, change_id, payload = first[0]
+    conn.execute(
+        "UPDATE outbox SET state = 'conflict', last_error = 'version conflict', "
+        "last_status = 412 WHERE seq = ? AND state != 'conflict'",
+        (seq,),
+    )
+    conn.execute(
+        "INSERT INTO sync_conflicts (task_id, change_id, local_body, server_body, detected_at) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (task_id) DO UPDATE SET "
+        "server_body = excluded.server_body",
+        (task_id, str(change_id), payload, server_body, now),
+    )
+    return str(change_id)
+
+
+def forget_all_server_versions(conn: apsw.Connection) -> None:
+    """Another service: no version of the old one may go out as ``If-Match``."""
+    conn.execute("DELETE FROM task_sync")
 
 
 # --- dead letters and conflicts ---------------------------------------------------------

@@ -9,10 +9,16 @@ its history row and exactly one outbox row (through :mod:`.outbox`), on the
 connection of the caller's open ``BEGIN IMMEDIATE`` transaction, so the three commit
 together or not at all.
 
-**Server copies** (:func:`write_server_copy`, :func:`delete_server_copy`) store what
-the server said: the task row and a history row, and *no* outbox row, since there is
-nothing to send back. Conflict resolution ("keep the server's version") uses them
-today; a pull (two-way sync) lands server tasks through the same two calls.
+**Server copies** (:func:`write_server_copy`, :func:`delete_server_copy`,
+:func:`write_new_server_copies`) store what the server said: the task row and a history
+row marked ``origin = 'server'`` (or ``'merge'`` for a rebase's merged task), and *no*
+outbox row, since there is nothing to send back. Pulled and listed tasks, 412 rebases
+and conflict resolution ("keep the server's version") land through them. A server copy
+is always storable: fields this version does not know are kept in the body as sent (and
+so go back to the server with the next local edit), and a copy that does not validate
+here (a text over the local limits) is stored as sent and read leniently; only a copy
+that cannot be read as a Task at all (no status this version knows, say) is kept out of
+``tasks`` (its base still has it) and reported by returning None.
 
 Reads: a task's body and version (:func:`current`), with its sync state
 (:func:`get_with_state`), its history (:func:`history`), and the execution of a
@@ -46,10 +52,12 @@ from typing import Any
 import apsw
 import attrs
 
-from ..codec import decode_task, encode_task
+from .. import timestamps
+from ..codec import decode_task, encode_task, task_from_stored
 from ..derive import derive_rows
-from ..errors import TaskExistsError
+from ..errors import TaskExistsError, ValidationError
 from ..ids import new_task_id
+from ..merge import MERGE_FIELDS, SERVER_MANAGED
 from ..model import NO_PRIORITY_RANK, Task
 from ..search import CompiledSearch, count_query, page_query
 from ..wire import dumps, without_server_fields
@@ -71,11 +79,14 @@ __all__ = [
     "history",
     "insert_local",
     "insert_local_many",
+    "known_ids",
     "search_page",
     "stamp",
+    "storable",
     "task_row",
     "top_version",
     "update_local",
+    "write_new_server_copies",
     "write_server_copy",
 ]
 
@@ -100,11 +111,18 @@ INSERT_HISTORY = """
 INSERT INTO task_history (task_id, version, op, body, changed_at, override_reason)
 VALUES (?, ?, ?, ?, ?, ?)
 """
+#: Insert one history row with its origin ('local', 'server' or 'merge').
+_INSERT_HISTORY_FROM = """
+INSERT INTO task_history (task_id, version, op, body, changed_at, override_reason, origin)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+"""
+#: The top-level wire fields this version knows; any other is kept as the server sent it.
+KNOWN_FIELDS = frozenset(MERGE_FIELDS) | SERVER_MANAGED
 _SELECT_CURRENT = "SELECT body, version FROM tasks WHERE id = ?"
 _SELECT_WITH_STATE = f"SELECT body, {outbox.SYNC_RANK_SUBQUERY} FROM tasks WHERE id = ?"
 # The current version's body is in tasks (task_history.body is NULL there: schema.sql).
 _SELECT_HISTORY = """
-SELECT h.version, h.op, coalesce(h.body, t.body), h.changed_at, h.override_reason
+SELECT h.version, h.op, coalesce(h.body, t.body), h.changed_at, h.override_reason, h.origin
 FROM task_history AS h LEFT JOIN tasks AS t ON t.id = h.task_id AND h.body IS NULL
 WHERE h.task_id = ? ORDER BY h.version
 """
@@ -127,6 +145,7 @@ class HistoryRow:
     body: str
     changed_at: str
     override_reason: str | None
+    origin: str = "local"
 
 
 _set = object.__setattr__
@@ -343,8 +362,8 @@ def top_version(conn: apsw.Connection, task_id: str) -> int:
 def history(conn: apsw.Connection, task_id: str) -> list[HistoryRow]:
     """Every recorded version of a task, oldest first (also after it was deleted)."""
     return [
-        HistoryRow(int(v), str(op), str(body), str(at), reason)
-        for v, op, body, at, reason in fetch_all(conn, _SELECT_HISTORY, (task_id,))
+        HistoryRow(int(v), str(op), str(body), str(at), reason, str(origin))
+        for v, op, body, at, reason, origin in fetch_all(conn, _SELECT_HISTORY, (task_id,))
     ]
 
 
@@ -446,18 +465,20 @@ def update_local(
     reason: str | None = None,
     exists: bool = True,
     wire: Mapping[str, Any] | None = None,
+    patch: str | None = None,
 ) -> None:
     """A local edit producing ``task`` (stamped at its new version) from ``base_version``.
 
     ``exists=False`` writes the row anew (a task deleted here that the server still
     has, brought back by a conflict resolution); its history calls that a create.
-    ``wire``: the task's wire form, when the caller has it.
+    ``wire``: the task's wire form, when the caller has it. ``patch``: the wire fields
+    the edit set (JSON), recorded on its outbox row.
     """
     assert task.id is not None
     _write_task_rows(conn, [task], [body], None if wire is None else [wire], exists=exists)
     op = "update" if exists else "create"
     conn.execute(INSERT_HISTORY, (task.id, _version_of(task), op, None, changed_at, reason))
-    outbox.enqueue(conn, task.id, "update", body, base_version, changed_at)
+    outbox.enqueue(conn, task.id, "update", body, base_version, changed_at, patch)
 
 
 def delete_local(conn: apsw.Connection, task_id: str, body: str, version: int, now: str) -> None:
@@ -470,33 +491,144 @@ def delete_local(conn: apsw.Connection, task_id: str, body: str, version: int, n
 # --- server copies: task row + history row, no outbox row -----------------------------
 
 
-def write_server_copy(
-    conn: apsw.Connection, task_id: str, wire_task: Mapping[str, Any], *, now: str, reason: str
-) -> Task:
-    """Make the local task what the server said (``wire_task``, its wire form).
+def _server_instant(value: object, fallback: str) -> str:
+    if isinstance(value, str):
+        try:
+            return timestamps.parse_instant(value)
+        except ValidationError:
+            pass
+    return fallback
 
-    Stored as the next local version; the server's ``versionId``/``lastModified`` are
-    not the local ones and are dropped here (:func:`outbox.set_server_version` keeps
-    the server's version). No outbox row: nothing goes back to the server.
+
+def storable(task_id: str, wire_task: Mapping[str, Any]) -> tuple[Task, dict[str, Any]] | None:
+    """The local view of a server copy: (Task, body without the local stamps), or None.
+
+    Fields this version does not know are kept in the body as sent. A copy that does
+    not validate here (a text over the local limits, say) is read leniently, as stored
+    bodies are; None when it cannot be read as a Task at all.
     """
     request = without_server_fields(wire_task)
     request["id"] = task_id
-    exists = current(conn, task_id) is not None
-    task = stamp(decode_task(request), top_version(conn, task_id) + 1, now)
-    wire = encode_task(task)
-    body = dumps(wire)
-    _write_task_rows(conn, [task], [body], [wire], exists=exists)
-    op = "update" if exists else "create"
-    conn.execute(INSERT_HISTORY, (task_id, _version_of(task), op, None, now, reason))
+    known = {k: v for k, v in request.items() if k in KNOWN_FIELDS}
+    unknown = {k: v for k, v in request.items() if k not in KNOWN_FIELDS}
+    try:
+        task = decode_task(known)
+        body = encode_task(task)
+    except ValidationError:
+        if not isinstance(known.get("authoredOn"), str):  # as decode_task would default it
+            known["authoredOn"] = _server_instant(wire_task.get("lastModified"), timestamps.now())
+        try:
+            task = task_from_stored(known)
+            task_row(task, 1, "")  # every column can be bound
+            derive_rows(known)  # and its search rows derived
+        except Exception:  # not a task this version can read at all
+            return None
+        body = dict(known)
+    body.update(unknown)
+    return task, body
+
+
+def _stamped(
+    task: Task, body_map: dict[str, Any], task_id: str, version: int, modified: str
+) -> str:
+    _set(task, "id", task_id)
+    _set(task, "version_id", str(version))
+    _set(task, "last_modified", max(modified, str(task.authored_on)))
+    body_map["versionId"] = task.version_id
+    body_map["lastModified"] = task.last_modified
+    return dumps(body_map)
+
+
+def write_server_copy(
+    conn: apsw.Connection,
+    task_id: str,
+    wire_task: Mapping[str, Any],
+    *,
+    now: str,
+    reason: str | None = None,
+    origin: str = "server",
+) -> Task | None:
+    """Make the local task what the server said (``wire_task``, its wire form).
+
+    Stored as the next local version, with the server's ``lastModified`` (the local
+    ``versionId`` counts local versions; :func:`outbox.set_server_version` keeps the
+    server's). No outbox row: nothing goes back to the server. ``origin='merge'`` for
+    a rebase's merged task. Returns the task as stored, or None when the copy cannot
+    be read as a Task here (then the local task, if any, is removed: the base keeps it).
+    """
+    found = current(conn, task_id)
+    made = storable(task_id, wire_task)
+    if made is None:
+        if found is not None:
+            _remove(conn, task_id, found[0], now, origin)
+        return None
+    task, body_map = made
+    version = top_version(conn, task_id) + 1
+    modified = _server_instant(wire_task.get("lastModified"), now)
+    body = _stamped(task, body_map, task_id, version, modified)
+    _write_task_rows(conn, [task], [body], [body_map], exists=found is not None)
+    op = "update" if found is not None else "create"
+    conn.execute(_INSERT_HISTORY_FROM, (task_id, version, op, None, now, reason, origin))
     return task
 
 
-def delete_server_copy(conn: apsw.Connection, task_id: str, *, now: str) -> bool:
-    """The server has no such task: delete the local one (if any), no outbox row."""
+def known_ids(conn: apsw.Connection, task_ids: Sequence[str]) -> set[str]:
+    """Which of these ids have a task or any history here (one query)."""
+    if not task_ids:
+        return set()
+    marks = ",".join("?" * len(task_ids))
+    return {
+        str(r[0])
+        for r in fetch_all(
+            conn,
+            f"SELECT id FROM tasks WHERE id IN ({marks}) "
+            f"UNION SELECT task_id FROM task_history WHERE task_id IN ({marks})",
+            (*task_ids, *task_ids),
+        )
+    }
+
+
+def write_new_server_copies(
+    conn: apsw.Connection, copies: Sequence[tuple[str, Mapping[str, Any]]], *, now: str
+) -> list[str]:
+    """Server copies of tasks this store has never had (:func:`known_ids` says none of
+    them), written in bulk: what a bootstrap lists into an empty store. Returns the ids
+    written (a copy that cannot be read as a Task here is left out, as in
+    :func:`write_server_copy`)."""
+    tasks: list[Task] = []
+    bodies: list[str] = []
+    wires: list[dict[str, Any]] = []
+    for task_id, wire_task in copies:
+        made = storable(task_id, wire_task)
+        if made is None:
+            continue
+        task, body_map = made
+        modified = _server_instant(wire_task.get("lastModified"), now)
+        bodies.append(_stamped(task, body_map, task_id, 1, modified))
+        tasks.append(task)
+        wires.append(body_map)
+    if tasks:
+        _write_task_rows(conn, tasks, bodies, wires, exists=False)
+        conn.executemany(
+            _INSERT_HISTORY_FROM,
+            [(t.id, 1, "create", None, now, None, "server") for t in tasks],
+        )
+    return [str(t.id) for t in tasks]
+
+
+def _remove(conn: apsw.Connection, task_id: str, body: str, now: str, origin: str) -> None:
+    _delete_task_row(conn, task_id)
+    top = top_version(conn, task_id)
+    conn.execute(_INSERT_HISTORY_FROM, (task_id, top + 1, "delete", body, now, None, origin))
+
+
+def delete_server_copy(
+    conn: apsw.Connection, task_id: str, *, now: str, origin: str = "server"
+) -> bool:
+    """The server has no such task (for this device): delete the local one (if any),
+    no outbox row. False if there was none."""
     found = current(conn, task_id)
     if found is None:
         return False
-    _delete_task_row(conn, task_id)
-    top = top_version(conn, task_id)
-    conn.execute(INSERT_HISTORY, (task_id, top + 1, "delete", found[0], now, None))
+    _remove(conn, task_id, found[0], now, origin)
     return True

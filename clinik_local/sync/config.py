@@ -11,22 +11,123 @@ its own, or a test double), and then ``base_url``/``token_provider`` are not nee
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import attrs
 
-from ..errors import ValidationError
-from ..remotes.base import Remote
+from ..errors import FieldError, ValidationError
+from ..model import TaskPriority, TaskStatus
+from ..remotes.base import SCOPE_FILTERS, Remote, Scope, is_pull_remote
 from ..remotes.clinik import ClinikRemote
 from ..remotes.fhir import FhirR4Remote
 from ..remotes.transport import check_base_url
+from ..wire import dumps
 
-__all__ = ["REMOTE_KINDS", "SyncConfig"]
+if TYPE_CHECKING:
+    from .conflicts import SyncConflict
+
+__all__ = [
+    "REMOTE_KINDS",
+    "ConflictPolicy",
+    "ConflictPolicyResult",
+    "SyncConfig",
+    "normalise_scope",
+]
 
 #: The remotes ``SyncConfig(remote=...)`` builds by name from ``base_url``/``token_provider``.
 REMOTE_KINDS = ("clinik", "fhir-r4")
 RemoteKind = Literal["clinik", "fhir-r4"]
+
+ConflictPolicyResult: TypeAlias = Literal["local", "remote"] | Mapping[str, object] | None
+"""What an ``on_conflict`` policy returns: how to resolve (as ``store.sync.resolve``'s
+``keep``), or None to leave the conflict to the app."""
+ConflictPolicy: TypeAlias = Callable[["SyncConflict"], ConflictPolicyResult]
+
+_MAX_SCOPE_VALUES = 100
+_MAX_SCOPE_VALUE = 256
+_ENUM_VALUES = {
+    "status": tuple(m.value for m in TaskStatus),
+    "priority": tuple(m.value for m in TaskPriority),
+}
+
+
+def normalise_scope(scope: object) -> Scope | None:
+    """A scope as the engine keeps it (filter -> sorted distinct values), or None.
+
+    ValidationError naming each bad filter or value: names must be the contract's
+    (:data:`~clinik_local.remotes.base.SCOPE_FILTERS`), values a non-empty string or a
+    non-empty list of them (no commas: a comma means "or" on the wire), ``status`` and
+    ``priority`` values the lifecycle's.
+    """
+    if scope is None:
+        return None
+    if not isinstance(scope, Mapping):
+        raise ValidationError.single(
+            "scope", "expected a mapping of filter names to values, or None", type(scope)
+        )
+    problems: list[FieldError] = []
+    out: dict[str, tuple[str, ...]] = {}
+    for name, raw in scope.items():
+        where = f"scope.{name}"
+        if name not in SCOPE_FILTERS:
+            problems.append(
+                FieldError(where, "is not a filter a scope may use", None, ", ".join(SCOPE_FILTERS))
+            )
+            continue
+        values = [raw] if isinstance(raw, str) else raw
+        if not isinstance(values, (list, tuple)) or not values or len(values) > _MAX_SCOPE_VALUES:
+            problems.append(
+                FieldError(
+                    where,
+                    "expected a string or a list of strings",
+                    repr(raw)[:80],
+                    f"1-{_MAX_SCOPE_VALUES} values",
+                )
+            )
+            continue
+        good: set[str] = set()
+        for index, value in enumerate(values):
+            allowed = _ENUM_VALUES.get(name)
+            if (
+                not isinstance(value, str)
+                or not value.strip()
+                or "," in value
+                or len(value) > _MAX_SCOPE_VALUE
+            ):
+                problems.append(
+                    FieldError(
+                        f"{where}[{index}]",
+                        "is not a value a scope may use",
+                        repr(value)[:80],
+                        f"a non-empty string without commas, at most {_MAX_SCOPE_VALUE}",
+                    )
+                )
+            elif allowed is not None and value not in allowed:
+                problems.append(
+                    FieldError(
+                        f"{where}[{index}]", "is not an allowed value", value, ", ".join(allowed)
+                    )
+                )
+            else:
+                good.add(value)
+        out[str(name)] = tuple(sorted(good))
+    if problems:
+        raise ValidationError(problems)
+    return MappingProxyType(dict(sorted(out.items())))
+
+
+def scope_text(scope: Scope | None) -> str:
+    """The canonical text of a scope (what the store records): ``{}`` for every task."""
+    return dumps({k: list(v) for k, v in sorted((scope or {}).items())})
+
+
+def _check_policy(_instance: Any, _attribute: Any, value: Any) -> None:
+    if value is not None and not callable(value):
+        raise ValidationError.single(
+            "on_conflict", "must be a callable taking a SyncConflict, or None", type(value)
+        )
 
 
 def _positive(name: str, low: float, high: float) -> Callable[[Any, Any, Any], None]:
@@ -85,6 +186,19 @@ class SyncConfig:
     sync contract) or ``"fhir-r4"`` (a FHIR R4 server, ``base_url`` its FHIR base such as
     ``https://host/fhir/R4``); or a :class:`~clinik_local.remotes.base.Remote` object to
     use instead (then ``base_url``/``token_provider`` may be omitted).
+
+    Two-way sync: ``pull`` (default True) keeps the store a replica of the server's
+    tasks in ``scope``: a mapping of the contract's filter names (``patientId``,
+    ``ownerId``, ``requesterId``, ``status``, ``priority``, ``code``) to a string or a
+    list of strings (any of them; names AND together), e.g. ``{"ownerId":
+    ["prac_lab_tech"]}``; ``None`` is every task. ``pull_interval`` (seconds) is how
+    often a running engine reads the change log; ``pull_limit`` the page size of
+    listings and log reads. ``on_conflict``: a policy called with each
+    :class:`~clinik_local.sync.SyncConflict` as it is found (on the sync worker, outside
+    any transaction): return a merged request, ``"local"``, ``"remote"``, or None to
+    leave it to the app (the default); an exception in it is logged and counts as None.
+    Pull needs a remote with the pull methods (:class:`~clinik_local.remotes.base.PullRemote`);
+    with a push-only remote the store syncs one way and a ``scope`` is refused.
     """
 
     remote: Remote | RemoteKind | None = attrs.field(
@@ -105,10 +219,58 @@ class SyncConfig:
     allow_insecure_http: bool = False
     ca_bundle: str | None = None
     jitter_seed: int | None = None
+    pull: bool = attrs.field(default=True)
+    scope: Scope | None = attrs.field(default=None, converter=normalise_scope)
+    pull_interval: float = attrs.field(
+        default=3.0, validator=_positive("pull_interval", 0.01, 86_400)
+    )
+    pull_limit: int = attrs.field(default=500, validator=_positive("pull_limit", 1, 1000))
+    on_conflict: ConflictPolicy | None = attrs.field(
+        default=None, validator=_check_policy, repr=False
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.remote is None or isinstance(self.remote, str) or self.base_url is not None:
             check_base_url(self.base_url, self.allow_insecure_http)
+        if not isinstance(self.pull, bool):
+            raise ValidationError.single("pull", "expected True or False", self.pull)
+        if (
+            self.scope
+            and self.remote is not None
+            and not isinstance(self.remote, str)
+            and not is_pull_remote(self.remote)
+        ):
+            raise ValidationError.single(
+                "scope",
+                "needs a remote that can pull (list_page and changes_page); this one only pushes",
+                type(self.remote),
+            )
+
+    @property
+    def pulls(self) -> bool:
+        """Whether this config pulls: ``pull`` and a remote that can."""
+        return self.pull and (
+            self.remote is None or isinstance(self.remote, str) or is_pull_remote(self.remote)
+        )
+
+    def service_id(self) -> str:
+        """Which service the sync state belongs to (recorded in the store): the base
+        URL, or an injected remote's ``service`` / ``base_url``, or its type's name."""
+        if self.remote is None or isinstance(self.remote, str):
+            assert self.base_url is not None
+            if self.remote == "fhir-r4":
+                return FhirR4Remote.service_of(self.base_url)
+            return self.base_url
+        for name in ("service", "base_url"):
+            value = getattr(self.remote, name, None)
+            if isinstance(value, str) and value:
+                return value
+        kind = type(self.remote)
+        return f"{kind.__module__}.{kind.__qualname__}"
+
+    def scope_text(self) -> str:
+        """The canonical text of the scope, as the store records it."""
+        return scope_text(self.scope)
 
     def make_remote(self) -> Remote:
         """The injected remote, or the named one (clinik by default) at ``base_url``."""

@@ -27,13 +27,24 @@ The engine owns scheduling (the worker thread, backoff, lanes) and status; the p
 :mod:`.push` (rows through the remote, outcomes recorded), :mod:`.conflicts` (parked
 changes) and the remote itself (:mod:`clinik_local.remotes`), which maps the wire to
 typed outcomes. What each answer does follows the contract's table: 2xx delivered; 404
-on DELETE delivered; 412 a conflict (:meth:`SyncEngine.conflicts`,
-:meth:`SyncEngine.resolve`); 400/403/404/409/413/422 and any other 4xx a dead letter
-(:meth:`SyncEngine.dead_letters`, :meth:`SyncEngine.retry`, :meth:`SyncEngine.discard`);
-401 asks the token provider again and retries once, then pauses with state
-``auth_required``; 408/425/429/5xx and network failures are retried. When the service
-cannot be reached at all, the whole engine backs off (state ``offline``) instead of
-failing row after row.
+on DELETE delivered; 412 rebases the task's changes on the server's task (what cannot
+merge is a conflict: :meth:`SyncEngine.conflicts`, :meth:`SyncEngine.resolve`), and so
+does a 404 on PUT (the server deleted the task); 400/403/404/409/413/422 and any other
+4xx a dead letter (:meth:`SyncEngine.dead_letters`, :meth:`SyncEngine.retry`,
+:meth:`SyncEngine.discard`); 401 asks the token provider again and retries once, then
+pauses with state ``auth_required``; 408/425/429/5xx and network failures are retried.
+When the service cannot be reached at all, the whole engine backs off (state
+``offline``) instead of failing row after row.
+
+Two-way sync (``SyncConfig(pull=True)``, the default with a remote that can pull): each
+pass pushes first, then pulls (:mod:`.pull`: a bootstrap of the scope, then the change
+log), on the same worker, with the same offline, auth and backoff machinery; a failed
+read waits its own backoff (``Retry-After`` honoured) without holding back the push
+side. A running engine pulls every ``pull_interval`` seconds, and at once after
+:meth:`SyncEngine.pull` or :meth:`SyncEngine.flush`. A long bootstrap yields to the
+push side between pages when local changes wait. Conflicts found by a push (``412``)
+or a pull go to ``SyncConfig.on_conflict`` (if set) after the pass, outside the pass
+lock and any transaction.
 """
 
 from __future__ import annotations
@@ -53,13 +64,14 @@ from typing import Literal
 import attrs
 
 from .. import timestamps
-from ..errors import StorageError
-from ..remotes.base import AuthFailed, Remote, Transient, Unreachable
-from ..storage import outbox
+from ..errors import ClinikError, StorageError
+from ..remotes.base import AuthFailed, PullRemote, Refused, Remote, Transient, Unreachable
+from ..storage import outbox, replica
 from ..storage.database import Database
 from ..storage.outbox import OutboxRow
 from . import conflicts as _conflicts
-from . import push
+from . import pull as _pull
+from . import push, rebase
 from .config import SyncConfig
 from .conflicts import DeadLetter, SyncConflict
 
@@ -68,18 +80,29 @@ __all__ = ["DeadLetter", "EngineState", "SyncConfig", "SyncConflict", "SyncEngin
 _log = logging.getLogger("clinik_local.sync")
 
 #: The engine's state (not a task's sync state, which is ``storage.outbox.TaskSyncState``).
-EngineState = Literal["offline", "idle", "uploading", "backoff", "auth_required", "error"]
+EngineState = Literal[
+    "offline", "idle", "uploading", "downloading", "backoff", "auth_required", "error"
+]
+#: How long a pull may run while local changes wait to be pushed (seconds).
+_PULL_BUDGET = 1.0
 
 
 @attrs.frozen(kw_only=True)
 class SyncStatus:
-    """A snapshot of sync: engine state and outbox counts.
+    """A snapshot of sync: engine state, outbox counts and the pull side.
 
     ``state``: offline (service unreachable; retrying), idle (nothing to send),
-    uploading, backoff (waiting for a retry timer), auth_required (the token was
-    refused twice; call :meth:`SyncEngine.notify_online` once the provider has a good
-    one), error (an unexpected local failure; retried). ``next_retry_at`` and
-    ``last_success_at`` are UTC instants or None.
+    uploading, downloading (pulling), backoff (waiting for a retry timer),
+    auth_required (the token was refused twice; call :meth:`SyncEngine.notify_online`
+    once the provider has a good one), error (an unexpected local failure, or a read
+    the server refuses; retried). ``next_retry_at`` and ``last_success_at`` are UTC
+    instants or None.
+
+    Pull side (all False/0/None for a push-only store): ``bootstrapping`` is True until
+    the scope's first bootstrap is complete (and again after a ``410`` or a new scope or
+    service); ``tasks_pulled`` counts every server task written to this store (listed
+    or pulled; kept in the file); ``last_pull_at`` is when the log was last read to its
+    end (kept in the file).
     """
 
     state: EngineState
@@ -90,6 +113,9 @@ class SyncStatus:
     last_success_at: str | None
     next_retry_at: str | None
     last_error: str | None
+    bootstrapping: bool = False
+    tasks_pulled: int = 0
+    last_pull_at: str | None = None
 
 
 class _StopPass(Exception):
@@ -129,6 +155,15 @@ class SyncEngine:
         self._last_error: str | None = None
         self._callbacks: list[Callable[[SyncStatus], None]] = []
         self._last_emitted: SyncStatus | None = None
+        self._puller: _pull.Puller | None = None
+        if config.pulls:
+            assert isinstance(self._remote, PullRemote)
+            self._puller = _pull.Puller(db, self._remote, config)
+        self._pull_due: float | None = 0.0  # time.time() seconds of the next pull
+        self._pull_attempts = 0
+        self._round_seq = 0  # pull rounds started
+        self._last_end_round = -1  # the last round that read the log to its end
+        self._policy_queue: list[str] = []
 
     def __repr__(self) -> str:
         return f"<SyncEngine {self._config.describe()} {self._state}>"
@@ -188,21 +223,38 @@ class SyncEngine:
         """
         self._auth_paused = False
         self._offline_until = None
+        self._pull_due = 0.0
         with self._pass_lock:
             self._pass()
-        self._emit()
+        self._after_pass()
+        return self.status()
+
+    def pull(self) -> SyncStatus:
+        """Pull now, on this thread: read the change log to its end (bootstrapping first
+        if needed). Lifts an offline wait and a pull's backoff; nothing is pushed.
+        A push-only store returns its status at once."""
+        self._offline_until = None
+        self._pull_due = 0.0
+        with self._pass_lock:
+            if self._ready():
+                self._pull_part(budget=lambda: False)
+        self._after_pass()
         return self.status()
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every deliverable change is delivered: True, or False at ``timeout``.
+        """Wait until every deliverable change is delivered *and* the change log has
+        been read to its end (pulling stores), by a pull that started after this call:
+        True, or False at ``timeout``.
 
         Parked changes (dead letters, conflicts, and later changes of their tasks) do
         not count. Without a running worker the passes run on this thread. Returns
         False at once when sync is paused for ``auth_required``.
         """
         deadline = time.monotonic() + timeout
+        mark = self._round_seq
+        self._pull_due = 0.0
         while True:
-            if self._deliverable() == 0:
+            if self._deliverable() == 0 and self._pulled_since(mark):
                 return True
             if self._auth_paused or time.monotonic() >= deadline:
                 return False
@@ -213,8 +265,8 @@ class SyncEngine:
                 continue
             with self._pass_lock:
                 self._pass()
-            self._emit()
-            if self._deliverable() == 0:
+            self._after_pass()
+            if self._deliverable() == 0 and self._pulled_since(mark):
                 return True
             wait = deadline - time.monotonic()
             due = self._wait_seconds()
@@ -226,16 +278,23 @@ class SyncEngine:
 
     # --- status ------------------------------------------------------------------------------
 
+    def _pulled_since(self, mark: int) -> bool:
+        """Whether a pull round started after ``mark`` read the log to its end."""
+        return self._puller is None or self._last_end_round > mark
+
     def status(self) -> SyncStatus:
         """Where sync stands now (one short read)."""
         with self._db.read() as conn:
             counts = outbox.counts_by_state(conn)
             conflicts = outbox.conflict_count(conn)
+            pulled = replica.read_state(conn)
         state = self._state
         if self._auth_paused:
             state = "auth_required"
         next_retry: str | None = None
         due = self._offline_until if self._offline_until is not None else self._next_due
+        if due is None and self._pull_attempts:
+            due = self._pull_due
         if due is not None and state in ("offline", "backoff"):
             next_retry = timestamps.format_instant(datetime.fromtimestamp(due, UTC))
         return SyncStatus(
@@ -246,6 +305,14 @@ class SyncEngine:
             conflicts=int(conflicts),
             last_success_at=self._last_success_at,
             next_retry_at=next_retry,
+            bootstrapping=self._puller is not None
+            and (
+                pulled.bootstrapping
+                or pulled.scope != self._config.scope_text()
+                or pulled.service != self._config.service_id()
+            ),
+            tasks_pulled=pulled.pulled if self._puller is not None else 0,
+            last_pull_at=pulled.last_pull_at if self._puller is not None else None,
             last_error=self._last_error,
         )
 
@@ -317,23 +384,42 @@ class SyncEngine:
         return count
 
     def conflicts(self) -> list[SyncConflict]:
-        """Every task in conflict, with the local change and the server's current task."""
+        """Every task in conflict: the base, the server's task and the *current* local
+        task (every edit made since the conflict was found), with the reasons."""
         return _conflicts.conflicts(self._db)
 
     def resolve(
-        self, task_id: str, keep: Literal["local", "remote"] | Mapping[str, object]
+        self,
+        task_id: str,
+        keep: Literal["local", "remote"] | Mapping[str, object],
+        *,
+        local_version: int | None = None,
     ) -> None:
-        """Settle a conflict; the result is based on the server's current version.
+        """Settle a conflict; the result is based on the server's version in the conflict,
+        which becomes the task's base.
 
-        ``keep="local"``: the local task (as it is now) goes to the server as a new
-        change with ``If-Match`` = the server's version. ``keep="remote"``: the local
-        task becomes the server's version; nothing is sent. A mapping (a merged wire
-        request; ``versionId``/``lastModified`` in it are ignored) becomes the local
-        task and is sent as a new change on the server's version. Every open change
-        of the task is replaced by that one change.
+        ``keep="local"``: the current local task goes to the server as a new change with
+        ``If-Match`` = the server's version (fields this version does not know are the
+        server's). ``keep="remote"``: the local task becomes the server's task (stored
+        as sent, also with unknown fields or texts over the local limits); nothing is
+        sent. A mapping (a merged wire request; ``versionId``/``lastModified`` in it are
+        ignored) becomes the local task and is sent as a new change on the server's
+        version. Every open change of the task is replaced by that one change.
+
+        ``local_version``: the ``SyncConflict.local_version`` the decision was made on;
+        if the local task changed since (an edit the conflict you looked at did not
+        show), VersionConflictError and nothing changes.
         """
-        _conflicts.resolve(self._db, task_id, keep)
+        _conflicts.resolve(
+            self._db, task_id, keep, local_version=local_version, in_scope=self._in_scope()
+        )
         self._wake.set()
+
+    def _in_scope(self) -> Callable[[Mapping[str, object]], bool] | None:
+        scope = self._config.scope
+        if self._puller is None or not scope:
+            return None
+        return lambda wire: rebase.scope_matches(scope, wire)
 
     # --- the worker --------------------------------------------------------------------------
 
@@ -350,7 +436,7 @@ class SyncEngine:
                 self._offline_attempts += 1
                 self._offline_until = time.time() + self._backoff(self._offline_attempts)
                 self._set_state("error")
-            self._emit()
+            self._after_pass()
             if self._stopping:
                 break
             wait = None if self._auth_paused else self._wait_seconds()
@@ -359,6 +445,8 @@ class SyncEngine:
 
     def _wait_seconds(self) -> float | None:
         dues = [d for d in (self._offline_until, self._next_due) if d is not None]
+        if self._puller is not None and self._pull_due is not None and self._offline_until is None:
+            dues.append(self._pull_due)
         if not dues:
             return None
         return max(min(dues) - time.time(), 0.0)
@@ -372,18 +460,36 @@ class SyncEngine:
         with self._db.read() as conn:
             return outbox.deliverable_count(conn)
 
-    def _pass(self) -> None:
-        """One pass over the outbox (caller holds the pass lock)."""
+    def _ready(self) -> bool:
+        """Whether a pass may run now; recovers and prepares the store on the first one."""
         if self._auth_paused:
             self._set_state("auth_required")
-            return
+            return False
         if self._offline_until is not None and self._offline_until > time.time():
-            return
+            return False
         self._offline_until = None
         if not self._recovered:
             with self._db.write() as conn:
                 outbox.recover_in_flight(conn)
+            _pull.prepare(self._db, self._config)
             self._recovered = True
+        return True
+
+    def _pass(self) -> None:
+        """One pass: the outbox, then the pull side (caller holds the pass lock)."""
+        if not self._ready():
+            return
+        if not self._push_part():
+            return
+        if self._puller is not None and not self._stopping:
+            due = self._pull_due
+            if due is not None and due <= time.time():
+                self._pull_part(
+                    budget=_pull.monotonic_budget(_PULL_BUDGET, lambda: self._deliverable() > 0)
+                )
+
+    def _push_part(self) -> bool:
+        """Push everything due; False when the pass had to stop (offline, auth)."""
         with self._db.read() as conn:
             blocked = outbox.parked_tasks(conn)
         self._next_due = None
@@ -404,11 +510,89 @@ class SyncEngine:
                     self._set_state("uploading")
                     self._send_batch(batch, blocked)
         except _StopPass:
-            return
-        if self._next_due is not None:
+            return False
+        self._settle_state()
+        return True
+
+    def _settle_state(self) -> None:
+        if self._next_due is not None or self._pull_attempts:
             self._set_state("backoff")
         else:
             self._set_state("idle")
+
+    def _pull_part(self, budget: Callable[[], bool]) -> None:
+        """Pull until the log's end, a failure, or the budget (caller holds the pass lock)."""
+        assert self._puller is not None
+        self._round_seq += 1
+        round_id = self._round_seq
+        self._set_state("downloading")
+        result = self._puller.run(lambda: self._stopping, budget)
+        self._policy_queue.extend(result.conflicts)
+        failure = result.failure
+        if failure is None:
+            self._offline_attempts = 0
+            self._pull_attempts = 0
+            if result.at_end:
+                self._last_end_round = round_id
+                self._pull_due = time.time() + self._config.pull_interval
+            else:
+                self._pull_due = time.time()  # more to read: go on after the push side
+            self._settle_state()
+        elif isinstance(failure, (Unreachable, AuthFailed)):
+            self._stop_for(failure)
+        else:
+            self._offline_attempts = 0
+            self._pull_attempts += 1
+            delay = self._backoff(self._pull_attempts)
+            if isinstance(failure, Transient) and failure.retry_after is not None:
+                delay = min(float(failure.retry_after), self._config.max_retry_after)
+            self._pull_due = time.time() + delay
+            self._last_error = failure.error
+            if isinstance(failure, Refused):
+                self._set_state("error")
+            else:
+                self._settle_state()
+
+    def _after_pass(self) -> None:
+        """After a pass, outside the pass lock: status callbacks, the conflict policy."""
+        self._emit()
+        policy = self._config.on_conflict
+        queued, self._policy_queue = self._policy_queue, []
+        if policy is None or not queued:
+            return
+        for task_id in dict.fromkeys(queued):
+            self._apply_policy(policy, task_id)
+
+    def _apply_policy(self, policy: Callable[[SyncConflict], object], task_id: str) -> None:
+        try:
+            found = _conflicts.conflicts(self._db, task_id)
+        except ClinikError:
+            return
+        if not found:
+            return
+        conflict = found[0]
+        try:
+            decision = policy(conflict)
+        except Exception:
+            _log.exception("the on_conflict policy failed for %s (left to the app)", task_id)
+            return
+        if decision is None:
+            return
+        if not (decision in ("local", "remote") or isinstance(decision, Mapping)):
+            _log.warning("the on_conflict policy returned %r for %s (ignored)", decision, task_id)
+            return
+        try:
+            _conflicts.resolve(
+                self._db,
+                task_id,
+                decision,
+                local_version=conflict.local_version,
+                in_scope=self._in_scope(),
+            )
+        except ClinikError as exc:
+            _log.warning("the on_conflict policy's resolution of %s failed: %s", task_id, exc)
+            return
+        self._wake.set()
 
     def _note_due(self, when: float) -> None:
         if self._next_due is None or when < self._next_due:
@@ -482,6 +666,12 @@ class SyncEngine:
         """Write the answers of one batch in one short transaction."""
         now = timestamps.now()
         with self._db.write() as conn:
-            delivered = push.record(conn, sent, now, self._retry_delay, _instant_in)
-        if delivered:
+            ctx = rebase.Context(
+                scope=self._config.scope,
+                generation=replica.read_state(conn).generation,
+                pulls=self._puller is not None,
+            )
+            done = push.record(self._db, conn, ctx, sent, now, self._retry_delay, _instant_in)
+        self._policy_queue.extend(done.conflicts)
+        if done.delivered:
             self._last_success_at = now

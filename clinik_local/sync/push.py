@@ -10,9 +10,12 @@ a pass runs and what a stop means; this module does one batch:
 2. :func:`send_lane` sends rows in order over one lane; a task whose change fails
    holds back its own later rows only; an :class:`~.base.Unreachable` or
    :class:`~.base.AuthFailed` outcome stops the whole batch (the rest stays unsent);
-3. :func:`record` writes every answer of the batch in one short transaction.
+3. :func:`record` writes every answer of the batch in one short transaction: a
+   delivered change's server task becomes the task's base (and, when it left the
+   scope and nothing else is pending, the local copy is removed); a ``412`` with the
+   server's task rebases the task's open changes on it (:func:`.rebase.accept`).
 
-A pull half (server copies into ``storage.rows``) will sit next to this module.
+The pull half is :mod:`.pull`.
 """
 
 from __future__ import annotations
@@ -35,11 +38,13 @@ from ..remotes.base import (
     Transient,
     Unreachable,
 )
-from ..storage import outbox
+from ..storage import outbox, rows
+from ..storage.database import Database
 from ..storage.outbox import OutboxRow
 from ..wire import dumps, loads_or_none, without_server_fields
+from . import rebase
 
-__all__ = ["Sent", "record", "send_lane", "sendable", "to_change"]
+__all__ = ["Recorded", "Sent", "record", "send_lane", "sendable", "to_change"]
 
 
 @attrs.frozen
@@ -134,25 +139,65 @@ def send_lane(
     return sent, stops
 
 
-def record(
+@attrs.define
+class Recorded:
+    """What recording a batch did: any change delivered; tasks now in conflict."""
+
+    delivered: bool = False
+    conflicts: list[str] = attrs.field(factory=list)
+
+
+def _delivered(
+    db: Database,
     conn: apsw.Connection,
+    ctx: rebase.Context,
+    row: OutboxRow,
+    outcome: Delivered,
+    now: str,
+) -> None:
+    """The server's answer becomes the base; a task that left the scope goes."""
+    if outcome.gone:
+        rows_left = outbox.has_open_changes(conn, row.task_id)
+        if not rows_left:
+            rebase.replica_forget(conn, row.task_id)
+        return
+    task = outcome.task
+    if task is None:  # no body in the answer: the server holds what was sent
+        sent = loads_or_none(row.payload)
+        if not isinstance(sent, dict):
+            return
+        task = {**without_server_fields(sent), "versionId": outcome.version}
+        if outcome.modified is not None:
+            task["lastModified"] = outcome.modified
+    rebase.record_delivered_base(conn, ctx, row.task_id, task, outcome.version, now)
+    if not outbox.has_open_changes(conn, row.task_id) and not rebase.scope_matches(ctx.scope, task):
+        if rows.delete_server_copy(conn, row.task_id, now=now):
+            db.note_change(row.task_id, "pulled")
+        rebase.replica_forget(conn, row.task_id)
+        outbox.forget_server_version(conn, row.task_id)
+
+
+def record(
+    db: Database,
+    conn: apsw.Connection,
+    ctx: rebase.Context,
     sent: list[Sent],
     now: str,
     retry_delay: Callable[[OutboxRow, Transient], float],
     instant_in: Callable[[float], str],
-) -> bool:
+) -> Recorded:
     """Write the answers of one batch (on the caller's write transaction).
 
     ``retry_delay`` says how long a transient failure waits. Returns whether any
-    change was delivered.
+    change was delivered and which tasks are now in conflict.
     """
-    delivered = False
+    done = Recorded()
     for item in sent:
         row, outcome = item.row, item.outcome
         if outcome is None:
             outbox.record_unsent(conn, row.seq)
         elif isinstance(outcome, Delivered):
-            delivered = True
+            done.delivered = True
             outbox.record_delivered(
                 conn,
                 row.seq,
@@ -162,6 +207,7 @@ def record(
                 gone=outcome.gone,
                 now=now,
             )
+            _delivered(db, conn, ctx, row, outcome, now)
         elif isinstance(outcome, Transient):
             delay = retry_delay(row, outcome)
             outbox.record_transient(
@@ -171,6 +217,18 @@ def record(
                 error=outcome.error,
                 status=outcome.status,
             )
+        elif (
+            isinstance(outcome, Refused)
+            and outcome.status == 404
+            and row.op == "update"
+            and (row.server_version is not None)
+        ):
+            # A PUT of a task the server no longer has: the server deleted it. Like a
+            # pulled delete, the task's changes are rebased on "no task" (an update
+            # against a delete is a conflict, kept; nothing changed here is dropped).
+            accepted = rebase.accept(db, conn, ctx, row.task_id, None, None, now)
+            if accepted.conflict:
+                done.conflicts.append(row.task_id)
         elif isinstance(outcome, Refused):
             outbox.record_dead(
                 conn,
@@ -182,13 +240,24 @@ def record(
             )
         elif isinstance(outcome, Conflict):
             server = outcome.server_task
-            outbox.record_conflict(
+            if server is None:  # no server task to merge with: both sides are kept
+                outbox.record_conflict(conn, row, body=outcome.body, server_body=None, now=now)
+                done.conflicts.append(row.task_id)
+                continue
+            version = server.get("versionId")
+            accepted = rebase.accept(
+                db,
                 conn,
-                row,
-                body=outcome.body,
-                server_body=None if server is None else dumps(server),
-                now=now,
+                ctx,
+                row.task_id,
+                server,
+                None if version is None else str(version),
+                now,
+                raw=dumps(server),
+                unseen=True,
             )
+            if accepted.conflict:
+                done.conflicts.append(row.task_id)
         else:  # AuthFailed / Unreachable never reach here: they stop the batch unsent
             raise AssertionError(f"unexpected outcome {outcome!r}")
-    return delivered
+    return done

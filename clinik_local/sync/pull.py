@@ -1,0 +1,227 @@
+"""The pull half of sync: bootstrap a scope, then follow the change log.
+
+No SQL here and no HTTP: pages come from a :class:`~clinik_local.remotes.base.PullRemote`
+and are applied through :mod:`.rebase` and :mod:`clinik_local.storage.replica`. The
+engine (:mod:`.engine`) decides when a pull runs; :meth:`Puller.run` reads pages until
+the log is read to its end (or a failure, or the time budget while changes wait to be
+pushed), each page in its own short write transaction, never with a transaction open
+during a request:
+
+1. **Which state.** :meth:`Puller.prepare` compares the service and scope recorded in
+   the store with the config's. Another service: its versions are forgotten (no stale
+   ``If-Match`` goes to the new one; the bodies stay as merge bases) and the store
+   bootstraps; another scope: it bootstraps the new scope.
+2. **Bootstrap** (no cursor). Listing pages of the scope, from the first one, whose
+   ``changes_cursor`` is kept. Each page is applied in ONE transaction together with the
+   bootstrap's progress (the next page's cursor and the saved ``changes_cursor``), so a
+   process killed mid-bootstrap resumes after the last committed page. A task the
+   listing shows is accepted like a pulled one (undelivered changes are rebased on it).
+   When the last page is in, local tasks the listing did not show and with no
+   undelivered change are removed (deleted on the server, or outside the scope), and the
+   log is read from the saved ``changes_cursor``.
+3. **The log.** Each page's items are applied, task by task
+   (:func:`.rebase.apply_items`), and the cursor advanced in one transaction;
+   applying a page twice changes nothing. ``410``
+   (:class:`~clinik_local.remotes.base.CursorExpired`) starts a new bootstrap; pending
+   local changes are kept (they are rebased on what the listing shows).
+
+Before a page is applied, the transaction checks that the cursor it was read from is
+still the store's: a page read by a stale engine is dropped, never applied twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import apsw
+import attrs
+
+from .. import timestamps
+from ..remotes.base import (
+    AuthFailed,
+    ChangesPage,
+    CursorExpired,
+    ListedPage,
+    LogItem,
+    PullRemote,
+    Refused,
+    Transient,
+    Unreachable,
+)
+from ..storage import outbox, replica, rows
+from ..storage.database import Database
+from . import rebase
+from .config import SyncConfig
+
+__all__ = ["PullFailure", "PullResult", "Puller", "monotonic_budget", "prepare"]
+
+PullFailure = Refused | Transient | AuthFailed | Unreachable
+
+
+@attrs.define
+class PullResult:
+    """What one :meth:`Puller.run` did.
+
+    ``at_end``: the log was read to its end. ``failure``: why it stopped early (None:
+    it did not fail). ``tasks``: server tasks written. ``conflicts``: tasks a pulled
+    version put in conflict (or whose conflict it changed).
+    """
+
+    at_end: bool = False
+    failure: PullFailure | None = None
+    tasks: int = 0
+    conflicts: list[str] = attrs.field(factory=list)
+
+
+def prepare(db: Database, config: SyncConfig) -> None:
+    """Make the store's sync state the config's (one write, before the first push).
+
+    Another service than the one recorded: the old one's versions are forgotten, so no
+    stale ``If-Match`` goes to the new one (the bodies stay, as merge bases), and a
+    pulling store bootstraps. Another scope (pulling stores): bootstrap it.
+    """
+    service = config.service_id()
+    scope = config.scope_text()
+    with db.write() as conn:
+        state = replica.read_state(conn)
+        if state.service != service:
+            if state.service is not None:
+                outbox.forget_all_server_versions(conn)
+                replica.forget_versions(conn)
+            replica.write_state(
+                conn, service=service, cursor=None, bootstrap_next=None, bootstrap_changes=None
+            )
+        if config.pulls and state.scope != scope:
+            replica.write_state(
+                conn, scope=scope, cursor=None, bootstrap_next=None, bootstrap_changes=None
+            )
+
+
+class Puller:
+    """Bootstrap and change-log reading for one store and one remote."""
+
+    def __init__(self, db: Database, remote: PullRemote, config: SyncConfig) -> None:
+        self._db = db
+        self._remote = remote
+        self._config = config
+        self._scope = config.scope or {}
+
+    def context(self, generation: int) -> rebase.Context:
+        """The accepting context for the current bootstrap generation."""
+        return rebase.Context(scope=self._config.scope, generation=generation, pulls=True)
+
+    def run(self, stopping: Callable[[], bool], budget: Callable[[], bool]) -> PullResult:
+        """Read and apply pages until the log's end, a failure, ``stopping()``, or
+        ``budget()`` says to let the push side go first."""
+        result = PullResult()
+        while not stopping():
+            with self._db.read() as conn:
+                state = replica.read_state(conn)
+            if state.cursor is None:
+                failure = self._bootstrap_page(state, result)
+            else:
+                failure = self._log_page(state, result)
+            if failure is not None:
+                result.failure = failure
+                return result
+            if result.at_end or budget():
+                return result
+        return result
+
+    # --- bootstrap ------------------------------------------------------------------------
+
+    def _bootstrap_page(self, state: replica.PullState, result: PullResult) -> PullFailure | None:
+        first = state.bootstrap_changes is None
+        cursor = None if first else state.bootstrap_next
+        page = self._remote.list_page(self._scope, cursor, self._config.pull_limit)
+        if not isinstance(page, ListedPage):
+            return page
+        if first and page.changes_cursor is None:
+            return Transient(error="the first listing page came without a changes cursor")
+        now = timestamps.now()
+        with self._db.write() as conn:
+            again = replica.read_state(conn)
+            if (again.cursor, again.bootstrap_changes, again.bootstrap_next) != (
+                state.cursor,
+                state.bootstrap_changes,
+                state.bootstrap_next,
+            ):
+                return None  # another engine moved on meanwhile: read again
+            generation = state.generation + 1 if first else state.generation
+            changes_cursor = page.changes_cursor if first else state.bootstrap_changes
+            if first:
+                replica.clear_unseen(conn)
+                replica.write_state(conn, generation=generation)
+            ctx = self.context(generation)
+            accepted_all = rebase.apply_listing(self._db, conn, ctx, page.tasks, now)
+            for task, accepted in zip(page.tasks, accepted_all, strict=True):
+                if accepted.conflict:
+                    result.conflicts.append(str(task["id"]))
+            result.tasks += len(page.tasks)
+            if page.next_cursor is None:
+                self._finish_bootstrap(conn, generation, now)
+                replica.write_state(
+                    conn, cursor=changes_cursor, bootstrap_next=None, bootstrap_changes=None
+                )
+            else:
+                replica.write_state(
+                    conn, bootstrap_next=page.next_cursor, bootstrap_changes=changes_cursor
+                )
+            replica.write_state(conn, pulled=again.pulled + len(page.tasks))
+        return None
+
+    def _finish_bootstrap(self, conn: apsw.Connection, generation: int, now: str) -> None:
+        """Remove what the listing did not show (and that has nothing to deliver)."""
+        gone = replica.unlisted_tasks(conn, generation)
+        for task_id in gone:
+            rows.delete_server_copy(conn, task_id, now=now)
+            replica.drop_base(conn, task_id)
+            outbox.forget_server_version(conn, task_id)
+        self._db.note_changes(gone, "pulled")
+        replica.drop_unlisted_bases(conn, generation)
+
+    # --- the log --------------------------------------------------------------------------
+
+    def _log_page(self, state: replica.PullState, result: PullResult) -> PullFailure | None:
+        assert state.cursor is not None
+        page = self._remote.changes_page(self._scope, state.cursor, self._config.pull_limit)
+        if isinstance(page, CursorExpired):
+            with self._db.write() as conn:
+                if replica.read_state(conn).cursor == state.cursor:
+                    replica.write_state(
+                        conn, cursor=None, bootstrap_next=None, bootstrap_changes=None
+                    )
+            return None
+        if not isinstance(page, ChangesPage):
+            return page
+        now = timestamps.now()
+        written = 0
+        with self._db.write() as conn:
+            again = replica.read_state(conn)
+            if again.cursor != state.cursor:
+                return None  # another engine applied this page: read again
+            ctx = self.context(again.generation)
+            by_task: dict[str, list[LogItem]] = {}
+            for item in page.items:
+                by_task.setdefault(item.task_id, []).append(item)
+            for task_id, items in by_task.items():
+                accepted = rebase.apply_items(self._db, conn, ctx, items, now)
+                if accepted.conflict:
+                    result.conflicts.append(task_id)
+                if accepted.changed:
+                    written += 1
+            stalled = page.has_more and not page.items and page.next_cursor == state.cursor
+            at_end = not page.has_more or stalled
+            replica.write_state(conn, cursor=page.next_cursor, pulled=again.pulled + written)
+            if at_end:
+                replica.write_state(conn, last_pull_at=now)
+        result.tasks += written
+        result.at_end = at_end
+        return None
+
+
+def monotonic_budget(seconds: float, waiting: Callable[[], bool]) -> Callable[[], bool]:
+    """A budget: True once ``seconds`` passed and ``waiting()`` (changes to push)."""
+    deadline = time.monotonic() + seconds
+    return lambda: time.monotonic() >= deadline and waiting()

@@ -1,0 +1,436 @@
+"""Accepting a server version of a task: a server copy, or a rebase of undelivered changes.
+
+Every server version the engine learns goes through :func:`accept` (on the caller's
+write transaction; no SQL here, no I/O): a pulled change-log item, a listed task of a
+bootstrap, the ``data`` of a ``412`` answer. What happens depends on the task's open
+(undelivered) changes:
+
+- none: the server's task is written as a *server copy* (``rows.write_server_copy``:
+  no outbox row, history ``origin='server'``), it becomes the task's base
+  (``replica.set_base``, the body exactly as sent) and its version the next
+  ``If-Match``; a task the server deleted, or that is outside the scope, is removed;
+- some: the changes (one patch per outbox row, :func:`local_changes`) are replayed on
+  the server's version with :func:`clinik_local.merge.rebase`, from the base they were
+  made on. **Merged**: the server's task becomes the base, the merged task the local
+  task (history ``origin='merge'``), and the open changes are replaced by one change
+  under a NEW change id (a ``PUT`` with ``If-Match`` = the server's version), or none
+  when the merge equals the server's task. **Conflict**: the first open change is
+  parked (``conflict``), the later ones wait behind it, the base stays, and the server's
+  task is kept with the conflict (:mod:`.conflicts` shows base, server and the current
+  local task). A newer server version later runs the rebase again from the same base.
+
+:func:`apply_items` and :func:`apply_listed` add what the log and the listing need on top:
+own changes coming back, versions already known, and versions learnt outside the log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import apsw
+import attrs
+
+from .. import merge
+from ..errors import ValidationError
+from ..remotes.base import LogItem, Scope
+from ..storage import outbox, replica, rows
+from ..storage.database import Database
+from ..storage.outbox import OpenChange
+from ..wire import dumps, loads_or_none
+
+__all__ = [
+    "Accepted",
+    "Context",
+    "accept",
+    "apply_items",
+    "apply_listed",
+    "apply_listing",
+    "local_changes",
+]
+
+
+@attrs.frozen(kw_only=True)
+class Context:
+    """What accepting needs to know besides the task: the scope (None: every task), the
+    bootstrap generation, and whether this store pulls (then versions learnt outside
+    the log are marked ``unseen``)."""
+
+    scope: Scope | None
+    generation: int
+    pulls: bool
+
+
+@attrs.frozen(kw_only=True)
+class Accepted:
+    """What accepting did: the local task changed (``changed``); a conflict was
+    recorded or its server side replaced (``conflict``)."""
+
+    changed: bool = False
+    conflict: bool = False
+
+
+def scope_matches(scope: Scope | None, wire: Mapping[str, Any]) -> bool:
+    """Whether a wire task is in the scope (every filter matches one of its values)."""
+    if not scope:
+        return True
+    for name, values in scope.items():
+        value = wire.get(name)
+        if not isinstance(value, str) or value not in values:
+            return False
+    return True
+
+
+def local_changes(changes: list[OpenChange]) -> list[merge.Change]:
+    """One merge change per outbox row, in order: its patch, or DELETE.
+
+    A row without a recorded patch (written before schema version 3) gets one derived
+    from the body it was made on (the history row at its base version, or the previous
+    row's payload) and its payload.
+    """
+    out: list[merge.Change] = []
+    previous: str | None = None
+    for change in changes:
+        if change.op == "delete":
+            out.append(merge.DELETE)
+            continue
+        payload = loads_or_none(change.payload)
+        patch = loads_or_none(change.patch)
+        if isinstance(patch, dict):
+            out.append({k: v for k, v in patch.items() if k in merge.MERGE_FIELDS})
+        else:
+            before = None
+            if change.op != "create":
+                before = loads_or_none(change.previous_body or previous)
+            out.append(
+                merge.patch_of(
+                    before if isinstance(before, dict) else None,
+                    payload if isinstance(payload, dict) else {},
+                )
+            )
+        previous = change.payload
+    return out
+
+
+def _in_step(conn: apsw.Connection, task_id: str, base: replica.Base) -> bool:
+    """Whether the local task is what its base says (or has changes of its own to send):
+    then a server version equal to the base's has nothing to add."""
+    if outbox.has_open_changes(conn, task_id):
+        return True
+    found = rows.current(conn, task_id)
+    local = None if found is None else loads_or_none(found[0])
+    server = loads_or_none(base.body)
+    if not isinstance(local, dict) or not isinstance(server, dict):
+        return False
+    return not merge.patch_of(server, local)
+
+
+def _holds(server: Mapping[str, Any], payload: str | None) -> bool:
+    """Whether the server's task is a change's payload (on the fields a patch may set)."""
+    sent = loads_or_none(payload)
+    return isinstance(sent, dict) and not merge.patch_of(sent, server)
+
+
+def _base_body(conn: apsw.Connection, task_id: str, changes: list[OpenChange]) -> Any:
+    base = replica.base_of(conn, task_id)
+    if base is not None:
+        return loads_or_none(base.body)
+    first = changes[0] if changes else None
+    if first is not None and first.op != "create" and first.previous_body is not None:
+        # No server copy recorded (a store from before schema 3, or a restore): the
+        # changes were made on the local version the device last had from the server.
+        return loads_or_none(first.previous_body)
+    return None
+
+
+def _record_server(
+    conn: apsw.Connection,
+    ctx: Context,
+    task_id: str,
+    server: Mapping[str, Any] | None,
+    raw: str | None,
+    version: str | None,
+    now: str,
+    *,
+    unseen: bool,
+) -> None:
+    """The server's version becomes the base and the next ``If-Match`` (or is forgotten)."""
+    if server is None:
+        replica.drop_base(conn, task_id)
+        outbox.forget_server_version(conn, task_id)
+        return
+    mark = version if unseen and ctx.pulls and scope_matches(ctx.scope, server) else None
+    replica.set_base(
+        conn, task_id, version, raw or dumps(server), listed=ctx.generation, unseen=mark
+    )
+    outbox.set_server_version(conn, task_id, version, server.get("lastModified"), now)
+
+
+def _remove(db: Database, conn: apsw.Connection, task_id: str, now: str) -> bool:
+    removed = rows.delete_server_copy(conn, task_id, now=now)
+    replica.drop_base(conn, task_id)
+    outbox.forget_server_version(conn, task_id)
+    if removed:
+        db.note_change(task_id, "pulled")
+    return removed
+
+
+def accept(
+    db: Database,
+    conn: apsw.Connection,
+    ctx: Context,
+    task_id: str,
+    server: Mapping[str, Any] | None,
+    version: str | None,
+    now: str,
+    *,
+    raw: str | None = None,
+    unseen: bool = False,
+) -> Accepted:
+    """Take the server's version of a task (``server`` None: it deleted the task).
+
+    ``raw``: the server's JSON of ``server`` as sent (kept as the base). ``unseen``: the
+    version came from outside the change log (a 412 answer). See the module docstring.
+    """
+    changes = outbox.open_changes(conn, task_id)
+    if any(c.state == "dead" for c in changes):
+        # A refused change waits for the app (retry or discard): nothing is rebased
+        # under it. A retry goes on the old version and a 412 brings this one back.
+        return Accepted()
+    first = changes[0] if changes else None
+    if (
+        first is not None
+        and server is not None
+        and first.state in ("pending", "in_flight")
+        and first.op != "delete"
+        and _holds(server, first.payload)
+    ):
+        # The server holds the first open change already (applied; its answer was
+        # lost): it is delivered, and the later ones were made on exactly this.
+        outbox.record_delivered(
+            conn,
+            first.seq,
+            task_id,
+            version=version,
+            modified=server.get("lastModified"),
+            gone=False,
+            now=now,
+        )
+        _record_server(conn, ctx, task_id, server, raw, version, now, unseen=unseen)
+        changes = changes[1:]
+        if changes:
+            return Accepted()
+    if not changes:
+        if server is None or not scope_matches(ctx.scope, server):
+            return Accepted(changed=_remove(db, conn, task_id, now))
+        rows.write_server_copy(conn, task_id, server, now=now)
+        _record_server(conn, ctx, task_id, server, raw, version, now, unseen=unseen)
+        db.note_change(task_id, "pulled")
+        return Accepted(changed=True)
+    base = _base_body(conn, task_id, changes)
+    try:
+        result = merge.rebase(
+            base if isinstance(base, dict) else None, server, local_changes(changes)
+        )
+    except ValidationError:  # a stored change the merge cannot read: keep both sides
+        result = None
+    if not isinstance(result, merge.Merged):
+        outbox.park_conflict(conn, task_id, None if server is None else (raw or dumps(server)), now)
+        if unseen and server is not None and ctx.pulls and scope_matches(ctx.scope, server):
+            replica.set_unseen(conn, task_id, version)
+        return Accepted(conflict=True)
+    _record_server(conn, ctx, task_id, server, raw, version, now, unseen=unseen)
+    if result.task is None:
+        rows.delete_server_copy(conn, task_id, now=now, origin="merge")
+    elif result.send is None and server is not None:
+        rows.write_server_copy(conn, task_id, server, now=now)
+    else:
+        rows.write_server_copy(conn, task_id, result.task, now=now, origin="merge")
+    found = rows.current(conn, task_id)
+    payload = None if found is None or result.op == "delete" else found[0]
+    patch = dumps(result.send) if isinstance(result.send, dict) else None
+    outbox.replace_open_changes(
+        conn,
+        task_id,
+        result.op,
+        payload,
+        patch,
+        None if found is None else found[1],
+        now,
+    )
+    db.note_change(task_id, "pulled")
+    if result.op is None and result.task is not None and not scope_matches(ctx.scope, result.task):
+        _remove(db, conn, task_id, now)
+    return Accepted(changed=True)
+
+
+def apply_items(
+    db: Database, conn: apsw.Connection, ctx: Context, items: list[LogItem], now: str
+) -> Accepted:
+    """Apply the change-log items of ONE task from one page, in log order.
+
+    Idempotent: applying them again changes nothing. The rules:
+
+    - a version learnt outside the log (``unseen``) makes the items before it older than
+      what this device knows: they are skipped, and the mark is cleared by its own item
+      (a page without it is all older);
+    - an item of one of this store's own open changes (the server applied it; its answer
+      was lost) settles that change: it is delivered, the item's task becomes the base
+      and its version the next ``If-Match``; the local task, which already holds the
+      change, is not rewritten;
+    - of the other items, only the last one matters (a later item supersedes it); it is
+      skipped when its version is the base's already, else accepted (:func:`accept`).
+    """
+    if not items:
+        return Accepted()
+    task_id = items[0].task_id
+    base = replica.base_of(conn, task_id)
+    if base is not None and base.unseen is not None:
+        seen = [i for i, item in enumerate(items) if item.version == base.unseen]
+        if not seen:
+            return Accepted()
+        replica.set_unseen(conn, task_id, None)
+        items = items[seen[-1] + 1 :]
+    changed = conflict = False
+    for index, item in enumerate(items):
+        task = item.task if not item.deleted else None
+        raw = None if task is None else dumps(task)
+        if item.change_id is not None and outbox.change_task(conn, item.change_id) == task_id:
+            done = _own_change(db, conn, ctx, item, task, raw, now)
+        elif index < len(items) - 1:
+            continue  # superseded by a later item of the page
+        else:
+            done = _foreign(db, conn, ctx, item, task, raw, now)
+        changed = changed or done.changed
+        conflict = conflict or done.conflict
+    return Accepted(changed=changed, conflict=conflict)
+
+
+def _foreign(
+    db: Database,
+    conn: apsw.Connection,
+    ctx: Context,
+    item: LogItem,
+    task: dict[str, Any] | None,
+    raw: str | None,
+    now: str,
+) -> Accepted:
+    base = replica.base_of(conn, item.task_id)
+    if (
+        base is not None
+        and task is not None
+        and item.version is not None
+        and base.version_id == item.version
+        and _in_step(conn, item.task_id, base)
+    ):
+        return Accepted()
+    if task is None and base is None and rows.current(conn, item.task_id) is None:
+        return Accepted()  # a delete of a task this device never had
+    return accept(db, conn, ctx, item.task_id, task, item.version, now, raw=raw)
+
+
+def _own_change(
+    db: Database,
+    conn: apsw.Connection,
+    ctx: Context,
+    item: LogItem,
+    task: dict[str, Any] | None,
+    raw: str | None,
+    now: str,
+) -> Accepted:
+    assert item.change_id is not None
+    seq = next(
+        c.seq for c in outbox.open_changes(conn, item.task_id) if c.change_id == item.change_id
+    )
+    outbox.record_delivered(
+        conn,
+        seq,
+        item.task_id,
+        version=item.version,
+        modified=None if task is None else task.get("lastModified"),
+        gone=task is None,
+        now=now,
+    )
+    _record_server(conn, ctx, item.task_id, task, raw, item.version, now, unseen=False)
+    if not outbox.has_open_changes(conn, item.task_id) and (
+        task is None or not scope_matches(ctx.scope, task)
+    ):
+        return Accepted(changed=_remove(db, conn, item.task_id, now))
+    return Accepted()
+
+
+def apply_listing(
+    db: Database, conn: apsw.Connection, ctx: Context, tasks: Sequence[dict[str, Any]], now: str
+) -> list[Accepted]:
+    """Apply a whole listing page; :func:`apply_listed` per task, except that tasks this
+    store has never seen (no local task or history, no base, no open change) and in the
+    scope are written in bulk (a bootstrap into an empty store)."""
+    ids = [str(t["id"]) for t in tasks]
+    taken = rows.known_ids(conn, ids) | replica.based_ids(conn, ids)
+    taken |= outbox.tasks_with_open_changes(conn, ids)
+    fresh: dict[str, dict[str, Any]] = {}
+    for task_id, task in zip(ids, tasks, strict=True):
+        if task_id not in taken and task_id not in fresh and scope_matches(ctx.scope, task):
+            fresh[task_id] = task
+    results: list[Accepted] = []
+    if fresh:
+        written = rows.write_new_server_copies(conn, list(fresh.items()), now=now)
+        bodies = [(i, _text(t.get("versionId")), dumps(t)) for i, t in fresh.items()]
+        replica.set_bases_many(conn, bodies, listed=ctx.generation)
+        outbox.set_server_versions(
+            conn,
+            [(i, _text(t.get("versionId")), t.get("lastModified")) for i, t in fresh.items()],
+            now,
+        )
+        db.note_changes(written, "pulled")
+    for task_id, task in zip(ids, tasks, strict=True):
+        if task_id in fresh:
+            results.append(Accepted(changed=True))
+        else:
+            results.append(apply_listed(db, conn, ctx, task, now))
+    return results
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def apply_listed(
+    db: Database, conn: apsw.Connection, ctx: Context, task: dict[str, Any], now: str
+) -> Accepted:
+    """Apply one task of a bootstrap listing (marks it seen by this bootstrap)."""
+    task_id = str(task["id"])
+    version = task.get("versionId")
+    version_text = None if version is None else str(version)
+    base = replica.base_of(conn, task_id)
+    if base is not None and (
+        base.unseen is not None
+        or (
+            version_text is not None
+            and base.version_id == version_text
+            and _in_step(conn, task_id, base)
+        )
+    ):
+        # Known already, or learnt after this bootstrap began (the log will bring it).
+        replica.set_base(
+            conn, task_id, base.version_id, base.body, listed=ctx.generation, unseen=base.unseen
+        )
+        return Accepted()
+    return accept(db, conn, ctx, task_id, task, version_text, now, raw=dumps(task))
+
+
+def record_delivered_base(
+    conn: apsw.Connection,
+    ctx: Context,
+    task_id: str,
+    task: Mapping[str, Any],
+    version: str | None,
+    now: str,
+) -> None:
+    """A 2xx answer's task becomes the base, marked ``unseen`` until the log shows it."""
+    _record_server(conn, ctx, task_id, task, dumps(task), version, now, unseen=True)
+
+
+def replica_forget(conn: apsw.Connection, task_id: str) -> None:
+    """The task is gone from the server: no base for it any more."""
+    replica.drop_base(conn, task_id)

@@ -85,7 +85,7 @@ def sync_drain(base_url: str, count: int, prefix: str, lanes: int) -> float:
     """Flush an outbox of ``count`` creates through FhirR4Remote: changes per second."""
     with tempfile.TemporaryDirectory() as tmp:
         remote = FhirR4Remote(base_url, lambda: TOKEN, reference_map=dashed, lanes=lanes)
-        config = SyncConfig(remote=remote, lanes=lanes)
+        config = SyncConfig(remote=remote, lanes=lanes, pull=False)  # the push side only
         with TaskStore.open(Path(tmp) / "drain.db", sync=config) as store:
             store.tasks.create_many(requests(count, prefix))
             started = time.perf_counter()

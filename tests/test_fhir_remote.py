@@ -32,7 +32,16 @@ from clinik_local.codec import encode_task
 from clinik_local.demo import SEED_LAB_ORDER, generate_requests
 from clinik_local.fhir import ID_SYSTEM
 from clinik_local.ids import ID_PATTERN
-from clinik_local.remotes.base import Change, Delivered, Refused, Transient
+from clinik_local.remotes.base import (
+    Change,
+    ChangesPage,
+    Conflict,
+    CursorExpired,
+    Delivered,
+    ListedPage,
+    Refused,
+    Transient,
+)
 from clinik_local.remotes.fhir import (
     CHANGE_ID_URL,
     CONTENT_HASH_URL,
@@ -246,7 +255,7 @@ def test_an_unmappable_reference_is_refused_naming_the_field_and_nothing_is_sent
         assert "(got 'pt_9')" in dead.error
         assert "reference_map" in dead.error
     assert hapi.tasks() == {}
-    assert hapi.requests == 0
+    assert hapi.writes == 0
 
 
 def test_the_reference_map_names_the_servers_resources(
@@ -331,12 +340,14 @@ def test_hapi_409_on_a_stale_version_is_a_conflict_not_a_dead_letter(
 def test_hapi_lost_answers_are_recognised_by_the_change_id(
     tmp_path: Path, hapi: HapiLikeFhirServer
 ) -> None:
-    """Every write's answer lost once: the retried PUT gets 409, the server's task carries
-    our change id, so it is delivered, not a conflict; the delete's retry finds it gone."""
+    """Every write's answer lost once, push only: the retried PUT gets 409, the server's
+    task carries our change id, so it is delivered, not a conflict; the delete's retry
+    finds it gone."""
     script = [Fault.DROP_AFTER, None, Fault.DROP_AFTER, None, Fault.DROP_AFTER]
     with FaultProxy(hapi.url, script=script, methods=["PUT", "DELETE"]) as proxy:
         remote = FhirR4Remote(proxy.base_url, token)
-        with TaskStore.open(tmp_path / "t.db", sync=fast(remote, lanes=1)) as store:
+        config = fast(remote, lanes=1, pull=False)
+        with TaskStore.open(tmp_path / "t.db", sync=config) as store:
             task = store.tasks.create({"status": "requested", "intent": "order"}).data
             flush_all(store)
             store.tasks.update(tid(task), {"note": "second"})
@@ -690,3 +701,172 @@ def test_a_version_is_ours_only_while_its_content_is_what_our_change_wrote() -> 
     edited = dict(resource, note=[{"text": "another client, keeping our extensions"}])
     assert written_by(edited) is None
     assert written_by({k: v for k, v in resource.items() if k != "extension"}) is None
+
+
+# --- pull: server-side changes into the store ---------------------------------------------
+
+
+def test_server_side_edits_creates_and_deletes_on_medplum_are_pulled_through_faults(
+    tmp_path: Path, own_peer: MedplumPeer
+) -> None:
+    """Medplum has no type-level _history: its deletes come in by the periodic
+    reconciliation (the cursor expires, the scope is listed again)."""
+    own_peer.reset()
+    rates = {Fault.DROP_BEFORE: 0.1, Fault.DROP_AFTER: 0.1, Fault.ERROR_5XX: 0.1}
+    with FaultProxy(own_peer.base_url, rates=rates, seed=21) as proxy:
+        remote = FhirR4Remote(proxy.base_url, token, reference_map=dashed, reconcile_every=1.0)
+        with TaskStore.open(tmp_path / "t.db", sync=fast(remote)) as store:
+            created = store.tasks.create_many(list(generate_requests(30, seed=9))).data
+            flush_all(store)
+            with httpx.Client(base_url=own_peer.base_url, headers=own_peer.headers()) as peer:
+                for task in created[:5]:  # a plain client: read, edit, PUT (keeps extensions)
+                    url = f"/Task/{server_task_id(tid(task))}"
+                    current = peer.get(url).json()
+                    current["description"] = "edited on the server"
+                    etag = f'W/"{current["meta"]["versionId"]}"'
+                    assert (
+                        peer.put(url, json=current, headers={"If-Match": etag}).status_code == 200
+                    )
+                for task in created[5:7]:
+                    assert peer.delete(f"/Task/{server_task_id(tid(task))}").status_code == 200
+                foreign = {"resourceType": "Task", "status": "requested", "intent": "order"}
+                made = peer.post("/Task", json=dict(foreign, description="made on the server"))
+                assert made.status_code == 201
+            time.sleep(1.1)  # past reconcile_every: the next pull lists the scope again
+            flush_all(store)
+            proxy.heal()
+            flush_all(store)
+            assert store.sync.conflicts() == []
+            assert store.sync.dead_letters() == []
+            local = {tid(t): encode_task(t) for t in store.tasks.search(limit=1000).data}
+        assert proxy.faults_injected > 0
+    for task in created[:5]:
+        assert local[tid(task)]["description"] == "edited on the server"
+    for task in created[5:7]:
+        assert tid(task) not in local
+    pulled = task_id_from_server(made.json()["id"])
+    assert pulled is not None
+    assert local[pulled]["description"] == "made on the server"
+    with httpx.Client(base_url=own_peer.base_url, headers=own_peer.headers()) as client:
+        server = {
+            tid(from_fhir(r))
+            if any(i["system"] == ID_SYSTEM for i in r.get("identifier", []))
+            else str(task_id_from_server(r["id"])): r
+            for r in (e["resource"] for e in client.get("/Task?_count=1000").json()["entry"])
+        }
+    assert set(server) == set(local)
+    for our_id, resource in server.items():
+        resource.setdefault("authoredOn", resource["meta"]["lastUpdated"])  # as documented
+        wire = encode_task(from_fhir(resource))
+        wire["id"] = our_id
+        assert content(wire) == content(local[our_id])
+
+
+def test_hapi_deletes_come_through_the_type_level_history_without_relisting(
+    tmp_path: Path, hapi: HapiLikeFhirServer
+) -> None:
+    remote = FhirR4Remote(hapi.url, token, reconcile_every=3600)
+    with TaskStore.open(tmp_path / "t.db", sync=fast(remote)) as store:
+        keep = store.tasks.create({"status": "requested", "intent": "order"}).data
+        gone = store.tasks.create({"status": "requested", "intent": "order"}).data
+        flush_all(store)
+        hapi.delete_task(server_task_id(tid(gone)))
+        edited = dict(hapi.tasks()[server_task_id(tid(keep))], priority="urgent")
+        hapi.put_task(edited)
+        store.sync.pull()
+        assert store.tasks.get(tid(keep)).data.priority == "urgent"
+        assert [t.id for t in store.tasks.search(limit=10).data] == [tid(keep)]
+        assert store.tasks.get(tid(keep)).data.version_id == "2"  # HAPI's integer version
+
+
+def test_a_scope_pulls_only_its_tasks_as_fhir_search_parameters(
+    tmp_path: Path, hapi: HapiLikeFhirServer
+) -> None:
+    writer = FhirR4Remote(hapi.url, token, reference_map=dashed)
+    with TaskStore.open(tmp_path / "w.db", sync=fast(writer)) as source:
+        for owner, code in (("prac_1", "lab"), ("prac_1", "x-ray"), ("prac_2", "lab")):
+            source.tasks.create(
+                {"status": "requested", "intent": "order", "ownerId": owner, "code": code}
+            )
+        flush_all(source)
+    reader = FhirR4Remote(hapi.url, token, reference_map=dashed)
+    scope = {"ownerId": ["prac_1"], "code": ["lab"]}
+    with TaskStore.open(tmp_path / "r.db", sync=fast(reader, scope=scope)) as replica:
+        replica.sync.pull()
+        found = [(t.owner_id, t.code) for t in replica.tasks.search(limit=10).data]
+    assert found == [("prac_1", "lab")]
+
+
+def test_the_log_cursor_dedups_the_overlap_and_pages_through_ties(
+    own_peer: MedplumPeer,
+) -> None:
+    own_peer.reset()
+    remote = FhirR4Remote(own_peer.base_url, token)
+    with httpx.Client(base_url=own_peer.base_url, headers=own_peer.headers()) as peer:
+        first = remote.list_page({}, None, 10)
+        assert isinstance(first, ListedPage)
+        assert first.tasks == ()
+        assert first.changes_cursor is not None
+        for n in range(7):
+            body = {"resourceType": "Task", "id": f"t{n}", "status": "draft", "intent": "plan"}
+            assert peer.put(f"/Task/t{n}", json=body).status_code == 200
+    seen: list[tuple[str, str | None]] = []
+    cursor = first.changes_cursor
+    for _ in range(10):
+        page = remote.changes_page({}, cursor, 3)
+        assert isinstance(page, ChangesPage)
+        seen += [(i.task_id, i.version) for i in page.items]
+        cursor = page.next_cursor
+        if not page.has_more:
+            break
+    assert sorted(i for i, _ in seen) == [f"t{n}" for n in range(7)]  # each once
+    again = remote.changes_page({}, cursor, 3)  # the overlap re-reads them: dropped
+    assert isinstance(again, ChangesPage)
+    assert again.items == ()
+    assert again.next_cursor == cursor or not again.has_more
+    listed: list[str] = []
+    page_cursor: str | None = None
+    while True:
+        listing = remote.list_page({}, page_cursor, 2)
+        assert isinstance(listing, ListedPage)
+        listed += [str(t["id"]) for t in listing.tasks]
+        page_cursor = listing.next_cursor
+        if page_cursor is None:
+            break
+    assert sorted(listed) == [f"t{n}" for n in range(7)]
+    assert remote.changes_page({}, "not-a-cursor", 3) == CursorExpired(
+        message="not a cursor of the FHIR remote"
+    )
+    remote.close()
+
+
+def test_a_restored_task_asks_the_server_for_its_version_and_never_overwrites_an_edit(
+    hapi: HapiLikeFhirServer,
+) -> None:
+    remote = FhirR4Remote(hapi.url, token)
+    body = {"status": "requested", "intent": "order", "authoredOn": "2025-01-01T00:00:00.000Z"}
+    created = remote.push(
+        Change(change_id="chg_a", task_id="task_r", op="create", body=body, server_version=None),
+        lane=0,
+    )
+    assert isinstance(created, Delivered)
+    assert created.task is not None
+    base = content(created.task)
+
+    def restored(change_id: str, believed: dict[str, Any]) -> Change:
+        return Change(
+            change_id=change_id,
+            task_id="task_r",
+            op="update",
+            body=dict(body, note="after the restore"),
+            server_version=None,
+            known_on_server=True,
+            base=believed,
+        )
+
+    assert isinstance(remote.push(restored("chg_b", dict(base, note="other")), lane=0), Conflict)
+    updated = remote.push(restored("chg_c", base), lane=0)
+    assert isinstance(updated, Delivered)
+    assert updated.version == "2"  # PUT with If-Match: W/"1", not a second create
+    remote.close()
+    assert hapi.tasks()["task-r"]["note"] == [{"text": "after the restore"}]

@@ -53,27 +53,41 @@ naming the field) rather than pushed as a hash no server knows.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
+import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import quote
 
+import attrs
 import httpx
 
 from ..codec import decode_task, encode_task
 from ..errors import AuthError, TransportError, ValidationError
 from ..fhir import ID_SYSTEM, from_fhir, to_fhir
+from ..ids import is_valid_id
 from ..wire import without_server_fields
 from .base import (
     AuthFailed,
     Change,
+    ChangesOutcome,
+    ChangesPage,
     Conflict,
+    CursorExpired,
     Delivered,
+    ListedPage,
+    ListOutcome,
+    LogItem,
     PushOutcome,
     Refused,
+    Scope,
     Transient,
     Unreachable,
 )
@@ -134,6 +148,126 @@ _LIST_REFS = {"basedOn": "basedOn", "partOf": "partOf"}
 #: Words of an OperationOutcome that make a 409 a version conflict (HAPI-0989 and kin).
 _VERSION_CONFLICT = re.compile(r"HAPI-0989|version|precondition|stale", re.IGNORECASE)
 _HISTORY_COUNT = 100
+#: At most this many pages of type-level history per change-log page (else: relist).
+_HISTORY_PAGES = 20
+#: Scope filters naming references: the FHIR search parameter and the type we write.
+_SCOPE_REFERENCES = {
+    "patientId": ("patient", "Patient"),
+    "ownerId": ("owner", "Practitioner"),
+    "requesterId": ("requester", "Practitioner"),
+}
+_log = logging.getLogger(__name__)
+
+#: At most this many (id, version) pairs are kept in a log cursor's overlap window; past
+#: it, the window shrinks to whole ``_lastUpdated`` instants (a floor no read goes under).
+_MAX_SEEN = 200
+_CURSOR_PREFIX = "fhir1."
+
+
+class _BadCursor(Exception):
+    """A cursor this remote did not make (or from an older version of it)."""
+
+
+def _b64(data: object) -> str:
+    raw = json.dumps(data, separators=(",", ":")).encode()
+    return _CURSOR_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _unb64(text: str) -> Any:
+    if not isinstance(text, str) or not text.startswith(_CURSOR_PREFIX):
+        raise _BadCursor("not a cursor of the FHIR remote")
+    body = text[len(_CURSOR_PREFIX) :]
+    try:
+        return json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    except (ValueError, binascii.Error):
+        raise _BadCursor("a damaged cursor of the FHIR remote") from None
+
+
+@attrs.frozen
+class _ListCursor:
+    """Where a listing goes on: the last ``_lastUpdated`` listed and the ids listed at it."""
+
+    at: str | None = None
+    ids: tuple[str, ...] = ()
+
+    def encode(self) -> str:
+        return _b64({"k": "list", "at": self.at, "ids": list(self.ids)})
+
+    @classmethod
+    def decode(cls, text: str) -> _ListCursor:
+        data = _unb64(text)
+        try:
+            assert data["k"] == "list"
+            return cls(at=data["at"], ids=tuple(str(i) for i in data["ids"]))
+        except (AssertionError, KeyError, TypeError):
+            raise _BadCursor("not a listing cursor of the FHIR remote") from None
+
+
+@attrs.frozen
+class _LogCursor:
+    """The watermark of the log: the newest ``_lastUpdated`` applied (``at``), the
+    versions seen in the overlap window before it (``seen``: server id, versionId,
+    lastUpdated), the instant no read goes under (``floor``), and when the scope was
+    last listed in full (``reconciled``, seconds since the epoch on this device)."""
+
+    at: str | None
+    seen: tuple[tuple[str, str, str], ...]
+    reconciled: float
+    floor: str | None = None
+
+    def encode(self) -> str:
+        return _b64(
+            {
+                "k": "log",
+                "at": self.at,
+                "seen": [list(s) for s in self.seen],
+                "r": self.reconciled,
+                "floor": self.floor,
+            }
+        )
+
+    @classmethod
+    def decode(cls, text: str) -> _LogCursor:
+        data = _unb64(text)
+        try:
+            assert data["k"] == "log"
+            seen = tuple((str(a), str(b), str(c)) for a, b, c in data["seen"])
+            return cls(at=data["at"], seen=seen, reconciled=float(data["r"]), floor=data["floor"])
+        except (AssertionError, KeyError, TypeError, ValueError):
+            raise _BadCursor("not a change-log cursor of the FHIR remote") from None
+
+
+def _instant_key(text: str) -> datetime:
+    """A FHIR instant as an aware datetime, for ordering (``Z`` and offsets alike)."""
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _minus(text: str, seconds: float) -> str:
+    """The instant ``seconds`` before a FHIR instant, as a UTC FHIR instant (ms)."""
+    when = _instant_key(text) - timedelta(seconds=seconds)
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+
+
+def _later(a: str | None, b: str | None) -> str | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return a if _instant_key(a) >= _instant_key(b) else b
+
+
+def _updated(resource: Mapping[str, Any]) -> str:
+    meta = resource.get("meta")
+    value = meta.get("lastUpdated") if isinstance(meta, dict) else None
+    return value if isinstance(value, str) else ""
+
+
+def _version_of(resource: Mapping[str, Any]) -> str:
+    meta = resource.get("meta")
+    value = meta.get("versionId") if isinstance(meta, dict) else None
+    return "" if value is None else str(value)
 
 
 def server_task_id(our_id: str) -> str:
@@ -274,6 +408,8 @@ class FhirR4Remote:
         *,
         create: CreateMode = "put",
         reference_map: ReferenceMap | None = None,
+        overlap: float = 5.0,
+        reconcile_every: float = 300.0,
         timeout: float = 10.0,
         allow_insecure_http: bool = False,
         ca_bundle: str | None = None,
@@ -292,8 +428,14 @@ class FhirR4Remote:
             raise ValidationError.single(
                 "token_provider", "must be a callable returning the bearer token", token_provider
             )
+        for name, value in (("overlap", overlap), ("reconcile_every", reconcile_every)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValidationError.single(name, "expected seconds (a number >= 0)", value)
         self.base_url = check_base_url(base_url, allow_insecure_http)
         self.create = create
+        self.overlap = float(overlap)
+        self.reconcile_every = float(reconcile_every)
+        self._history: bool | None = None  # has the server a type-level _history?
         self._reference_map = reference_map
         self._provider = token_provider
         self._timeout = timeout
@@ -309,6 +451,11 @@ class FhirR4Remote:
 
     def __repr__(self) -> str:  # no token here, ever
         return f"<FhirR4Remote {self.base_url}>"
+
+    @staticmethod
+    def service_of(base_url: str) -> str:
+        """The service id of a FHIR server at ``base_url`` (what a store records)."""
+        return f"fhir-r4 {base_url.rstrip('/')}"
 
     # --- connections -----------------------------------------------------------------
 
@@ -377,6 +524,27 @@ class FhirR4Remote:
 
     def _push(self, change: Change, lane: int) -> PushOutcome:
         version = change.server_version
+        if version is None and change.known_on_server and change.op != "create":
+            # A restored task: the server holds it at a version we don't know. Ask, and
+            # write on that version only if the server's task is what we believe it is.
+            asked = self._server_task(change.task_id, lane)
+            if not isinstance(asked, tuple):
+                if asked is not None:
+                    return asked
+                if change.op == "delete":
+                    return Delivered(gone=True)
+            else:
+                resource, answer = asked
+                server = self._conflict(resource, answer)
+                if not isinstance(server, Conflict):
+                    return server
+                task = server.server_task or {}
+                if change.base is None or without_server_fields(task) != without_server_fields(
+                    change.base
+                ):
+                    return server  # changed on the server since the export: both kept
+                version = _version_of(resource) or None
+                change = attrs.evolve(change, server_version=version)
         if change.op == "delete":
             server_id = self._known_server_id(change.task_id, lane)
             if isinstance(server_id, Response):
@@ -481,6 +649,25 @@ class FhirR4Remote:
             return None
         return self._delivered_resource(found)
 
+    def _server_task(
+        self, task_id: str, lane: int
+    ) -> tuple[dict[str, Any], Response] | PushOutcome | None:
+        """The server's Task of ours (None: it has none), or why it can't be had."""
+        server_id = self._known_server_id(task_id, lane)
+        if isinstance(server_id, Response):
+            return self._failure(server_id)
+        if server_id is None:
+            return None
+        answer = self._request("GET", f"/Task/{server_id}", lane)
+        if answer.status in (404, 410):
+            return None
+        resource = _json(answer.body) if answer.status == 200 else None
+        if answer.status == 200 and not isinstance(resource, dict):
+            return Transient(error="the server's task could not be read", status=200)
+        if not isinstance(resource, dict):
+            return self._failure(answer)
+        return resource, answer
+
     def _known_server_id(self, task_id: str, lane: int) -> str | Response | None:
         """The server's id of our task: deterministic, or (conditional creates) looked up.
 
@@ -563,6 +750,316 @@ class FhirR4Remote:
     @staticmethod
     def _dumps(resource: Mapping[str, Any]) -> bytes:
         return json.dumps(resource, ensure_ascii=False, separators=(",", ":")).encode()
+
+    # --- the pull side ----------------------------------------------------------------
+
+    @property
+    def service(self) -> str:
+        """Which service this is (recorded with the store's sync state)."""
+        return self.service_of(self.base_url)
+
+    def list_page(self, scope: Scope, cursor: str | None, limit: int) -> ListOutcome:
+        """One page of the scope's current Tasks, oldest ``_lastUpdated`` first.
+
+        The cursor is the ``_lastUpdated`` of the page's last Task and the ids sharing
+        it (the next page asks ``ge`` that instant and skips them). The first page also
+        reads the newest ``_lastUpdated`` of the scope: the change log starts there.
+        """
+        try:
+            params = self._scope_params(scope)
+            state = _ListCursor.decode(cursor) if cursor is not None else _ListCursor()
+            changes_cursor: str | None = None
+            if cursor is None:
+                newest = self._search([*params, ("_sort", "-_lastUpdated"), ("_count", "1")])
+                if not isinstance(newest, tuple):
+                    return newest
+                watermark = _updated(newest[0][0]) if newest[0] else None
+                changes_cursor = _LogCursor(at=watermark, seen=(), reconciled=time.time()).encode()
+            query = [*params, ("_sort", "_lastUpdated"), ("_count", str(limit + len(state.ids)))]
+            if state.at is not None:
+                query.append(("_lastUpdated", f"ge{state.at}"))
+            found = self._search(query)
+            if not isinstance(found, tuple):
+                return found
+        except _BadCursor as exc:
+            return Refused(status=None, body=None, error=str(exc))
+        except ValidationError as exc:
+            return Refused(status=None, body=None, error="; ".join(str(e) for e in exc.errors))
+        except ConnectFailed as exc:
+            return Unreachable(message=str(exc))
+        except TransportError as exc:
+            return Transient(error=str(exc))
+        except AuthError as exc:
+            self._get_transport().forget_token()
+            return AuthFailed(message=str(exc))
+        resources, linked = found
+        fresh = [r for r in resources if not (_updated(r) == state.at and r["id"] in state.ids)]
+        tasks = tuple(t for t in (self._pulled(r) for r in fresh) if t is not None)
+        more = (linked or len(resources) >= limit + len(state.ids)) and bool(fresh)
+        next_cursor = None
+        if more:
+            last = _updated(fresh[-1])
+            ids = [str(r["id"]) for r in fresh if _updated(r) == last]
+            if last == state.at:
+                ids = [*state.ids, *ids]  # one instant spans pages
+            next_cursor = _ListCursor(at=last, ids=tuple(ids)).encode()
+        return ListedPage(tasks=tasks, next_cursor=next_cursor, changes_cursor=changes_cursor)
+
+    def changes_page(self, scope: Scope, since: str, limit: int) -> ChangesOutcome:
+        """The scope's Tasks changed since the watermark in ``since``, oldest first.
+
+        ``GET /Task?<scope>&_lastUpdated=ge<watermark - overlap>&_sort=_lastUpdated``;
+        the versions the cursor lists as seen are dropped (the overlap re-reads them, to
+        catch writes that committed late; de-duplication by id and versionId). Deletes
+        come from ``GET /Task/_history?_since=`` where the server has a type-level
+        history; else, and for tasks that left the scope, every ``reconcile_every``
+        seconds the cursor expires and the engine lists the scope again (a bootstrap
+        removes what the listing no longer shows).
+        """
+        try:
+            state = _LogCursor.decode(since)
+        except _BadCursor as exc:
+            return CursorExpired(message=str(exc))
+        if time.time() - state.reconciled >= self.reconcile_every:
+            return CursorExpired(message="periodic reconciliation of the ids in scope")
+        start = None if state.at is None else _minus(state.at, self.overlap)
+        if start is not None and state.floor is not None:
+            start = _later(start, state.floor)
+        count = limit + len(state.seen)
+        try:
+            query = [*self._scope_params(scope), ("_sort", "_lastUpdated"), ("_count", str(count))]
+            if start is not None:
+                query.append(("_lastUpdated", f"ge{start}"))
+            found = self._search(query)
+            if not isinstance(found, tuple):
+                return found
+            resources, more = found
+            deletes: list[tuple[str, str, str, str]] = []
+            if self._has_history():
+                gone = self._deletes(start)
+                if not isinstance(gone, list):
+                    return gone
+                deletes = gone
+        except ValidationError as exc:
+            return Refused(status=None, body=None, error="; ".join(str(e) for e in exc.errors))
+        except ConnectFailed as exc:
+            return Unreachable(message=str(exc))
+        except TransportError as exc:
+            return Transient(error=str(exc))
+        except AuthError as exc:
+            self._get_transport().forget_token()
+            return AuthFailed(message=str(exc))
+        more = more or len(resources) >= count
+        seen = {(s[0], s[1]) for s in state.seen}
+        rows: list[tuple[str, str, str, LogItem | None]] = []  # (when, server id, version, item)
+        for resource in resources:
+            key = (str(resource.get("id")), _version_of(resource))
+            if key in seen:
+                continue
+            task = self._pulled(resource)
+            item = None
+            if task is not None:
+                item = LogItem(
+                    task_id=str(task["id"]),
+                    deleted=False,
+                    task=task,
+                    version=key[1] or None,
+                    change_id=written_by(resource),
+                )
+            rows.append((_updated(resource), key[0], key[1], item))
+        top = max((_instant_key(_updated(r)) for r in resources), default=None)
+        for when, server_id, version, task_id in deletes:
+            if (server_id, version) in seen or (
+                more and top is not None and _instant_key(when) > top
+            ):
+                continue  # seen, or after this page's end (the next page brings it)
+            item = LogItem(
+                task_id=task_id, deleted=True, task=None, version=version, change_id=None
+            )
+            rows.append((when, server_id, version, item))
+        rows.sort(key=lambda row: _instant_key(row[0]))
+        watermark = state.at
+        for row in rows:
+            watermark = _later(watermark, row[0])
+        floor = state.floor
+        if more and not rows and resources:
+            # a page of versions seen already: go past them (more of them share one
+            # instant than a page holds, so the overlap cannot re-read them)
+            watermark = _later(watermark, _updated(resources[-1]))
+            floor = _updated(resources[-1])
+        keep_from = None if watermark is None else _minus(watermark, self.overlap)
+        window = [
+            s
+            for s in state.seen
+            if keep_from is None or _instant_key(s[2]) >= _instant_key(keep_from)
+        ]
+        window += [(row[1], row[2], row[0]) for row in rows]
+        if len(window) > _MAX_SEEN:
+            window.sort(key=lambda s: _instant_key(s[2]))
+            cut = window[-_MAX_SEEN][2]
+            window = [s for s in window if _instant_key(s[2]) >= _instant_key(cut)]
+            floor = _later(floor, cut)
+        cursor = _LogCursor(
+            at=watermark, seen=tuple(window), reconciled=state.reconciled, floor=floor
+        )
+        items = tuple(row[3] for row in rows if row[3] is not None)
+        return ChangesPage(items=items, next_cursor=cursor.encode(), has_more=more)
+
+    def _scope_params(self, scope: Scope) -> list[tuple[str, str]]:
+        """A scope as FHIR search parameters (references mapped as pushes map them)."""
+        params: list[tuple[str, str]] = []
+        for name, values in sorted(scope.items()):
+            if name in _SCOPE_REFERENCES:
+                search, resource_type = _SCOPE_REFERENCES[name]
+                mapped: list[str] = []
+                for value in values:
+                    ref: dict[str, Any] = {
+                        "reference": f"{resource_type}/x",
+                        "identifier": {"value": value},
+                    }
+                    self._map(ref, name)
+                    mapped.append(str(ref["reference"]))
+                params.append((search, ",".join(mapped)))
+            else:
+                params.append((name, ",".join(values)))
+        return params
+
+    def _search(
+        self, query: list[tuple[str, str]]
+    ) -> tuple[list[dict[str, Any]], bool] | Refused | Transient | AuthFailed | Unreachable:
+        """A Task search: its resources in order, and whether the server says more follow.
+
+        Raises TransportError / ConnectFailed / AuthError (mapped by the caller).
+        """
+        path = "/Task?" + "&".join(
+            f"{quote(k, safe='_')}={quote(v, safe=',|/:')}" for k, v in query
+        )
+        answer = self._request("GET", path, 0)
+        bundle = _json(answer.body) if answer.status == 200 else None
+        if answer.status == 200 and not isinstance(bundle, dict):
+            return Transient(error="the search answer is not a Bundle", status=200)
+        if not isinstance(bundle, dict):
+            failure = self._failure(answer)
+            assert not isinstance(failure, (Delivered, Conflict))
+            return failure
+        resources = [
+            entry["resource"]
+            for entry in bundle.get("entry") or []
+            if isinstance(entry, dict)
+            and isinstance(entry.get("resource"), dict)
+            and entry["resource"].get("resourceType") == "Task"
+            and (entry.get("search") or {}).get("mode", "match") == "match"
+        ]
+        more = any(
+            isinstance(link, dict) and link.get("relation") == "next"
+            for link in bundle.get("link") or []
+        )
+        return resources, more
+
+    def _pulled(self, resource: Mapping[str, Any]) -> dict[str, Any] | None:
+        """A server Task as a wire task with our id, or None (logged) when it cannot be one.
+
+        Our own Tasks carry our id in their identifier; a Task made on the server by
+        another client gets the id :func:`task_id_from_server` reads from its server id
+        (so that pushing it again goes to the same resource), and, without an
+        ``authoredOn``, its ``meta.lastUpdated`` as one.
+        """
+        server_id = resource.get("id")
+        if "authoredOn" not in resource and _updated(resource):
+            # Another client's Task may lack authoredOn (0..1 in FHIR, required here):
+            # its first known instant is the best there is.
+            resource = dict(resource, authoredOn=_updated(resource))
+        try:
+            task = _wire_of(resource)
+        except ValidationError as exc:
+            _log.warning("skipped server Task %r: %s", server_id, exc)
+            return None
+        ours = [
+            i
+            for i in resource.get("identifier") or []
+            if isinstance(i, dict) and i.get("system") == ID_SYSTEM
+        ]
+        if not ours:
+            mapped = task_id_from_server(str(server_id)) if isinstance(server_id, str) else None
+            if mapped is None or not is_valid_id(mapped):
+                _log.warning(
+                    "skipped server Task %r: its id does not map to one of ours", server_id
+                )
+                return None
+            task["id"] = mapped
+        return task
+
+    def _has_history(self) -> bool:
+        """Whether the server has a type-level ``_history`` (asked once; Medplum has not).
+
+        Raises TransportError (the caller's mapping) when it cannot be asked now.
+        """
+        if self._history is None:
+            answer = self._request("GET", "/Task/_history?_count=1", 0)
+            if answer.status in TRANSIENT_STATUSES or answer.status >= 500:
+                raise TransportError(f"GET /Task/_history: HTTP {answer.status}")
+            bundle = _json(answer.body) if answer.status == 200 else None
+            self._history = isinstance(bundle, dict) and bundle.get("type") == "history"
+        return self._history
+
+    def _deletes(
+        self, since: str | None
+    ) -> (
+        list[tuple[str, str, str, str]]
+        | CursorExpired
+        | Refused
+        | Transient
+        | AuthFailed
+        | Unreachable
+    ):
+        """The deletions in the type-level history since ``since``: (when, server id,
+        version, our id), oldest first, following the Bundle's ``next`` links. More than
+        :data:`_HISTORY_PAGES` pages: CursorExpired (the engine lists the scope again,
+        which finds every delete)."""
+        query = f"_count={_HISTORY_COUNT}"
+        if since is not None:
+            query += f"&_since={quote(since, safe=':')}"
+        path: str | None = f"/Task/_history?{query}"
+        entries: list[dict[str, Any]] = []
+        pages = 0
+        while path is not None:
+            pages += 1
+            if pages > _HISTORY_PAGES:
+                return CursorExpired(message="more writes than the history pages read: relist")
+            answer = self._request("GET", path, 0)
+            bundle = _json(answer.body) if answer.status == 200 else None
+            if not isinstance(bundle, dict):
+                if answer.status == 200:
+                    return Transient(error="the history answer is not a Bundle", status=200)
+                failure = self._failure(answer)
+                assert not isinstance(failure, (Delivered, Conflict))
+                return failure
+            entries += [e for e in bundle.get("entry") or [] if isinstance(e, dict)]
+            path = None
+            for link in bundle.get("link") or []:
+                if isinstance(link, dict) and link.get("relation") == "next":
+                    url = str(link.get("url", ""))
+                    if not url.startswith(self.base_url + "/"):
+                        return CursorExpired(message="a history page link to another base")
+                    path = url[len(self.base_url) :]
+        out = []
+        for entry in entries:
+            request = entry.get("request") or {}
+            response = entry.get("response") or {}
+            if request.get("method") != "DELETE":
+                continue
+            parts = str(request.get("url", "")).split("/")
+            if len(parts) < 2 or parts[0] != "Task":
+                continue
+            server_id = parts[1]
+            ours = task_id_from_server(server_id)
+            if ours is None:
+                continue  # a hashed id: periodic reconciliation finds this delete
+            version = _etag_version(response.get("etag")) or ""
+            when = response.get("lastModified") or ""
+            out.append((str(when), server_id, version, ours))
+        out.reverse()  # the history is newest first
+        return out
 
     # --- answers ---------------------------------------------------------------------
 

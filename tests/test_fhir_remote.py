@@ -246,7 +246,7 @@ def test_an_unmappable_reference_is_refused_naming_the_field_and_nothing_is_sent
         assert "(got 'pt_9')" in dead.error
         assert "reference_map" in dead.error
     assert hapi.tasks() == {}
-    assert hapi.requests == 0
+    assert hapi.writes == 0
 
 
 def test_the_reference_map_names_the_servers_resources(

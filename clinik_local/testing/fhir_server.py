@@ -29,7 +29,8 @@ FHIR remote is proven against both behaviours:
 
 What it is not: a FHIR server. It holds Tasks only, in memory, checks only that a Task
 has ``resourceType``, a valid ``id``, ``status`` and ``intent``, and speaks JSON only.
-A bearer ``token`` is optional (``None``: none checked). ``put_task`` and ``delete_task``
+A bearer ``token`` is optional (``None``: none checked). ``requests`` and ``writes``
+count what it was sent. ``put_task`` and ``delete_task``
 are writes by "another client", for tests of server-side edits.
 """
 
@@ -45,7 +46,7 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import attrs
 
@@ -281,6 +282,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             with owner.stats_lock:
                 owner.requests += 1
+                owner.writes += method in ("PUT", "POST", "DELETE")
             if owner.token is not None and (
                 self.headers.get("Authorization") != f"Bearer {owner.token}"
             ):
@@ -337,6 +339,7 @@ class HapiLikeFhirServer:
         self.base_path = "/fhir/R4"
         self.token = token
         self.requests = 0
+        self.writes = 0
         self.stats_lock = threading.Lock()
         self._store = _Store()
         try:
@@ -562,7 +565,11 @@ class HapiLikeFhirServer:
         entry: dict[str, Any] = {"fullUrl": f"{self.url}/Task/{task_id}"}
         if version.resource is None:
             entry["request"] = {"method": "DELETE", "url": url}
-            entry["response"] = {"status": "204 No Content", "etag": f'W/"{version.number}"'}
+            entry["response"] = {
+                "status": "204 No Content",
+                "etag": f'W/"{version.number}"',
+                "lastModified": _instant(version.updated),
+            }
         else:
             first = version.number == 1
             entry["resource"] = version.resource
@@ -577,17 +584,27 @@ class HapiLikeFhirServer:
     def _type_history(self, query: list[tuple[str, str]]) -> dict[str, Any]:
         since: datetime | None = None
         count = 100
+        offset = 0
         for key, value in query:
             if key == "_since":
                 since = _parse_instant(value)
             elif key == "_count":
                 count = self._int(value, "_count")
+            elif key == "_offset":
+                offset = self._int(value, "_offset")
             else:
                 raise _Answer(400, f"HAPI-0524: Unknown parameter '{key}' for _history")
         log = [e for e in self._store.log if since is None or e.version.updated >= since]
         log.reverse()
-        entries = [self._history_entry(e.task_id, e.version) for e in log[:count]]
-        return self._bundle("history", entries, len(log))
+        page = log[offset : offset + count]
+        entries = [self._history_entry(e.task_id, e.version) for e in page]
+        bundle = self._bundle("history", entries, len(log))
+        if offset + count < len(log):
+            rest = [(k, v) for k, v in query if k != "_offset"]
+            rest.append(("_offset", str(offset + count)))
+            link = "&".join(f"{k}={quote(v, safe=':')}" for k, v in rest)
+            bundle["link"] = [{"relation": "next", "url": f"{self.url}/Task/_history?{link}"}]
+        return bundle
 
     @staticmethod
     def _int(value: str, name: str) -> int:
@@ -642,7 +659,7 @@ class HapiLikeFhirServer:
         if offset + count < len(found):
             rest = [(k, v) for k, v in query if k != "_offset"]
             rest.append(("_offset", str(offset + count)))
-            link = "&".join(f"{k}={v}" for k, v in rest)
+            link = "&".join(f"{k}={quote(v, safe=':,|/')}" for k, v in rest)
             bundle["link"] = [{"relation": "next", "url": f"{self.url}/Task?{link}"}]
         return bundle
 

@@ -654,6 +654,7 @@ def _remote_config(args: argparse.Namespace) -> SyncConfig:
 
     try:
         return SyncConfig(
+            remote=args.remote,
             base_url=args.url,
             token_provider=token_provider,
             timeout=args.timeout,
@@ -1001,12 +1002,18 @@ def _add_tasks(sub: Any) -> None:
     search.set_defaults(run=_cmd_tasks_search)
 
 
+#: ``sync --remote``: the names SyncConfig(remote=...) builds (clinik_local.sync.config).
+_REMOTES = ("clinik", "fhir-r4")
+
+
 def _add_sync(sub: Any) -> None:
     sync = sub.add_parser(
         "sync",
         help="sync status, delivery, dead letters and conflicts of a store",
         epilog="examples:\n  CLINIK_TOKEN=... clinik-local sync run --db clinic.db "
-        "--url https://clinic-host/api/v1\n  clinik-local sync dead-letters --db clinic.db\n"
+        "--url https://clinic-host/api/v1\n  CLINIK_TOKEN=... clinik-local sync run --db clinic.db "
+        "--remote fhir-r4 --url https://fhir-host/fhir/R4\n"
+        "  clinik-local sync dead-letters --db clinic.db\n"
         "  clinik-local sync resolve task_01J... --keep remote --db clinic.db\n\n"
         "Only `run` talks to the service; the others read or change the local store.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1021,7 +1028,15 @@ def _add_sync(sub: Any) -> None:
         "7 when dead letters or conflicts remain.",
     )
     _add_db(run)
-    run.add_argument("--url", required=True, help="the service's API root")
+    run.add_argument(
+        "--url", required=True, help="the service's API root (with fhir-r4: the FHIR base)"
+    )
+    run.add_argument(
+        "--remote",
+        choices=_REMOTES,
+        default="clinik",
+        help="what the service is: the clinik sync contract (default) or a FHIR R4 server",
+    )
     run.add_argument(
         "--token-env",
         default="CLINIK_TOKEN",
@@ -1056,6 +1071,7 @@ def _add_sync(sub: Any) -> None:
         p.add_argument("--url", help=argparse.SUPPRESS)
         p.add_argument("--token-env", help=argparse.SUPPRESS)
         p.add_argument("--timeout", help=argparse.SUPPRESS)
+        p.add_argument("--remote", choices=_REMOTES, help=argparse.SUPPRESS)
         if action in ("retry", "discard"):
             p.add_argument("change_id", nargs="?", help="the dead letter's change id")
             p.add_argument("--all", action="store_true", help=f"{action} every dead letter")

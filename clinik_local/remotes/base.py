@@ -142,9 +142,13 @@ class Conflict:
 
 @attrs.frozen(kw_only=True)
 class Refused:
-    """Refused for good: the status, the server's body, a short error."""
+    """Refused for good: the status, the server's body, a short error.
 
-    status: int
+    ``status`` is None when the remote refused the change before sending it (a FHIR
+    remote that cannot map a reference to an id the server knows).
+    """
+
+    status: int | None
     body: str | None
     error: str
 

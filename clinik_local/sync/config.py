@@ -2,9 +2,11 @@
 
 The remote is the seam: by default the config builds a
 :class:`~clinik_local.remotes.clinik.ClinikRemote` from ``base_url`` and
-``token_provider``; ``remote=`` takes any :class:`~clinik_local.remotes.base.Remote`
-instead (a FHIR server, or a test double), and then ``base_url``/``token_provider``
-are not needed.
+``token_provider``; ``remote="fhir-r4"`` builds a
+:class:`~clinik_local.remotes.fhir.FhirR4Remote` from the same two instead (a FHIR R4
+server, with its default options); ``remote=`` also takes any
+:class:`~clinik_local.remotes.base.Remote` object (a ``FhirR4Remote`` with options of
+its own, or a test double), and then ``base_url``/``token_provider`` are not needed.
 """
 
 from __future__ import annotations
@@ -19,13 +21,24 @@ from ..errors import FieldError, ValidationError
 from ..model import TaskPriority, TaskStatus
 from ..remotes.base import SCOPE_FILTERS, Remote, Scope, is_pull_remote
 from ..remotes.clinik import ClinikRemote
+from ..remotes.fhir import FhirR4Remote
 from ..remotes.transport import check_base_url
 from ..wire import dumps
 
 if TYPE_CHECKING:
     from .conflicts import SyncConflict
 
-__all__ = ["ConflictPolicy", "ConflictPolicyResult", "SyncConfig", "normalise_scope"]
+__all__ = [
+    "REMOTE_KINDS",
+    "ConflictPolicy",
+    "ConflictPolicyResult",
+    "SyncConfig",
+    "normalise_scope",
+]
+
+#: The remotes ``SyncConfig(remote=...)`` builds by name from ``base_url``/``token_provider``.
+REMOTE_KINDS = ("clinik", "fhir-r4")
+RemoteKind = Literal["clinik", "fhir-r4"]
 
 ConflictPolicyResult: TypeAlias = Literal["local", "remote"] | Mapping[str, object] | None
 """What an ``on_conflict`` policy returns: how to resolve (as ``store.sync.resolve``'s
@@ -130,7 +143,7 @@ def _positive(name: str, low: float, high: float) -> Callable[[Any, Any, Any], N
 
 
 def _check_provider(instance: Any, _attribute: Any, value: Any) -> None:
-    if value is None and instance.remote is not None:
+    if value is None and instance.remote is not None and not isinstance(instance.remote, str):
         return
     if not callable(value):
         raise ValidationError.single(
@@ -139,11 +152,20 @@ def _check_provider(instance: Any, _attribute: Any, value: Any) -> None:
 
 
 def _check_remote(_instance: Any, _attribute: Any, value: Any) -> None:
+    if isinstance(value, str):
+        if value not in REMOTE_KINDS:
+            raise ValidationError.single(
+                "remote", "is not a known remote", value, ", ".join(REMOTE_KINDS)
+            )
+        return
     if value is not None and not (
         callable(getattr(value, "push", None)) and callable(getattr(value, "close", None))
     ):
         raise ValidationError.single(
-            "remote", "must be a Remote (with push() and close())", type(value)
+            "remote",
+            "must be a Remote (with push() and close()) or a remote's name",
+            type(value),
+            ", ".join(REMOTE_KINDS),
         )
 
 
@@ -160,8 +182,10 @@ class SyncConfig:
     ``lanes`` connections send at once; each task's changes always go through the
     same lane, one after another, so per-task order holds.
     ``ca_bundle``: a CA file to trust instead of the system's (TLS is always verified).
-    ``remote``: a :class:`~clinik_local.remotes.base.Remote` to use instead of the
-    clinik service at ``base_url`` (then ``base_url``/``token_provider`` may be omitted).
+    ``remote``: which service ``base_url`` is: ``"clinik"`` (the default, the clinik
+    sync contract) or ``"fhir-r4"`` (a FHIR R4 server, ``base_url`` its FHIR base such as
+    ``https://host/fhir/R4``); or a :class:`~clinik_local.remotes.base.Remote` object to
+    use instead (then ``base_url``/``token_provider`` may be omitted).
 
     Two-way sync: ``pull`` (default True) keeps the store a replica of the server's
     tasks in ``scope``: a mapping of the contract's filter names (``patientId``,
@@ -177,7 +201,9 @@ class SyncConfig:
     with a push-only remote the store syncs one way and a ``scope`` is refused.
     """
 
-    remote: Remote | None = attrs.field(default=None, validator=_check_remote, repr=False)
+    remote: Remote | RemoteKind | None = attrs.field(
+        default=None, validator=_check_remote, repr=False
+    )
     base_url: str | None = None
     token_provider: Callable[[], str] | None = attrs.field(
         default=None, validator=_check_provider, repr=False
@@ -204,11 +230,16 @@ class SyncConfig:
     )
 
     def __attrs_post_init__(self) -> None:
-        if self.remote is None or self.base_url is not None:
+        if self.remote is None or isinstance(self.remote, str) or self.base_url is not None:
             check_base_url(self.base_url, self.allow_insecure_http)
         if not isinstance(self.pull, bool):
             raise ValidationError.single("pull", "expected True or False", self.pull)
-        if self.scope and self.remote is not None and not is_pull_remote(self.remote):
+        if (
+            self.scope
+            and self.remote is not None
+            and not isinstance(self.remote, str)
+            and not is_pull_remote(self.remote)
+        ):
             raise ValidationError.single(
                 "scope",
                 "needs a remote that can pull (list_page and changes_page); this one only pushes",
@@ -218,13 +249,17 @@ class SyncConfig:
     @property
     def pulls(self) -> bool:
         """Whether this config pulls: ``pull`` and a remote that can."""
-        return self.pull and (self.remote is None or is_pull_remote(self.remote))
+        return self.pull and (
+            self.remote is None or isinstance(self.remote, str) or is_pull_remote(self.remote)
+        )
 
     def service_id(self) -> str:
         """Which service the sync state belongs to (recorded in the store): the base
         URL, or an injected remote's ``service`` / ``base_url``, or its type's name."""
-        if self.remote is None:
+        if self.remote is None or isinstance(self.remote, str):
             assert self.base_url is not None
+            if self.remote == "fhir-r4":
+                return FhirR4Remote.service_of(self.base_url)
             return self.base_url
         for name in ("service", "base_url"):
             value = getattr(self.remote, name, None)
@@ -238,11 +273,20 @@ class SyncConfig:
         return scope_text(self.scope)
 
     def make_remote(self) -> Remote:
-        """The injected remote, or the clinik service at ``base_url``."""
-        if self.remote is not None:
+        """The injected remote, or the named one (clinik by default) at ``base_url``."""
+        if self.remote is not None and not isinstance(self.remote, str):
             return self.remote
         assert self.base_url is not None
         assert self.token_provider is not None
+        if self.remote == "fhir-r4":
+            return FhirR4Remote(
+                self.base_url,
+                self.token_provider,
+                timeout=self.timeout,
+                allow_insecure_http=self.allow_insecure_http,
+                ca_bundle=self.ca_bundle,
+                lanes=self.lanes,
+            )
         return ClinikRemote(
             self.base_url,
             self.token_provider,

@@ -342,6 +342,44 @@ def test_a_connection_with_hooks_or_pragmas_set_behind_the_api_is_closed(
             again.close()
 
 
+def _shadow_after_each_step(store: TaskStore) -> list[Any]:
+    def look() -> Any:
+        with store._db.read() as conn:
+            names = conn.execute(
+                "SELECT name FROM sqlite_schema WHERE type = 'table' AND name LIKE 'task_text_%'"
+            ).fetchall()
+            rows = {n: conn.execute(f'SELECT * FROM "{n}"').fetchall() for (n,) in names}
+        return rows, store.table_counts()
+
+    steps = []
+    store.tasks.create({**REQUEST, "id": "a", "note": "alpha beta"})
+    steps.append(look())
+    with pytest.raises(ValidationError):
+        store.tasks.update("a", {"status": None})
+    steps.append(look())
+    store.tasks.update("a", {"note": "gamma"})
+    steps.append(look())
+    store.tasks.create_many([{**REQUEST, "id": f"b{i}", "note": f"n{i}"} for i in range(5)])
+    steps.append(look())
+    store.tasks.delete("a")
+    steps.append(look())
+    return steps
+
+
+def test_a_pooled_stores_tables_after_each_write_are_an_unpooled_stores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Savepoints instead of commits leave the full-text index's tables as commits do."""
+    with fresh_pool(monkeypatch) as pool:
+        with TaskStore.open(":memory:") as pooled:
+            assert not pooled._db._conn.get_autocommit()
+            in_pool = _shadow_after_each_step(pooled)
+        monkeypatch.setattr(pool.template(database.ConnectionOptions()), "poolable", False)
+        with TaskStore.open(":memory:") as plain:
+            assert plain._db._conn.get_autocommit()
+            assert _shadow_after_each_step(plain) == in_pool
+
+
 def test_two_stores_open_at_once_never_share_a_connection() -> None:
     first = TaskStore.open(":memory:")
     second = TaskStore.open(":memory:")

@@ -286,9 +286,12 @@ def _fts5_tables(conn: apsw.Connection) -> list[str]:
 # table. Measured: a few microseconds, against tens for deleting the rows.
 
 
-#: A pooled store's writes: savepoints inside the store's transaction.
+#: A pooled store's writes: savepoints inside the store's transaction. A COMMIT makes
+#: FTS5 write its pending terms to its tables; a RELEASE does not, but opening a
+#: savepoint does: so the shadow tables after each write are what a COMMIT leaves
+#: (``store.table_counts()`` counts them).
 _SAVEPOINT = "SAVEPOINT clinik_write"
-_RELEASE = "RELEASE clinik_write"
+_RELEASE = "RELEASE clinik_write; SAVEPOINT clinik_flush; RELEASE clinik_flush"
 _ROLLBACK_TO = "ROLLBACK TO clinik_write; RELEASE clinik_write"
 #: What a connection must still show after the rollback to be pooled again: the schema
 #: of the image (``schema_version`` moves on any DDL that was not rolled back) and the

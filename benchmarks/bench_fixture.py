@@ -91,6 +91,9 @@ def pytest_unconfigure(config):
 """
 
 
+_PYTHONPATH = os.environ.get("PYTHONPATH", "")
+
+
 def _pytest_run(body: str, n: int) -> tuple[float, float]:
     """Seconds for a whole pytest session of ``n`` generated tests, and the median
     microseconds of one test's protocol inside it."""
@@ -105,7 +108,7 @@ def _pytest_run(body: str, n: int) -> tuple[float, float]:
             check=True,
             capture_output=True,
             cwd=tmp,
-            env={**os.environ, "PYTHONPATH": tmp},
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (tmp, _PYTHONPATH)))},
             text=True,
         )
         took = time.perf_counter() - start

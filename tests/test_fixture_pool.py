@@ -31,6 +31,7 @@ from clinik_local import (
 )
 from clinik_local import timestamps as ts
 from clinik_local.storage import database
+from clinik_local.storage.connection import ConnectionOptions
 
 pytest_plugins = ["pytester"]
 
@@ -79,7 +80,7 @@ def dump(store: TaskStore, opened_after: str) -> dict[str, Any]:
             ).fetchall()
         ]
         rows = {t: conn.execute(f'SELECT * FROM "{t}"').fetchall() for t in tables}
-        meta = dict(rows["meta"])
+        meta = {str(key): str(value) for key, value in rows["meta"]}
         assert str(meta.pop("created_at")) >= opened_after
         rows["meta"] = sorted(meta.items())
         state = {
@@ -95,8 +96,9 @@ def dump(store: TaskStore, opened_after: str) -> dict[str, Any]:
             "dbconfig": [conn.config(op, -1) for op in DBCONFIG],
             "hooks": (conn.exec_trace, conn.row_trace, conn.authorizer),
             "plans": [
-                conn.execute(f"EXPLAIN QUERY PLAN {sql}", ("pt_1",) if "?" in sql else ())
-                .fetchall()
+                conn.execute(
+                    f"EXPLAIN QUERY PLAN {sql}", ("pt_1",) if "?" in sql else ()
+                ).fetchall()
                 for sql in PLANS
             ],
         }
@@ -141,6 +143,10 @@ def brand_new(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 @pytest.fixture
 def fresh(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     return brand_new(monkeypatch)
+
+
+def _leaked(*_args: apsw.SQLiteValue) -> int:
+    return 1
 
 
 def opened() -> tuple[TaskStore, str]:
@@ -193,7 +199,7 @@ def test_every_table_written_behind_the_api_is_empty_again(fresh: dict[str, Any]
             "'CREATE VIRTUAL%' AND name NOT LIKE 'sqlite_%' AND name NOT LIKE 'task_text_%'"
         ).fetchall():
             columns = conn.execute(f'PRAGMA table_info("{table}")').fetchall()
-            values = [_raw_value(table, name, kind) for _cid, name, kind, *_ in columns]
+            values = [_raw_value(str(table), str(c[1]), str(c[2])) for c in columns]
             marks = ", ".join("?" * len(values))
             conn.execute(f'INSERT OR REPLACE INTO "{table}" VALUES ({marks})', values)
         conn.execute("UPDATE meta SET value = 'changed' WHERE key = 'schema_created'")
@@ -259,7 +265,7 @@ def test_a_write_that_fails_midway_is_undone_and_the_next_store_is_clean(
         store.tasks.create({"status": "nope", "intent": "order"})
     assert [t.id for t in store.tasks.search().data] == [kept.id]  # as a real store: undone
     with store._db.read() as conn:
-        assert "half" not in dict(conn.execute("SELECT * FROM meta").fetchall())
+        assert "half" not in {row[0] for row in conn.execute("SELECT * FROM meta")}
     store.close()
     again, before = opened()
     try:
@@ -285,9 +291,14 @@ def test_a_store_closed_inside_its_own_write_block_never_hands_on_its_connection
 ) -> None:
     store = TaskStore.open(":memory:")
     conn = store._db._conn
-    with pytest.raises(StorageError), store._db.write() as c:
-        c.execute("INSERT INTO meta VALUES ('inside', 'write')")
-        store.close()
+
+    def close_inside_a_write() -> None:
+        with store._db.write() as c:
+            c.execute("INSERT INTO meta VALUES ('inside', 'write')")
+            store.close()
+
+    with pytest.raises(StorageError):
+        close_inside_a_write()
     assert store.closed
     again, before = opened()
     try:
@@ -307,7 +318,7 @@ def test_a_lent_connection_behaves_as_an_unpooled_one_and_is_never_reused(
         assert lent.get_autocommit()  # as in any store: no transaction open outside writes
         lent.execute("BEGIN; CREATE TEMP TABLE seen(x); INSERT INTO seen VALUES (1); COMMIT")
         lent.execute("PRAGMA recursive_triggers = ON")
-        lent.create_scalar_function("leaked", lambda: 1)
+        lent.create_scalar_function("leaked", _leaked)
         lent.exec_trace = lambda *_: True
     assert store.tasks.count().data == 1  # the store goes on as before
     store.tasks.create(REQUEST)
@@ -374,7 +385,7 @@ def test_a_pooled_stores_tables_after_each_write_are_an_unpooled_stores(
         with TaskStore.open(":memory:") as pooled:
             assert not pooled._db._conn.get_autocommit()
             in_pool = _shadow_after_each_step(pooled)
-        monkeypatch.setattr(pool.template(database.ConnectionOptions()), "poolable", False)
+        monkeypatch.setattr(pool.template(ConnectionOptions()), "poolable", False)
         with TaskStore.open(":memory:") as plain:
             assert plain._db._conn.get_autocommit()
             assert _shadow_after_each_step(plain) == in_pool
@@ -405,7 +416,7 @@ def test_a_schema_with_deferred_foreign_keys_gets_a_fresh_copy_per_store(
 ) -> None:
     """A savepoint's RELEASE never checks a deferred key: such a schema is not pooled."""
     with fresh_pool(monkeypatch) as pool:
-        template = pool.template(database.ConnectionOptions())
+        template = pool.template(ConnectionOptions())
         monkeypatch.setattr(template, "poolable", False)
         pool._idle.clear()
         first = TaskStore.open(":memory:")
@@ -437,7 +448,7 @@ def test_ids_versions_sequences_and_created_at_start_as_in_a_new_store() -> None
             assert conn.execute("SELECT seq FROM tasks").fetchall() == [(1,)]
             assert conn.execute("SELECT version FROM task_history").fetchall() == [(1,)]
             created = conn.execute("SELECT value FROM meta WHERE key = 'created_at'").fetchall()
-        assert created[0][0] >= before  # the store's own, not the pool's or the template's
+        assert str(created[0][0]) >= before  # the store's own, not the pool's or the template's
     finally:
         again.close()
 
@@ -559,10 +570,15 @@ class PoolSequence(RuleBasedStateMachine):
         store = self._store()
         if store is None:
             return
-        with pytest.raises(RuntimeError), store._db.write() as conn:
-            conn.execute("INSERT OR REPLACE INTO meta VALUES (?, 'x')", (key,))
-            conn.execute("INSERT OR REPLACE INTO sync_bases VALUES ('t', '1', '{}', NULL, 0)")
-            raise RuntimeError("the test failed mid-write")
+
+        def fail() -> None:
+            with store._db.write() as conn:
+                conn.execute("INSERT OR REPLACE INTO meta VALUES (?, 'x')", (key,))
+                conn.execute("INSERT OR REPLACE INTO sync_bases VALUES ('t', '1', '{}', NULL, 0)")
+                raise RuntimeError("the test failed mid-write")
+
+        with pytest.raises(RuntimeError):
+            fail()
 
     @rule(key=st.sampled_from(["sync.cursor", "lease.owner"]))
     def raw_write(self, key: str) -> None:
@@ -585,7 +601,7 @@ class PoolSequence(RuleBasedStateMachine):
             elif what == "pragma":
                 conn.execute("PRAGMA automatic_index = OFF")
             elif what == "function":
-                conn.create_scalar_function("leaked", lambda: 1)
+                conn.create_scalar_function("leaked", _leaked)
             else:
                 conn.execute("BEGIN")  # left open, as a test may: the store's writes fail
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('open', 'txn')")

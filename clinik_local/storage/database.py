@@ -294,14 +294,15 @@ _SAVEPOINT = "SAVEPOINT clinik_write"
 _RELEASE = "RELEASE clinik_write; SAVEPOINT clinik_flush; RELEASE clinik_flush"
 _ROLLBACK_TO = "ROLLBACK TO clinik_write; RELEASE clinik_write"
 #: What a connection must still show after the rollback to be pooled again: the schema
-#: of the image (``schema_version`` moves on any DDL that was not rolled back) and the
-#: connection-level settings the set-up steps made (a pragma outside any transaction,
-#: say). ``TaskStore.read`` never hands out a pooled connection (see Database.lend).
+#: of the image (``schema_version`` moves on any DDL that was not rolled back), no TEMP
+#: object, and the connection-level settings a transaction does not undo. (Pages,
+#: ``defer_foreign_keys`` and everything else transactional the rollback restores.)
+#: ``TaskStore.read`` never hands out a pooled connection (see Database.lend).
 _STATE_SQL = (
-    "PRAGMA main.schema_version; PRAGMA main.page_count; PRAGMA foreign_keys; "
-    "PRAGMA query_only; PRAGMA defer_foreign_keys; PRAGMA recursive_triggers; "
-    "SELECT count(*) FROM temp.sqlite_schema"
+    "PRAGMA main.schema_version; PRAGMA foreign_keys; PRAGMA query_only; "
+    "PRAGMA recursive_triggers; SELECT count(*) FROM temp.sqlite_schema"
 )
+_ROLLBACK_AND_STATE_SQL = "ROLLBACK; " + _STATE_SQL
 #: A deferred foreign key is checked at COMMIT, never at a savepoint's RELEASE: a store
 #: whose schema has one could commit in the pool what a new store refuses.
 _DEFERRED_FK = re.compile(r"\bDEFERRABLE\s+INITIALLY\s+DEFERRED\b", re.IGNORECASE)
@@ -406,10 +407,9 @@ class _MemoryPool:
                 and conn.authorizer is None
             )
             if reusable:
-                conn.execute("ROLLBACK")
-                conn.set_last_insert_rowid(0)
                 assert template is not None
-                state = tuple(row[0] for row in fetch_all(conn, _STATE_SQL))
+                state = tuple(row[0] for row in fetch_all(conn, _ROLLBACK_AND_STATE_SQL))
+                conn.set_last_insert_rowid(0)
                 reusable = state == template.state
         except apsw.Error as exc:
             _log.debug("in-memory connection not reusable, closed: %s", exc)

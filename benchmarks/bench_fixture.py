@@ -94,14 +94,14 @@ def pytest_unconfigure(config):
 _PYTHONPATH = os.environ.get("PYTHONPATH", "")
 
 
-def _pytest_run(body: str, n: int) -> tuple[float, float]:
-    """Seconds for a whole pytest session of ``n`` generated tests, and the median
-    microseconds of one test's protocol inside it."""
+def _pytest_run(body: str, n: int, python: str = sys.executable) -> tuple[float, float]:
+    """Seconds for a whole pytest session of ``n`` generated tests (run by ``python``),
+    and the median microseconds of one test's protocol inside it."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "test_generated.py"
         path.write_text(textwrap.dedent(body).replace("N_TESTS", str(n)), encoding="utf-8")
         (Path(tmp) / "bench_timing.py").write_text(TIMING_PLUGIN, encoding="utf-8")
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
         start = time.perf_counter()
         done = subprocess.run(
             [*command, "-p", "bench_timing", str(path)],
@@ -145,6 +145,11 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--pytest", type=int, default=0, help="also N tests in real pytest")
     parser.add_argument("--pytest-rounds", type=int, default=2)
+    parser.add_argument(
+        "--baseline-python",
+        help="also run the store sessions with this interpreter (another checkout's venv), "
+        "alternating with this one: before/after in the same run",
+    )
     args = parser.parse_args()
     rounds, calls = (1, 50) if args.quick else (args.rounds, args.calls)
     variants: dict[str, Callable[[], None]] = {
@@ -164,29 +169,33 @@ def main() -> None:
         print(f"{name:<28}{us:>10.1f}{us - best['dict']:>12.1f}")
     if args.pytest and not args.quick:
         n = args.pytest
+        sessions = [("dict", DICT_MODULE, sys.executable), ("store", STORE_MODULE, sys.executable)]
+        if args.baseline_python:
+            sessions.append(("baseline store", STORE_MODULE, args.baseline_python))
         best_run: dict[tuple[str, int], float] = {}
         medians: dict[str, float] = {}
         for _ in range(args.pytest_rounds):
             for size in (n, 2 * n):
-                for name, body in (("dict", DICT_MODULE), ("store", STORE_MODULE)):
-                    took, median = _pytest_run(body, size)
+                for name, body, python in sessions:
+                    took, median = _pytest_run(body, size, python)
                     best_run[name, size] = min(best_run.get((name, size), took), took)
                     medians[name] = min(medians.get(name, median), median)
         # The marginal cost of one more test: one-time costs (imports, the first store,
         # session set-up) cancel out between the runs of n and 2n tests.
-        store = (best_run["store", 2 * n] - best_run["store", n]) / n * 1e3
         plain = (best_run["dict", 2 * n] - best_run["dict", n]) / n * 1e3
-        once = best_run["store", n] - best_run["dict", n] - (store - plain) * n / 1e3
         print(
-            f"pytest, {n} vs {2 * n} tests: per test task_store {store:.3f} ms, dict fixture "
-            f"{plain:.3f} ms: extra {store - plain:.3f} ms per test (+{once:.2f} s once: "
-            "importing clinik_local, the first store)"
+            f"pytest, dict fixture: {plain:.3f} ms per test, "
+            f"median protocol {medians['dict']:.1f} us"
         )
-        print(
-            f"pytest, median test protocol: task_store {medians['store']:.1f} us, dict "
-            f"fixture {medians['dict']:.1f} us: extra {medians['store'] - medians['dict']:.1f} "
-            "us per test"
-        )
+        for name, _, _ in sessions[1:]:
+            store = (best_run[name, 2 * n] - best_run[name, n]) / n * 1e3
+            once = best_run[name, n] - best_run["dict", n] - (store - plain) * n / 1e3
+            print(
+                f"pytest, {name}: {n} vs {2 * n} tests: {store:.3f} ms per test, extra "
+                f"{store - plain:.3f} ms (+{once:.2f} s once: imports, the first store); "
+                f"median protocol {medians[name]:.1f} us, extra "
+                f"{medians[name] - medians['dict']:.1f} us per test"
+            )
 
 
 if __name__ == "__main__":

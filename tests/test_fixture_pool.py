@@ -154,6 +154,19 @@ def opened() -> tuple[TaskStore, str]:
     return TaskStore.open(":memory:"), before
 
 
+def test_a_pooled_stores_first_look_is_an_unpooled_stores(
+    fresh: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The baseline itself: inside its pool transaction a store looks like one without."""
+    with fresh_pool(monkeypatch) as pool:
+        monkeypatch.setattr(pool.template(ConnectionOptions()), "poolable", False)
+        pool._idle.clear()
+        before = ts.now()
+        with TaskStore.open(":memory:") as plain:
+            assert plain._db._conn.get_autocommit()
+            assert dump(plain, before) == fresh
+
+
 def test_a_closed_store_gives_its_connection_to_the_next_one_byte_for_byte_reset(
     fresh: dict[str, Any],
 ) -> None:

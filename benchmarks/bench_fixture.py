@@ -9,8 +9,14 @@ Rows (microseconds per "test", best of ``--rounds``, alternating the variants):
   (a fresh copy of the schema image, as before the pool: SQLite parses the schema).
 
 With ``--pytest N`` it also runs generated pytest modules of N and 2N tests in real
-pytest subprocesses (``task_store`` vs a dict fixture), reporting the marginal extra
-cost of one test (one-time costs cancel out) and the one-time cost.
+pytest subprocesses (``task_store`` vs a dict fixture, alternating, best of
+``--pytest-rounds``), reporting two estimates of the store's extra cost per test:
+
+* marginal: (time of 2N tests - time of N tests) / N, store minus dict (one-time costs,
+  such as importing clinik_local and the first store, cancel out);
+* median: the median duration of one test's whole run protocol (set-up, call,
+  teardown, reporting), measured inside the session by a small plugin, store minus
+  dict (robust to the other processes on a shared machine).
 
     python benchmarks/bench_fixture.py [--quick] [--rounds 5] [--pytest 1000]
 """
@@ -18,6 +24,7 @@ cost of one test (one-time costs cancel out) and the one-time cost.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -66,18 +73,47 @@ def _per_call(fn: Callable[[], None], n: int) -> float:
     return (time.perf_counter() - start) / n * 1e6
 
 
-def _pytest_run(body: str, n: int) -> float:
+#: A plugin timing each test's run protocol; prints the median in microseconds.
+TIMING_PLUGIN = """
+import statistics, time
+import pytest
+
+_took = []
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    start = time.perf_counter()
+    yield
+    _took.append(time.perf_counter() - start)
+
+def pytest_unconfigure(config):
+    print(f"\\nMEDIAN_US {statistics.median(_took) * 1e6:.1f}")
+"""
+
+
+_PYTHONPATH = os.environ.get("PYTHONPATH", "")
+
+
+def _pytest_run(body: str, n: int, python: str = sys.executable) -> tuple[float, float]:
+    """Seconds for a whole pytest session of ``n`` generated tests (run by ``python``),
+    and the median microseconds of one test's protocol inside it."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "test_generated.py"
         path.write_text(textwrap.dedent(body).replace("N_TESTS", str(n)), encoding="utf-8")
+        (Path(tmp) / "bench_timing.py").write_text(TIMING_PLUGIN, encoding="utf-8")
+        command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
         start = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(path)],
+        done = subprocess.run(
+            [*command, "-p", "bench_timing", str(path)],
             check=True,
             capture_output=True,
             cwd=tmp,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (tmp, _PYTHONPATH)))},
+            text=True,
         )
-        return time.perf_counter() - start
+        took = time.perf_counter() - start
+        median = float(done.stdout.rsplit("MEDIAN_US", 1)[1].split()[0])
+        return took, median
 
 
 STORE_MODULE = """
@@ -108,6 +144,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--pytest", type=int, default=0, help="also N tests in real pytest")
+    parser.add_argument("--pytest-rounds", type=int, default=2)
+    parser.add_argument(
+        "--baseline-python",
+        help="also run the store sessions with this interpreter (another checkout's venv), "
+        "alternating with this one: before/after in the same run",
+    )
     args = parser.parse_args()
     rounds, calls = (1, 50) if args.quick else (args.rounds, args.calls)
     variants: dict[str, Callable[[], None]] = {
@@ -127,22 +169,33 @@ def main() -> None:
         print(f"{name:<28}{us:>10.1f}{us - best['dict']:>12.1f}")
     if args.pytest and not args.quick:
         n = args.pytest
+        sessions = [("dict", DICT_MODULE, sys.executable), ("store", STORE_MODULE, sys.executable)]
+        if args.baseline_python:
+            sessions.append(("baseline store", STORE_MODULE, args.baseline_python))
         best_run: dict[tuple[str, int], float] = {}
-        for _ in range(2):
+        medians: dict[str, float] = {}
+        for _ in range(args.pytest_rounds):
             for size in (n, 2 * n):
-                for name, body in (("dict", DICT_MODULE), ("store", STORE_MODULE)):
-                    took = _pytest_run(body, size)
+                for name, body, python in sessions:
+                    took, median = _pytest_run(body, size, python)
                     best_run[name, size] = min(best_run.get((name, size), took), took)
+                    medians[name] = min(medians.get(name, median), median)
         # The marginal cost of one more test: one-time costs (imports, the first store,
         # session set-up) cancel out between the runs of n and 2n tests.
-        store = (best_run["store", 2 * n] - best_run["store", n]) / n * 1e3
         plain = (best_run["dict", 2 * n] - best_run["dict", n]) / n * 1e3
-        once = best_run["store", n] - best_run["dict", n] - (store - plain) * n / 1e3
         print(
-            f"pytest, {n} vs {2 * n} tests: per test task_store {store:.3f} ms, dict fixture "
-            f"{plain:.3f} ms: extra {store - plain:.3f} ms per test (+{once:.2f} s once: "
-            "importing clinik_local, the first store)"
+            f"pytest, dict fixture: {plain:.3f} ms per test, "
+            f"median protocol {medians['dict']:.1f} us"
         )
+        for name, _, _ in sessions[1:]:
+            store = (best_run[name, 2 * n] - best_run[name, n]) / n * 1e3
+            once = best_run[name, n] - best_run["dict", n] - (store - plain) * n / 1e3
+            print(
+                f"pytest, {name}: {n} vs {2 * n} tests: {store:.3f} ms per test, extra "
+                f"{store - plain:.3f} ms (+{once:.2f} s once: imports, the first store); "
+                f"median protocol {medians[name]:.1f} us, extra "
+                f"{medians[name] - medians['dict']:.1f} us per test"
+            )
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 __all__ = ["MEMORY", "Durability", "TaskStore"]
 
+_DEFAULT_OPTIONS = ConnectionOptions()
+
 
 class TaskStore:
     """A local clinik Tasks store on one SQLite file, or in memory.
@@ -59,7 +61,10 @@ class TaskStore:
                 "an in-memory store is never written to disk, so it is not encrypted",
                 allowed="key=None for ':memory:', or a file path",
             )
-        options = ConnectionOptions(durability=durability, busy_timeout=busy_timeout, key=key)
+        if durability == "normal" and busy_timeout == DEFAULT_BUSY_TIMEOUT and key is None:
+            options = _DEFAULT_OPTIONS  # validated once (most opens, every test's store)
+        else:
+            options = ConnectionOptions(durability=durability, busy_timeout=busy_timeout, key=key)
         self.path = path
         self.durability: Durability = durability
         self._db = Database(path, options)
@@ -152,9 +157,10 @@ class TaskStore:
         """A read-only (``query_only``) connection, for inspection and tools.
 
         File stores: this thread's own reader, never blocked by writers (WAL). Memory
-        stores: the one connection, under the lock. Writes go through ``store.tasks``.
+        stores: the one connection, under the lock (then closed with the store, not
+        pooled for the next in-memory store). Writes go through ``store.tasks``.
         """
-        with self._db.read() as conn:
+        with self._db.lend() as conn:
             yield conn
 
     @property

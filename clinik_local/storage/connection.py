@@ -58,6 +58,7 @@ __all__ = [
     "open_connection",
     "storage_error",
     "translated",
+    "write_fresh_meta",
 ]
 
 MEMORY = ":memory:"
@@ -260,6 +261,21 @@ def set_wal(conn: apsw.Connection, opening: Opening) -> None:
         raise StorageError(f"could not switch the store to WAL mode (got {mode!r})")
 
 
+def write_fresh_meta(conn: apsw.Connection) -> None:
+    """Write the ``meta`` rows a brand-new store has, with values made now (one statement).
+
+    The one list of them: a new file gets them in :func:`install_schema`, and every
+    in-memory store gets them again when it opens (it starts from a prepared image or a
+    pooled connection, both made earlier), so its ``created_at`` is its own.
+    """
+    conn.execute(_FRESH_META_SQL, ("created_at", timestamps.now(), *_FIXED_META))
+
+
+#: meta rows whose value is the same in every new store of this release.
+_FIXED_META = ("schema_created", str(SCHEMA_VERSION))
+_FRESH_META_SQL = "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?), (?, ?)"
+
+
 def install_schema(conn: apsw.Connection, opening: Opening) -> None:
     """Create (version 0) or migrate the schema, all in one IMMEDIATE transaction.
 
@@ -274,10 +290,7 @@ def install_schema(conn: apsw.Connection, opening: Opening) -> None:
         current = conn.pragma("user_version")
         if current == 0 and opening.schema_version == 0:
             conn.execute(schema_sql())
-            conn.execute(
-                "INSERT INTO meta(key, value) VALUES ('created_at', ?), ('schema_created', ?)",
-                (timestamps.now(), str(SCHEMA_VERSION)),
-            )
+            write_fresh_meta(conn)
         else:
             for version in range(int(current) + 1, SCHEMA_VERSION + 1):
                 conn.execute(MIGRATIONS[version])

@@ -5,12 +5,14 @@ installed costs a pytest session nothing.
 
 Fixtures:
 
-* ``task_store``: a fresh, empty in-memory :class:`~clinik_local.TaskStore`. Its
-  connection comes from a per-process pool of parsed in-memory connections, reset to a
-  brand-new store's contents when the previous test closed its store, so a test pays
-  tens of microseconds for it, not the schema parse (see docs/testing.md).
+* ``task_store``: a fresh, empty in-memory :class:`~clinik_local.TaskStore`, exactly
+  what ``TaskStore.open(":memory:")`` gives. Its connection comes from a per-process
+  pool (one per pytest-xdist worker) of parsed in-memory connections, and the store
+  lives in one transaction on it, rolled back when the fixture closes the store: the
+  next test's store holds exactly what a brand-new one does, and no test pays the schema
+  parse (see docs/testing.md for what is guaranteed and what it costs).
 * ``task_store_file``: the same on a real SQLite file in the test's ``tmp_path``
-  (WAL, per-thread readers, checkpointer), for tests that need a file.
+  (WAL, per-thread readers, checkpointer, no pool), for tests that need a file.
 * ``task_factory``: ``task_factory(**overrides)`` returns a valid wire-form create
   request with realistic defaults and an id unique in the session (``task_000001``...);
   overrides use wire names, and ``None`` drops a key. ``task_factory.many(n, **overrides)``
@@ -68,7 +70,7 @@ class TaskFactory:
 
 
 def _fresh_store() -> TaskStore:
-    """What ``task_store`` sets up: a new memory store (a pooled, reset connection)."""
+    """What ``task_store`` sets up: a new memory store (on a pooled connection)."""
     from clinik_local import TaskStore
 
     return TaskStore.open(":memory:")
@@ -76,7 +78,8 @@ def _fresh_store() -> TaskStore:
 
 @pytest.fixture
 def task_store() -> Iterator[TaskStore]:
-    """A fresh, empty in-memory TaskStore, closed after the test."""
+    """A fresh, empty in-memory TaskStore, closed after the test (closing it hands its
+    connection, rolled back, to the next test; a test that closed it already is fine)."""
     store = _fresh_store()
     try:
         yield store

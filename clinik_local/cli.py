@@ -79,7 +79,8 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (
         EXIT_SYNC,
         "sync error: no token in the environment variable, the token was refused, "
-        "or `sync run --wait` ran out before every change was delivered",
+        "or `sync run --wait` ran out before every change was delivered, or another sync "
+        "engine (named) holds the store",
     ),
     (
         EXIT_UNREACHABLE,
@@ -717,7 +718,7 @@ def _cmd_sync_run(args: argparse.Namespace, out: TextIO) -> int:
                     slice_seconds = max(min(0.25, deadline - time.monotonic()), 0.05)
                     flushed = sync.flush(timeout=slice_seconds)
                     state = sync.status().state
-                    if flushed or state == "auth_required":
+                    if flushed or state in ("auth_required", "standby"):
                         break
                     if state == "offline" and not args.wait_online:
                         break
@@ -726,8 +727,17 @@ def _cmd_sync_run(args: argparse.Namespace, out: TextIO) -> int:
             finally:
                 unsubscribe()
         status = sync.status()
-    _json_out({"flushed": flushed, "status": _status_dict(status)}, out, pretty=not args.json)
+    parked = bool(status.dead or status.conflicts)
+    # "flushed" means everything was delivered: not so while changes are parked.
+    report = {"flushed": flushed and not parked, "status": _status_dict(status)}
+    _json_out(report, out, pretty=not args.json)
     waiting = _plural(status.pending + status.in_flight, "change")
+    if status.state == "standby" and not flushed:
+        raise _Failure(
+            EXIT_SYNC,
+            f"another sync engine holds this store: {status.held_by}; it delivers the "
+            f"outbox ({waiting} waiting): let it finish, or stop it and run again",
+        )
     if flushed:
         if status.dead or status.conflicts:
             raise _Failure(

@@ -116,7 +116,7 @@ class TaskStore:
         if self._db.closed:
             return
         if self._sync is not None:
-            self._sync.stop()
+            self._sync.close()
         self._db.close()
 
     def __enter__(self) -> TaskStore:

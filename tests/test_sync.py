@@ -204,7 +204,7 @@ def test_retry_of_a_dead_letter_sends_it_again_and_discard_drops_it(
     assert store.sync.flush(timeout=10)
     assert set(server.tasks()) == {"task_a"}
     assert store.sync.dead_letters() == []
-    assert store.tasks.get("task_b").meta["syncState"] == "synced"
+    assert store.tasks.get("task_b").meta["syncState"] == "local-only"
 
 
 def test_retry_and_discard_of_an_unknown_change_raise_not_found(store: TaskStore) -> None:

@@ -8,6 +8,9 @@ states (``pending`` -> ``in_flight`` -> deleted when delivered, or parked as ``d
 ``conflict``) with the ``record_*`` calls, each on the caller's open write transaction.
 
 ``task_sync``: the server's version of each task it acknowledged (sent as ``If-Match``).
+A task with no ``task_sync`` row and no open change was never received by the server
+(its create's dead letter was discarded, or the store moved to another service): its
+state is ``local-only``, and its next local change goes as a create.
 ``sync_conflicts``: both sides of a change the server refused with 412.
 
 Rows come out as typed attrs objects (:class:`OutboxRow`, :class:`DeadLetterRow`,
@@ -49,6 +52,7 @@ __all__ = [
     "forget_all_server_versions",
     "forget_server_version",
     "has_open_changes",
+    "last_success_at",
     "mark_in_flight",
     "oldest_change_at",
     "open_changes",
@@ -64,35 +68,42 @@ __all__ = [
     "retry_dead",
     "select_sendable",
     "server_version_of",
+    "set_last_success_at",
     "set_server_version",
     "set_server_versions",
+    "still_in_flight",
     "sync_state_of",
     "tasks_with_open_changes",
 ]
 
 Op = Literal["create", "update", "delete"]
 #: One task's sync state, as ``meta["syncState"]`` reports it (not the engine's state).
-TaskSyncState = Literal["pending", "synced", "conflict", "rejected"]
+TaskSyncState = Literal["pending", "synced", "conflict", "rejected", "local-only"]
 
 _INSERT_CHANGE = """
 INSERT INTO outbox (change_id, task_id, op, payload, base_version, created_at, patch)
 VALUES (?, ?, ?, ?, ?, ?, ?)
 """
 
-# conflict outranks rejected outranks pending; no open change at all means synced.
+# conflict outranks rejected outranks pending; no open change at all means synced when
+# the server acknowledged the task (a task_sync row), local-only when it never did.
 _SYNC_STATE = """
-SELECT min(CASE state WHEN 'conflict' THEN 0 WHEN 'dead' THEN 1 ELSE 2 END)
-FROM outbox WHERE task_id = ?
+SELECT coalesce(
+    (SELECT min(CASE state WHEN 'conflict' THEN 0 WHEN 'dead' THEN 1 ELSE 2 END)
+     FROM outbox WHERE task_id = ?1),
+    (SELECT 3 WHERE NOT EXISTS (SELECT 1 FROM task_sync WHERE task_id = ?1)))
 """
 #: The same rank as a scalar subquery, for reads that fetch a task and its state at once.
 SYNC_RANK_SUBQUERY = (
-    "(SELECT min(CASE state WHEN 'conflict' THEN 0 WHEN 'dead' THEN 1 ELSE 2 END) "
-    "FROM outbox WHERE outbox.task_id = tasks.id)"
+    "coalesce((SELECT min(CASE state WHEN 'conflict' THEN 0 WHEN 'dead' THEN 1 ELSE 2 END) "
+    "FROM outbox WHERE outbox.task_id = tasks.id), (SELECT 3 WHERE NOT EXISTS "
+    "(SELECT 1 FROM task_sync WHERE task_sync.task_id = tasks.id)))"
 )
 STATE_BY_RANK: dict[int | None, TaskSyncState] = {
     0: "conflict",
     1: "rejected",
     2: "pending",
+    3: "local-only",
     None: "synced",
 }
 
@@ -295,6 +306,26 @@ def record_delivered(
         forget_server_version(conn, task_id)
     else:
         set_server_version(conn, task_id, version, modified, now)
+
+
+def still_in_flight(conn: apsw.Connection, seqs: Iterable[int]) -> set[int]:
+    """Which of these rows are still ``in_flight``: only their answers may be recorded
+    (an answer for a row that no longer is, because another engine took it over or a
+    resolution replaced it, is stale; recording it could write an older version back)."""
+    wanted = list(seqs)
+    found: set[int] = set()
+    for start in range(0, len(wanted), 500):
+        part = wanted[start : start + 500]
+        marks = ",".join("?" * len(part))
+        found.update(
+            int(r[0])
+            for r in fetch_all(
+                conn,
+                f"SELECT seq FROM outbox WHERE state = 'in_flight' AND seq IN ({marks})",
+                tuple(part),
+            )
+        )
+    return found
 
 
 def record_unsent(conn: apsw.Connection, seq: int) -> None:
@@ -575,6 +606,26 @@ def discard_dead_all(conn: apsw.Connection, status: int | None = None) -> int:
         (status, status),
     )
     return int(conn.changes())
+
+
+# --- the engine's facts in meta ---------------------------------------------------------
+
+_LAST_SUCCESS = "sync_last_success_at"
+
+
+def last_success_at(conn: apsw.Connection) -> str | None:
+    """When a change was last delivered (kept in the file across reopening), or None."""
+    found = fetch_all(conn, "SELECT value FROM meta WHERE key = ?", (_LAST_SUCCESS,))
+    return str(found[0][0]) if found else None
+
+
+def set_last_success_at(conn: apsw.Connection, when: str) -> None:
+    """Record a delivery's time (on the caller's write transaction)."""
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (_LAST_SUCCESS, when),
+    )
 
 
 def _conflict(r: tuple[object, ...]) -> ConflictRow:

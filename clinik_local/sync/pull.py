@@ -25,8 +25,10 @@ during a request:
    (:class:`~clinik_local.remotes.base.CursorExpired`) starts a new bootstrap; pending
    local changes are kept (they are rebased on what the listing shows).
 
-Before a page is applied, the transaction checks that the cursor it was read from is
-still the store's: a page read by a stale engine is dropped, never applied twice.
+Before a page is applied, the transaction checks that this engine still holds the
+file's sync lease (one engine per file, :mod:`.lease`) and that the cursor it was read
+from is still the store's: a page read by a stale engine is dropped, never applied
+twice.
 """
 
 from __future__ import annotations
@@ -65,13 +67,15 @@ class PullResult:
 
     ``at_end``: the log was read to its end. ``failure``: why it stopped early (None:
     it did not fail). ``tasks``: server tasks written. ``conflicts``: tasks a pulled
-    version put in conflict (or whose conflict it changed).
+    version put in conflict (or whose conflict it changed). ``lost_lease``: it stopped
+    because another engine holds the file's sync lease now (the page read was dropped).
     """
 
     at_end: bool = False
     failure: PullFailure | None = None
     tasks: int = 0
     conflicts: list[str] = attrs.field(factory=list)
+    lost_lease: bool = False
 
 
 def prepare(db: Database, config: SyncConfig) -> None:
@@ -101,8 +105,18 @@ def prepare(db: Database, config: SyncConfig) -> None:
 class Puller:
     """Bootstrap and change-log reading for one store and one remote."""
 
-    def __init__(self, db: Database, remote: PullRemote, config: SyncConfig) -> None:
+    def __init__(
+        self,
+        db: Database,
+        remote: PullRemote,
+        config: SyncConfig,
+        *,
+        held: Callable[[apsw.Connection], bool] = lambda conn: True,
+    ) -> None:
+        """``held(conn)``: whether this engine still holds the file's sync lease, asked
+        in each page's write transaction; a page is applied only while it does."""
         self._db = db
+        self._held = held
         self._remote = remote
         self._config = config
         self._scope = config.scope or {}
@@ -125,7 +139,7 @@ class Puller:
             if failure is not None:
                 result.failure = failure
                 return result
-            if result.at_end or budget():
+            if result.lost_lease or result.at_end or budget():
                 return result
         return result
 
@@ -141,6 +155,9 @@ class Puller:
             return Transient(error="the first listing page came without a changes cursor")
         now = timestamps.now()
         with self._db.write() as conn:
+            if not self._held(conn):
+                result.lost_lease = True
+                return None
             again = replica.read_state(conn)
             if (again.cursor, again.bootstrap_changes, again.bootstrap_next) != (
                 state.cursor,
@@ -188,7 +205,9 @@ class Puller:
         page = self._remote.changes_page(self._scope, state.cursor, self._config.pull_limit)
         if isinstance(page, CursorExpired):
             with self._db.write() as conn:
-                if replica.read_state(conn).cursor == state.cursor:
+                if not self._held(conn):
+                    result.lost_lease = True
+                elif replica.read_state(conn).cursor == state.cursor:
                     replica.write_state(
                         conn, cursor=None, bootstrap_next=None, bootstrap_changes=None
                     )
@@ -198,6 +217,9 @@ class Puller:
         now = timestamps.now()
         written = 0
         with self._db.write() as conn:
+            if not self._held(conn):
+                result.lost_lease = True
+                return None
             again = replica.read_state(conn)
             if again.cursor != state.cursor:
                 return None  # another engine applied this page: read again

@@ -32,8 +32,10 @@ the only SQL that touches ``tasks`` and the derived tables (issue 16).
 
 **History** keeps every version; the body of a live task's current version is kept
 once, in ``tasks.body`` (its history row holds NULL until a later version or the
-deletion supersedes it, when the writer moves the old body there), so a create
-writes the body twice (task, outbox), not three times. :func:`history` reads them back.
+deletion supersedes it, when the writer moves the old body there), and a local
+change's outbox row points at that version instead of copying it (payload NULL:
+:data:`.outbox.PAYLOAD` reads it back), so a create writes the body once.
+:func:`history` reads them back.
 
 **Bulk imports**: :func:`insert_local_many` with a batch at least a quarter the size of
 the store drops the search indexes of tasks and the derived tables, loads, and builds
@@ -402,7 +404,7 @@ def insert_local(
         conn.execute(INSERT_HISTORY, (task.id, 1, "create", None, task.last_modified, None))
     except apsw.ConstraintError:
         raise TaskExistsError(task.id) from None
-    outbox.enqueue(conn, task.id, "create", body, None, task.last_modified or "")
+    outbox.enqueue(conn, task.id, "create", None, None, task.last_modified or "")
 
 
 def insert_local_many(
@@ -449,10 +451,7 @@ def insert_local_many(
     if synced:
         outbox.mark_known_on_server(conn, [t.id or "" for t in tasks], now)
         return
-    outbox.enqueue_many(
-        conn,
-        [(t.id or "", "create", b, None, now) for t, b in zip(tasks, bodies, strict=True)],
-    )
+    outbox.enqueue_many(conn, [(t.id or "", "create", None, None, now) for t in tasks])
 
 
 def update_local(
@@ -478,7 +477,8 @@ def update_local(
     _write_task_rows(conn, [task], [body], None if wire is None else [wire], exists=exists)
     op = "update" if exists else "create"
     conn.execute(INSERT_HISTORY, (task.id, _version_of(task), op, None, changed_at, reason))
-    outbox.enqueue(conn, task.id, "update", body, base_version, changed_at, patch)
+    assert _version_of(task) == base_version + 1, "the outbox reads the body it wrote"
+    outbox.enqueue(conn, task.id, "update", None, base_version, changed_at, patch)
 
 
 def delete_local(conn: apsw.Connection, task_id: str, body: str, version: int, now: str) -> None:

@@ -245,7 +245,10 @@ def _insert_derived(conn: apsw.Connection, items: Iterable[tuple[int, Mapping[st
         conn.executemany(_INSERT_REF, refs)
     if io:
         conn.executemany(_INSERT_IO, io)
-    conn.executemany(_INSERT_TEXT, text)
+    if len(text) == 1:
+        conn.execute(_INSERT_TEXT, text[0])
+    else:
+        conn.executemany(_INSERT_TEXT, text)
 
 
 def _write_task_rows(
@@ -260,11 +263,17 @@ def _write_task_rows(
     keep their derived rows in step: the one place task rows are written.
 
     New rows get explicit seqs, max + 1 onwards (the caller holds the write lock), so a
-    batch is one executemany and its derived rows know their seqs. A replaced row keeps
+    batch is one executemany and its derived rows know their seqs; a single new row
+    takes SQLite's own max + 1 (``last_insert_rowid``: one statement fewer). A replaced row keeps
     its seq; its derived rows are rewritten only when the body changed. ``wires`` are
     the wire forms of ``bodies`` when the caller has them (else parsed from the body).
     """
     wire_list = list(wires) if wires is not None else [json.loads(b) for b in bodies]
+    if not exists and len(tasks) == 1:
+        # One row: SQLite picks max + 1 itself, and says which, without a SELECT.
+        conn.execute(INSERT_TASK, task_row(tasks[0], _version_of(tasks[0]), bodies[0]))
+        _insert_derived(conn, [(conn.last_insert_rowid(), wire_list[0])])
+        return
     if not exists:
         first = int(fetch_all(conn, _NEXT_SEQ)[0][0])
         conn.executemany(

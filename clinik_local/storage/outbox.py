@@ -29,6 +29,7 @@ from ..ids import new_change_id
 from .connection import fetch_all
 
 __all__ = [
+    "PAYLOAD",
     "STATE_BY_RANK",
     "SYNC_RANK_SUBQUERY",
     "ConflictRow",
@@ -80,6 +81,19 @@ Op = Literal["create", "update", "delete"]
 #: One task's sync state, as ``meta["syncState"]`` reports it (not the engine's state).
 TaskSyncState = Literal["pending", "synced", "conflict", "rejected", "local-only"]
 
+#: The payload of the outbox row aliased ``o``. A local create or update written by
+#: storage/rows.py stores NULL there (schema version 4): its body is the body of the
+#: version the change wrote, ``ifnull(base_version, 0) + 1``, kept once, in its history
+#: row (or in tasks.body while it is the current version; schema.sql), so a pending
+#: change does not hold a second copy. A delete's payload is NULL; any other row
+#: (a rebase's merged change, a row of an older file) carries its own.
+PAYLOAD = (
+    "CASE WHEN o.payload IS NOT NULL OR o.op = 'delete' THEN o.payload ELSE "
+    "(SELECT coalesce(h.body, t.body) FROM task_history AS h "
+    "LEFT JOIN tasks AS t ON t.id = h.task_id AND h.body IS NULL "
+    "WHERE h.task_id = o.task_id AND h.version = ifnull(o.base_version, 0) + 1) END"
+)
+
 _INSERT_CHANGE = """
 INSERT INTO outbox (change_id, task_id, op, payload, base_version, created_at, patch)
 VALUES (?, ?, ?, ?, ?, ?, ?)
@@ -107,8 +121,8 @@ STATE_BY_RANK: dict[int | None, TaskSyncState] = {
     None: "synced",
 }
 
-_SELECT_SENDABLE = """
-SELECT o.seq, o.change_id, o.task_id, o.op, o.payload, o.attempts, o.next_attempt_at,
+_SELECT_SENDABLE = f"""
+SELECT o.seq, o.change_id, o.task_id, o.op, {PAYLOAD}, o.attempts, o.next_attempt_at,
        s.server_version, s.task_id IS NOT NULL,
        CASE WHEN s.task_id IS NOT NULL AND s.server_version IS NULL THEN
            (SELECT h.body FROM task_history h
@@ -190,9 +204,12 @@ def enqueue(
 ) -> str:
     """Append one change to the outbox (caller holds the write transaction).
 
-    ``patch``: the wire fields the change set, as JSON (``merge.patch_of``); None for
-    a delete, and allowed for a create (its patch is its payload) or an update made
-    on ``base_version`` (derived from the two bodies when needed).
+    ``payload`` None for a delete, and for a local create or update whose body is the
+    one its history row (version ``ifnull(base_version, 0) + 1``) keeps: reads get it
+    from there (:data:`PAYLOAD`). ``patch``: the wire fields the change set, as JSON
+    (``merge.patch_of``); None for a delete, and allowed for a create (its patch is its
+    payload) or an update made on ``base_version`` (derived from the two bodies when
+    needed).
     """
     change_id = new_change_id()
     conn.execute(_INSERT_CHANGE, (change_id, task_id, op, payload, base_version, created_at, patch))
@@ -440,7 +457,7 @@ def open_changes(conn: apsw.Connection, task_id: str) -> list[OpenChange]:
         )
         for r in fetch_all(
             conn,
-            "SELECT o.seq, o.change_id, o.op, o.payload, o.patch, o.state, o.base_version, "
+            f"SELECT o.seq, o.change_id, o.op, {PAYLOAD}, o.patch, o.state, o.base_version, "
             "(SELECT coalesce(h.body, t.body) FROM task_history h "
             " LEFT JOIN tasks t ON t.id = h.task_id AND h.body IS NULL "
             " WHERE h.task_id = o.task_id AND h.version = o.base_version) "
@@ -507,7 +524,8 @@ def park_conflict(
     change and time; only its server side is replaced."""
     first = fetch_all(
         conn,
-        "SELECT seq, change_id, payload FROM outbox WHERE task_id = ? ORDER BY seq LIMIT 1",
+        f"SELECT o.seq, o.change_id, {PAYLOAD} FROM outbox AS o WHERE o.task_id = ? "
+        "ORDER BY o.seq LIMIT 1",
         (task_id,),
     )
     if not first:
@@ -552,9 +570,9 @@ def dead_letters(conn: apsw.Connection) -> list[DeadLetterRow]:
         )
         for r in fetch_all(
             conn,
-            "SELECT change_id, task_id, op, payload, last_status, last_body, last_error, "
-            "attempts, created_at, next_attempt_at FROM outbox WHERE state = 'dead' "
-            "ORDER BY seq",
+            f"SELECT o.change_id, o.task_id, o.op, {PAYLOAD}, o.last_status, o.last_body, "
+            "o.last_error, o.attempts, o.created_at, o.next_attempt_at FROM outbox AS o "
+            "WHERE o.state = 'dead' ORDER BY o.seq",
         )
     ]
 

@@ -32,8 +32,10 @@ the only SQL that touches ``tasks`` and the derived tables (issue 16).
 
 **History** keeps every version; the body of a live task's current version is kept
 once, in ``tasks.body`` (its history row holds NULL until a later version or the
-deletion supersedes it, when the writer moves the old body there), so a create
-writes the body twice (task, outbox), not three times. :func:`history` reads them back.
+deletion supersedes it, when the writer moves the old body there), and a local
+change's outbox row points at that version instead of copying it (payload NULL:
+:data:`.outbox.PAYLOAD` reads it back), so a create writes the body once.
+:func:`history` reads them back.
 
 **Bulk imports**: :func:`insert_local_many` with a batch at least a quarter the size of
 the store drops the search indexes of tasks and the derived tables, loads, and builds
@@ -243,7 +245,10 @@ def _insert_derived(conn: apsw.Connection, items: Iterable[tuple[int, Mapping[st
         conn.executemany(_INSERT_REF, refs)
     if io:
         conn.executemany(_INSERT_IO, io)
-    conn.executemany(_INSERT_TEXT, text)
+    if len(text) == 1:
+        conn.execute(_INSERT_TEXT, text[0])
+    else:
+        conn.executemany(_INSERT_TEXT, text)
 
 
 def _write_task_rows(
@@ -258,11 +263,17 @@ def _write_task_rows(
     keep their derived rows in step: the one place task rows are written.
 
     New rows get explicit seqs, max + 1 onwards (the caller holds the write lock), so a
-    batch is one executemany and its derived rows know their seqs. A replaced row keeps
+    batch is one executemany and its derived rows know their seqs; a single new row
+    takes SQLite's own max + 1 (``last_insert_rowid``: one statement fewer). A replaced row keeps
     its seq; its derived rows are rewritten only when the body changed. ``wires`` are
     the wire forms of ``bodies`` when the caller has them (else parsed from the body).
     """
     wire_list = list(wires) if wires is not None else [json.loads(b) for b in bodies]
+    if not exists and len(tasks) == 1:
+        # One row: SQLite picks max + 1 itself, and says which, without a SELECT.
+        conn.execute(INSERT_TASK, task_row(tasks[0], _version_of(tasks[0]), bodies[0]))
+        _insert_derived(conn, [(conn.last_insert_rowid(), wire_list[0])])
+        return
     if not exists:
         first = int(fetch_all(conn, _NEXT_SEQ)[0][0])
         conn.executemany(
@@ -402,7 +413,7 @@ def insert_local(
         conn.execute(INSERT_HISTORY, (task.id, 1, "create", None, task.last_modified, None))
     except apsw.ConstraintError:
         raise TaskExistsError(task.id) from None
-    outbox.enqueue(conn, task.id, "create", body, None, task.last_modified or "")
+    outbox.enqueue(conn, task.id, "create", None, None, task.last_modified or "")
 
 
 def insert_local_many(
@@ -449,10 +460,7 @@ def insert_local_many(
     if synced:
         outbox.mark_known_on_server(conn, [t.id or "" for t in tasks], now)
         return
-    outbox.enqueue_many(
-        conn,
-        [(t.id or "", "create", b, None, now) for t, b in zip(tasks, bodies, strict=True)],
-    )
+    outbox.enqueue_many(conn, [(t.id or "", "create", None, None, now) for t in tasks])
 
 
 def update_local(
@@ -478,7 +486,8 @@ def update_local(
     _write_task_rows(conn, [task], [body], None if wire is None else [wire], exists=exists)
     op = "update" if exists else "create"
     conn.execute(INSERT_HISTORY, (task.id, _version_of(task), op, None, changed_at, reason))
-    outbox.enqueue(conn, task.id, "update", body, base_version, changed_at, patch)
+    assert _version_of(task) == base_version + 1, "the outbox reads the body it wrote"
+    outbox.enqueue(conn, task.id, "update", None, base_version, changed_at, patch)
 
 
 def delete_local(conn: apsw.Connection, task_id: str, body: str, version: int, now: str) -> None:

@@ -1173,6 +1173,22 @@ class ReferenceServer:
         result: dict[str, Any] = envelope["data"]  # type: ignore[assignment]
         return result
 
+    def put_tasks(self, tasks: Sequence[Mapping[str, Any]]) -> int:
+        """Create or replace many tasks as another client would, in ONE transaction
+        (each write still gets its own log entry and versionId): seeding a large server
+        quickly, e.g. for a bootstrap benchmark. Every task is validated first; a bad one
+        is a :class:`~clinik_local.errors.ValidationError` and nothing is written.
+        Returns how many were written."""
+        try:
+            bodies = [_decode_body(_dumps(task).encode(), None) for task in tasks]
+        except _Answer as answer:
+            raise answer.as_validation_error() from None
+        with self._state.write() as conn:
+            for body in bodies:
+                exists = _fetch_all(conn, "SELECT 1 FROM tasks WHERE id = ?", (body["id"],))
+                self._apply(conn, "PUT" if exists else "POST", body["id"], body, None, None)
+        return len(bodies)
+
     def update_task(
         self, task_id: str, changes: Mapping[str, Any], *, validate: bool = True
     ) -> dict[str, Any]:

@@ -160,9 +160,9 @@ class Puller:
         try:
             expected = state
             while True:
-                page = prefetch.next()
+                page = prefetch.next(stopping)
                 if not isinstance(page, ListedPage):
-                    return page
+                    return page  # a failure, or None: stopping
                 applied = self._apply_listing_page(expected, page, result)
                 if applied is None or isinstance(applied, Transient):
                     return applied
@@ -309,12 +309,15 @@ class _Prefetch:
             return True
         return False
 
-    def next(self) -> ListOutcome:
-        """The next page (or why there is none), waiting for it if need be."""
+    def next(self, stopping: Callable[[], bool]) -> ListOutcome | None:
+        """The next page (or why there is none), waiting for it if need be; None once
+        ``stopping()`` says so."""
         while True:
             try:
                 page = self._queue.get(timeout=_POLL)
             except queue.Empty:
+                if stopping():
+                    return None
                 if self._thread.is_alive() or not self._queue.empty():
                     continue
                 return Transient(error="the listing prefetch ended without a page")

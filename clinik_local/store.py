@@ -69,6 +69,20 @@ class TaskStore:
             from .sync import SyncEngine
 
             self._sync = SyncEngine(self._db, sync)
+        if path != MEMORY and (sync is None or not sync.pulls):
+            self._restore_search_indexes()
+
+    def _restore_search_indexes(self) -> None:
+        """A bootstrap that loaded without the search indexes and will not finish now
+        (this store does not pull): build them, so no search is left scanning."""
+        from .storage import replica
+        from .sync.pull import restore_indexes
+
+        with self._db.read() as conn:
+            if replica.dropped_indexes(conn) is None:
+                return
+        with self._db.write() as conn:
+            restore_indexes(conn)
 
     @classmethod
     def open(

@@ -1,7 +1,9 @@
 """The bootstrap's prefetch thread: the next listing page is read while the current one is
 applied, never on the writer's thread, and the thread ends cleanly on the last page, on
 a failure, on an exception from the remote, when the store closes mid-bootstrap, and on
-a 410 that starts a new bootstrap."""
+a 410 that starts a new bootstrap. A large bootstrap into a fresh store loads without
+the search indexes and builds them with its last page (or when the store next opens
+without pulling)."""
 
 from __future__ import annotations
 
@@ -11,11 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import apsw
 import pytest
 
 from clinik_local import ReferenceServer, TaskStore
 from clinik_local.remotes.base import ListOutcome, Scope
 from clinik_local.storage import replica
+from clinik_local.storage.rows import BOOTSTRAP_BULK_MIN
+from tests.derived import derived_problems
 from tests.pull_support import REQUEST, Recorder, local_tasks, recorded, server_tasks
 
 
@@ -163,3 +168,75 @@ def test_a_410_bootstraps_again_through_the_prefetch_thread_keeping_pending_chan
         assert "task_p00002" not in tasks
         assert tasks["task_p00001"]["note"] == "local edit"
         assert a.sync.status().pending == 1
+
+
+# --- a large bootstrap into a fresh store loads without the search indexes ---------------
+
+
+def index_sql(path: Path) -> dict[str, str]:
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        found = conn.execute(
+            "SELECT name, sql FROM sqlite_schema WHERE type = 'index' AND sql IS NOT NULL"
+        ).fetchall()
+    finally:
+        conn.close()
+    return {str(n): str(s) for n, s in found}
+
+
+def test_a_large_bootstrap_cut_midway_keeps_searching_and_builds_the_indexes_at_its_end(
+    tmp_path: Path, server: ReferenceServer
+) -> None:
+    TaskStore.open(tmp_path / "fresh.db").close()
+    full = index_sql(tmp_path / "fresh.db")
+    seed(server, 2 * BOOTSTRAP_BULK_MIN + 7)  # three pages, the first one full
+    path = tmp_path / "a.db"
+    first = ThreadRecorder(server)
+    first.fail_lists_after = 1
+    with TaskStore.open(path, sync=recorded(server, first, pull_limit=BOOTSTRAP_BULK_MIN)) as a:
+        assert a.sync.pull().bootstrapping
+        dropped = set(full) - set(index_sql(path))
+        assert "tasks_by_owner" in dropped  # committed with the first page
+        page = a.tasks.search({"code": "lab-order"}, limit=5).data  # still answered
+        assert len(page) == 5
+        assert {t.code for t in page} == {"lab-order"}
+        assert len(local_tasks(a)) == BOOTSTRAP_BULK_MIN
+    resumed = ThreadRecorder(server)
+    with TaskStore.open(path, sync=recorded(server, resumed, pull_limit=BOOTSTRAP_BULK_MIN)) as a:
+        a.sync.pull()
+        assert local_tasks(a) == server_tasks(server)
+        assert not a.sync.status().bootstrapping
+    assert resumed.lists[0] is not None  # resumed after the committed page
+    assert index_sql(path) == full  # every index back, as schema.sql made it
+    assert derived_problems(path) == []
+
+
+def test_a_store_opened_without_pull_builds_the_indexes_a_cut_bootstrap_dropped(
+    tmp_path: Path, server: ReferenceServer
+) -> None:
+    TaskStore.open(tmp_path / "fresh.db").close()
+    seed(server, BOOTSTRAP_BULK_MIN + 1)
+    path = tmp_path / "a.db"
+    first = ThreadRecorder(server)
+    first.fail_lists_after = 1
+    with TaskStore.open(path, sync=recorded(server, first, pull_limit=BOOTSTRAP_BULK_MIN)) as a:
+        a.sync.pull()
+    assert index_sql(path) != index_sql(tmp_path / "fresh.db")
+    with TaskStore.open(path) as store:  # no sync: the bootstrap will not finish now
+        assert len(local_tasks(store)) == BOOTSTRAP_BULK_MIN
+    assert index_sql(path) == index_sql(tmp_path / "fresh.db")
+
+
+def test_a_small_bootstrap_or_one_into_a_store_with_tasks_keeps_the_indexes(
+    tmp_path: Path, server: ReferenceServer
+) -> None:
+    seed(server, BOOTSTRAP_BULK_MIN + 1)
+    path = tmp_path / "a.db"
+    with TaskStore.open(path) as store:
+        store.tasks.create({**REQUEST, "id": "task_local"})
+    full = index_sql(path)
+    first = ThreadRecorder(server)
+    first.fail_lists_after = 1
+    with TaskStore.open(path, sync=recorded(server, first, pull_limit=BOOTSTRAP_BULK_MIN)) as a:
+        a.sync.pull()
+        assert index_sql(path) == full  # not a fresh store: written through the indexes

@@ -16,6 +16,9 @@ during a request:
    bootstrap's progress (the next page's cursor and the saved ``changes_cursor``), so a
    process killed mid-bootstrap resumes after the last committed page. A task the
    listing shows is accepted like a pulled one (undelivered changes are rebased on it).
+   The next page is read on a prefetch thread while one is applied (:class:`_Prefetch`).
+   A large listing into a fresh store loads without the search indexes and builds them
+   with its last page (:func:`restore_indexes`).
    When the last page is in, local tasks the listing did not show and with no
    undelivered change are removed (deleted on the server, or outside the scope), and the
    log is read from the saved ``changes_cursor``.
@@ -58,7 +61,7 @@ from ..storage.database import Database
 from . import rebase
 from .config import SyncConfig
 
-__all__ = ["PullFailure", "PullResult", "Puller", "monotonic_budget", "prepare"]
+__all__ = ["PullFailure", "PullResult", "Puller", "monotonic_budget", "prepare", "restore_indexes"]
 
 PullFailure = Refused | Transient | AuthFailed | Unreachable
 #: How often a waiting prefetch thread or writer looks whether it should stop (seconds).
@@ -102,6 +105,16 @@ def prepare(db: Database, config: SyncConfig) -> None:
             replica.write_state(
                 conn, scope=scope, cursor=None, bootstrap_next=None, bootstrap_changes=None
             )
+        if not config.pulls:
+            restore_indexes(conn)  # a bootstrap left unfinished will not finish now
+
+
+def restore_indexes(conn: apsw.Connection) -> None:
+    """Build the search indexes a bootstrap dropped, if it did (on the caller's write)."""
+    saved = replica.dropped_indexes(conn)
+    if saved is not None:
+        rows.build_search_indexes(conn, saved)
+        replica.keep_dropped_indexes(conn, None)
 
 
 class Puller:
@@ -195,6 +208,14 @@ class Puller:
             if first:
                 replica.clear_unseen(conn)
                 replica.write_state(conn, generation=generation)
+                if (
+                    len(page.tasks) >= rows.BOOTSTRAP_BULK_MIN
+                    and replica.dropped_indexes(conn) is None
+                    and rows.has_no_tasks(conn)
+                ):
+                    # A large listing into a fresh store: load without the search
+                    # indexes; the last page builds them (in its own transaction).
+                    replica.keep_dropped_indexes(conn, rows.drop_search_indexes(conn))
             ctx = self.context(generation)
             accepted_all = rebase.apply_listing(self._db, conn, ctx, page.tasks, now)
             for task, accepted in zip(page.tasks, accepted_all, strict=True):
@@ -203,6 +224,7 @@ class Puller:
             result.tasks += len(page.tasks)
             if page.next_cursor is None:
                 self._finish_bootstrap(conn, generation, now)
+                restore_indexes(conn)
                 replica.write_state(
                     conn, cursor=changes_cursor, bootstrap_next=None, bootstrap_changes=None
                 )

@@ -6,6 +6,12 @@ A new store runs ``schema.sql`` (shipped in the wheel; read with
 A file at an older version is brought forward by running, in order, each entry of
 :data:`MIGRATIONS` above its version, all in one transaction. There are no downgrades:
 a file from a newer clinik-local is refused untouched.
+
+A migration must not assume the search indexes exist: a store cut in the middle of a
+large first bootstrap holds them dropped until the bootstrap ends (their CREATE texts
+are kept in ``meta`` key ``sync.bootstrap.indexes``; storage/rows.py,
+``drop_search_indexes``). Use ``DROP INDEX IF EXISTS`` / ``CREATE INDEX IF NOT EXISTS``,
+and rewrite the kept texts too when a migration changes an index.
 """
 
 from __future__ import annotations

@@ -189,6 +189,28 @@ def test_a_put_answered_404_is_an_update_against_a_delete_not_a_dead_letter(
         assert local_tasks(store) == {}
 
 
+def test_keep_local_never_reverts_a_field_only_the_server_changed(
+    tmp_path: Path, server: ReferenceServer, arrival: str
+) -> None:
+    """Found by tests/test_convergence.py: ``resolve("local")`` squashed the whole local
+    snapshot onto the server's version, so the owner and note only the server changed
+    were reverted, although the conflict's one reason was the priority."""
+    with synced(tmp_path, server, arrival) as store:
+        task_id = str(store.tasks.create({**REQUEST, "note": "base"}).data.id)
+        assert store.sync.flush(timeout=10)
+        server.update_task(task_id, {"priority": "urgent", "ownerId": "prac_a", "note": "srv"})
+        store.tasks.update(task_id, {"priority": "asap", "status": "received"})
+        deliver(store, arrival)
+        [conflict] = store.sync.conflicts()
+        assert [r.field for r in conflict.reasons] == ["priority"]
+        store.sync.resolve(task_id, "local", local_version=conflict.local_version)
+        assert store.sync.flush(timeout=10)
+        on_server = server.tasks()[task_id]
+        assert (on_server["priority"], on_server["status"]) == ("asap", "received")
+        assert (on_server["ownerId"], on_server["note"]) == ("prac_a", "srv")
+        assert local_tasks(store) == server_tasks(server)
+
+
 def test_keep_remote_of_a_task_the_server_moved_out_of_the_scope_removes_it(
     tmp_path: Path, server: ReferenceServer
 ) -> None:

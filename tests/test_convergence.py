@@ -139,9 +139,9 @@ class Device:
         self.kills = 0
 
     def _spawn(self, server: ReferenceServer) -> subprocess.Popen[str]:
+        scope = json.dumps(self.scope)
         child = subprocess.Popen(
-            [sys.executable, str(CHILD), str(self.path), server.url, server.token]
-            + [json.dumps(self.scope)],
+            [sys.executable, str(CHILD), str(self.path), server.url, server.token, scope],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -167,6 +167,7 @@ class Device:
         if kill_after is None:
             assert self._line(self.child, 30).startswith("done")
             return
+        assert self.child.stdout is not None
         readable, _, _ = select.select([self.child.stdout], [], [], kill_after)
         if readable:  # the flush ended first: the kill lands between passes
             assert self._line(self.child, 1).startswith("done")
@@ -180,7 +181,8 @@ class Device:
         whether that happened before the flush ended."""
         if self.child is None:
             self.child = self._spawn(server)
-        assert self.child.stdin is not None and self.child.stdout is not None
+        assert self.child.stdin is not None
+        assert self.child.stdout is not None
         self.child.stdin.write("flush 2.0\n")
         self.child.stdin.flush()
         mid = False
@@ -195,9 +197,7 @@ class Device:
 
     def _bootstrapping(self) -> bool:
         with self.store.read() as conn:
-            found = conn.execute(
-                "SELECT 1 FROM meta WHERE key = 'sync.bootstrap.next'"
-            ).fetchall()
+            found = conn.execute("SELECT 1 FROM meta WHERE key = 'sync.bootstrap.next'").fetchall()
         return bool(found)
 
     def kill(self) -> None:
@@ -493,7 +493,7 @@ class Convergence(RuleBasedStateMachine):
         it: the device's net change of the field is none, so a three-way merge rightly
         keeps the other writer's value (A-B-A)."""
         earlier = [
-            w
+            (w.clock, w.writer, w.fields[name])
             for w in self.writes
             if w.task_id == write.task_id
             and w.clock < write.clock
@@ -501,9 +501,8 @@ class Convergence(RuleBasedStateMachine):
             and name in w.fields
         ]
         return any(
-            other.writer != write.writer
-            and any(w.clock < other.clock and w.fields[name] == value for w in earlier)
-            for other in earlier
+            writer != write.writer and any(c < clock and v == value for c, _, v in earlier)
+            for clock, writer, _ in earlier
         )
 
     def _check_kept(
@@ -532,7 +531,11 @@ class Convergence(RuleBasedStateMachine):
 
 
 Convergence.TestCase.settings = settings(
-    max_examples=int(os.environ.get("CONVERGE_EXAMPLES", "10")), stateful_step_count=25, deadline=None, derandomize=not os.environ.get("CONVERGE_RANDOM"),
-    phases=[Phase.explicit, Phase.reuse, Phase.generate] + ([] if os.environ.get("CONVERGE_NOSHRINK") else [Phase.shrink]),
+    max_examples=int(os.environ.get("CONVERGE_EXAMPLES", "10")),
+    stateful_step_count=25,
+    deadline=None,
+    derandomize=not os.environ.get("CONVERGE_RANDOM"),
+    phases=[Phase.explicit, Phase.reuse, Phase.generate]
+    + ([] if os.environ.get("CONVERGE_NOSHRINK") else [Phase.shrink]),
 )
 TestDevicesConvergeUnderFaultsAndKills = Convergence.TestCase

@@ -399,9 +399,10 @@ class SyncEngine:
         which becomes the task's base.
 
         ``keep="local"``: every field this device changed since the base keeps its local
-        value, on top of the server's task (a field only the server changed stays the
-        server's), sent as a new change with ``If-Match`` = the server's version (fields
-        this version does not know are the server's). ``keep="remote"``: the local task becomes the server's task (stored
+        value, put on the server's task (a field only the server changed stays as the
+        server has it) and sent as a new change with ``If-Match`` = the server's version
+        (fields this version does not know are the
+        server's). ``keep="remote"``: the local task becomes the server's task (stored
         as sent, also with unknown fields or texts over the local limits); nothing is
         sent. A mapping (a merged wire request; ``versionId``/``lastModified`` in it are
         ignored) becomes the local task and is sent as a new change on the server's

@@ -228,6 +228,28 @@ def test_keep_remote_of_a_task_the_server_moved_out_of_the_scope_removes_it(
         assert store.sync.status().conflicts == 0
 
 
+def test_a_merged_resolution_equal_to_the_servers_task_outside_the_scope_removes_it(
+    tmp_path: Path, server: ReferenceServer
+) -> None:
+    """Found by tests/test_convergence.py: a merged request that is the server's task,
+    which left the scope, left the task here for good with nothing to send."""
+    server.put_task({**REQUEST, "id": "task_mine", "ownerId": "prac_me", "note": "base"})
+    with TaskStore.open(
+        tmp_path / "d.db", sync=config(server, scope={"ownerId": "prac_me"})
+    ) as store:
+        assert store.sync.flush(timeout=10)
+        server.update_task("task_mine", {"ownerId": "prac_other", "note": "theirs"})
+        store.tasks.update("task_mine", {"note": "ours"})
+        store.sync.pull()
+        [conflict] = store.sync.conflicts()
+        assert conflict.server is not None
+        merged = dict(conflict.server)
+        store.sync.resolve("task_mine", merged, local_version=conflict.local_version)
+        assert store.sync.flush(timeout=10)
+        assert local_tasks(store) == {}
+        assert store.sync.status().pending == 0
+
+
 def test_the_push_after_a_rebase_carries_if_match_of_the_new_server_version(
     tmp_path: Path, server: ReferenceServer
 ) -> None:

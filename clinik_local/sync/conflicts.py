@@ -271,6 +271,18 @@ def resolve(
             if server is not None:  # fields this version does not know: the server's
                 local.update({k: v for k, v in server.items() if k not in rows.KNOWN_FIELDS})
             _write_local(conn, task_id, server, local, top, now, exists=current is not None)
+        if (
+            keep != "remote"
+            and server is not None
+            and in_scope is not None
+            and not in_scope(server)
+            and not outbox.has_open_changes(conn, task_id)
+        ):
+            # The resolution is the server's task (nothing to send) and it is outside the
+            # scope: removed, as a pulled one would be (it would stay here forever).
+            rows.delete_server_copy(conn, task_id, now=now)
+            replica.drop_base(conn, task_id)
+            outbox.forget_server_version(conn, task_id)
         db.note_change(task_id, origin)
 
 

@@ -21,8 +21,10 @@ here with sync, flushed, its conflicts resolved by the device's policy (``local`
 - each device holds exactly the server's tasks in its scope, field by field, and has
   nothing pending, in flight, dead or in conflict;
 - every write (by a device or on the server) is on the server, or was superseded by a
-  later write of that field (or a later delete), or was shown in a recorded conflict
-  whose resolution chose otherwise; never silently gone;
+  later write of that field (or a later delete), or put back a value the field had
+  before another writer changed it (A-B-A: no net change to merge), or was shown in a
+  recorded conflict whose resolution chose otherwise (a reason on that field, or the
+  writing device took the server's task); never silently gone;
 - every idempotency key was applied once; the server's log has one entry per applied
   write and per server edit; no client write left the task as it was (a replayed edit).
 """
@@ -534,6 +536,11 @@ class Convergence(RuleBasedStateMachine):
             in_conflict = any(
                 reason.field in (None, name) for r in shown for reason in r.conflict.reasons
             ) or any(not r.conflict.reasons for r in shown)
+            # The device took the server's task for its conflict: its own edits of the
+            # task were shown (conflict.local) and dropped by that choice.
+            in_conflict = in_conflict or any(
+                r.device == write.writer and r.choice == "remote" for r in shown
+            )
             assert superseded or in_conflict, (
                 f"an edit was lost: {write.writer} set {write.task_id}.{name}={value!r} at "
                 f"{write.clock}; the server has {task}; conflicts: "

@@ -445,13 +445,14 @@ def test_412_records_a_conflict_with_both_versions_and_overwrites_neither(
     assert store.sync.status().conflicts == 1
 
 
-def test_resolve_keep_local_sends_the_local_task_on_the_servers_version(
+def test_resolve_keep_local_sends_the_local_edits_on_the_servers_version(
     store: TaskStore, server: ReferenceServer, conflicted: str
 ) -> None:
     store.sync.resolve(conflicted, keep="local")
     assert store.sync.flush(timeout=10)
     assert server.tasks()[conflicted]["note"] == "ours"
-    assert "ownerId" not in server.tasks()[conflicted]
+    # Only the server changed the owner: keeping the local side does not revert it.
+    assert server.tasks()[conflicted]["ownerId"] == "prac_them"
     assert server_tasks(server) == local_tasks(store)
     assert store.sync.conflicts() == []
 

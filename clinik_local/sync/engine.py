@@ -532,8 +532,10 @@ class SyncEngine:
         """Settle a conflict; the result is based on the server's version in the conflict,
         which becomes the task's base.
 
-        ``keep="local"``: the current local task goes to the server as a new change with
-        ``If-Match`` = the server's version (fields this version does not know are the
+        ``keep="local"``: every field this device changed since the base keeps its local
+        value, put on the server's task (a field only the server changed stays as the
+        server has it) and sent as a new change with ``If-Match`` = the server's version
+        (fields this version does not know are the
         server's). ``keep="remote"``: the local task becomes the server's task (stored
         as sent, also with unknown fields or texts over the local limits); nothing is
         sent. A mapping (a merged wire request; ``versionId``/``lastModified`` in it are

@@ -395,9 +395,26 @@ def test_conditional_create_never_creates_twice(tmp_path: Path, hapi: HapiLikeFh
 # --- the Medplum peer --------------------------------------------------------------------
 
 
+def edit_on_server(client: httpx.Client, our_id: str, **changes: Any) -> None:
+    """Another client's read-modify-write of one of our Tasks (``If-Match``; again on 412)."""
+    url = f"/Task/{server_task_id(our_id)}"
+    for _ in range(20):
+        current = client.get(url).json()
+        etag = f'W/"{current["meta"]["versionId"]}"'
+        answer = client.put(url, json={**current, **changes}, headers={"If-Match": etag})
+        if answer.status_code == 200:
+            return
+        assert answer.status_code == 412, answer.text  # our engine wrote in between
+    raise AssertionError(f"could not edit {our_id} on the server")
+
+
 def test_300_tasks_through_20_percent_faults_reach_medplum_exactly_once(
     tmp_path: Path, own_peer: MedplumPeer
 ) -> None:
+    """300 tasks created, updated and deleted locally, a few edited and one deleted
+    directly on the server, all through >= 20% faults: after healing the server holds
+    exactly the local tasks (each once, found by identifier) and the store holds the
+    server's edits, merged field by field with the local edits pending at the time."""
     rates = {
         Fault.DROP_BEFORE: 0.06,
         Fault.DROP_AFTER: 0.08,
@@ -406,13 +423,28 @@ def test_300_tasks_through_20_percent_faults_reach_medplum_exactly_once(
         Fault.SLOW: 0.03,
     }
     own_peer.reset()
-    with FaultProxy(own_peer.base_url, rates=rates, seed=13, slow_seconds=0.05) as proxy:
-        remote = FhirR4Remote(proxy.base_url, token, reference_map=dashed, lanes=2)
+    with (
+        FaultProxy(own_peer.base_url, rates=rates, seed=13, slow_seconds=0.05) as proxy,
+        httpx.Client(base_url=own_peer.base_url, headers=own_peer.headers()) as peer,
+    ):
+        # reconcile_every: Medplum has no type-level _history, its deletes come by relisting
+        remote = FhirR4Remote(
+            proxy.base_url, token, reference_map=dashed, lanes=2, reconcile_every=1.0
+        )
         with TaskStore.open(tmp_path / "t.db", sync=fast(remote, lanes=2)) as store:
             created = store.tasks.create_many(list(generate_requests(300, seed=5))).data
             flush_all(store)
             for n, task in enumerate(created[:200]):
                 store.tasks.update(tid(task), {"note": f"first update {n}"})
+            # while those notes are pending: other clients edit other fields on the server
+            merged = [tid(t) for t in created[:3]]
+            for our_id in merged:
+                edit_on_server(peer, our_id, description=f"server edit of {our_id}")
+            pulled = [tid(t) for t in created[290:293]]
+            for our_id in pulled:  # no local edit: a plain pull
+                edit_on_server(peer, our_id, priority="stat", description="server only")
+            server_deleted = tid(created[299])
+            assert peer.delete(f"/Task/{server_task_id(server_deleted)}").status_code == 200
             flush_all(store)
             for n, task in enumerate(created[100:250]):
                 store.tasks.update(tid(task), {"description": f"second update {n}"})
@@ -420,26 +452,41 @@ def test_300_tasks_through_20_percent_faults_reach_medplum_exactly_once(
                 store.tasks.delete(tid(task))
             flush_all(store)
             proxy.heal()
+            time.sleep(1.1)  # past reconcile_every: the last pull lists the scope again
             flush_all(store)
             assert store.sync.dead_letters() == []
             assert store.sync.conflicts() == []
             local = {tid(t): encode_task(t) for t in store.tasks.search(limit=1000).data}
             synced = {store.tasks.get(i).meta["syncState"] for i in local}
+            origins = {i: {h.origin for h in store.tasks.history(i).data} for i in merged}
         faults = proxy.faults_injected
         requests = len(proxy.log)
         lost_updates_recognised = sum(1 for e in proxy.log if e.method == "PUT" and e.status == 412)
     assert faults >= 0.2 * requests, (faults, requests)
     assert proxy.counts[Fault.DROP_AFTER] > 0
+    assert proxy.counts[Fault.DROP_BEFORE] > 0
+    # the server's edit met the pending local one: rebased (a merge), not a conflict
+    assert all("merge" in o for o in origins.values()), origins
+    assert proxy.counts[Fault.ERROR_5XX] > 0
+    assert proxy.counts[Fault.SLOW] > 0
     assert lost_updates_recognised > 0
     assert synced == {"synced"}
-    assert len(local) == 240
+    assert len(local) == 239  # 300 - 60 deleted here - 1 deleted on the server
+    assert server_deleted not in local
+    for n, our_id in enumerate(merged):  # both edits, field by field
+        assert local[our_id]["description"] == f"server edit of {our_id}"
+        assert local[our_id]["note"] == f"first update {n}"
+    for our_id in pulled:
+        assert (local[our_id]["priority"], local[our_id]["description"]) == ("stat", "server only")
     with httpx.Client(base_url=own_peer.base_url, headers=own_peer.headers()) as client:
         server = all_server_tasks(client)
         assert set(server) == set(local)
         for our_id, resource in server.items():
             assert resource["id"] == server_task_id(our_id)
             assert content(encode_task(from_fhir(resource))) == content(local[our_id])
-        for task in created[200:260]:
+            found = client.get("/Task", params={"identifier": f"{ID_SYSTEM}|{our_id}"}).json()
+            assert [e["resource"]["id"] for e in found["entry"]] == [resource["id"]]  # once
+        for task in [*created[200:260], created[299]]:
             assert client.get(f"/Task/{server_task_id(tid(task))}").status_code == 404
             found = client.get("/Task", params={"identifier": f"{ID_SYSTEM}|{tid(task)}"}).json()
             assert found.get("entry", []) == []

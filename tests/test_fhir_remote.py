@@ -554,6 +554,45 @@ def test_medplum_delete_of_a_task_the_server_deleted_is_delivered(
         assert store.sync.status().pending == 0
 
 
+@pytest.mark.parametrize("first", ["pull", "push"])
+def test_a_server_side_reassignment_merges_with_a_pending_local_edit_field_by_field(
+    tmp_path: Path, medplum_peer: MedplumPeer, first: str
+) -> None:
+    """Another FHIR client re-points ``owner.reference`` (keeping the identifier we wrote
+    beside it, as a read-modify-write client does) while a local note edit is pending:
+    the newer reference wins on pull, the note survives, nothing is a conflict. Pulled
+    first, the rebase happens on the pull; pushed first, on the 412."""
+    remote = FhirR4Remote(medplum_peer.base_url, token, reference_map=dashed)
+    with TaskStore.open(tmp_path / "t.db", sync=fast(remote)) as store:
+        task = store.tasks.create(
+            {"status": "requested", "intent": "order", "ownerId": "prac_1", "note": "a"}
+        ).data
+        flush_all(store)
+        store.tasks.update(tid(task), {"note": "local note"})
+        url = f"{medplum_peer.base_url}/Task/{server_task_id(tid(task))}"
+        theirs = httpx.get(url).json()
+        assert theirs["owner"]["identifier"]["value"] == "prac_1"
+        theirs["owner"]["reference"] = "Practitioner/prac-2"  # only the literal reference
+        etag = f'W/"{theirs["meta"]["versionId"]}"'
+        assert httpx.put(url, json=theirs, headers={"If-Match": etag}).status_code == 200
+        assert written_by(httpx.get(url).json()) is None  # not our write, though it kept ours
+        if first == "pull":
+            store.sync.pull()
+            rebased = store.tasks.get(tid(task)).data
+            assert (rebased.owner_id, rebased.note) == ("prac-2", "local note")
+        flush_all(store)
+        assert store.sync.conflicts() == []
+        assert store.sync.dead_letters() == []
+        local = store.tasks.get(tid(task))
+        assert (local.data.owner_id, local.data.note) == ("prac-2", "local note")
+        assert local.meta["syncState"] == "synced"
+        assert "merge" in {h.origin for h in store.tasks.history(tid(task)).data}
+    on_server = httpx.get(url).json()
+    assert on_server["owner"]["reference"] == "Practitioner/prac-2"
+    assert on_server["note"] == [{"text": "local note"}]
+    assert content(encode_task(from_fhir(on_server))) == content(encode_task(local.data))
+
+
 # --- the command line ----------------------------------------------------------------------
 
 
@@ -747,6 +786,19 @@ def test_a_version_is_ours_only_while_its_content_is_what_our_change_wrote() -> 
     assert written_by(resource) == "chg_1"  # server fields do not count
     edited = dict(resource, note=[{"text": "another client, keeping our extensions"}])
     assert written_by(edited) is None
+    change = a_change(op="create", version=None)
+    owned = remote.fhir_resource(
+        Change(
+            change_id=change.change_id,
+            task_id=change.task_id,
+            op="create",
+            body={**(change.body or {}), "ownerId": "dr.who"},
+            server_version=None,
+        )
+    )
+    assert written_by(owned) == "chg_1"
+    owned["owner"] = {**owned["owner"], "reference": "Practitioner/someone-else"}
+    assert written_by(owned) is None  # the same wire task (identifier), another reference
     assert written_by({k: v for k, v in resource.items() if k != "extension"}) is None
 
 

@@ -61,7 +61,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import quote
@@ -136,6 +136,10 @@ _ESCAPE = str.maketrans({".": "..", "-": ".-", "_": "-"})
 _HASHED = re.compile(r"h\.[0-9a-f]{62}")
 _FHIR_JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
 _ETAG = re.compile(r'\s*(?:W/)?"([^"]*)"\s*')
+#: The type and id of a literal reference (relative, versioned, or an absolute URL).
+_LITERAL_ID = re.compile(
+    r"(?:.*/)?(?P<type>[A-Z][A-Za-z]*)/(?P<id>[A-Za-z0-9.\-]{1,64})(?:/_history/[^/]+)?"
+)
 # wire field -> FHIR element of the references to_fhir writes (one or a list)
 _SINGLE_REFS = {
     "for": "patientId",
@@ -355,20 +359,54 @@ def _extension(resource: Mapping[str, Any], url: str) -> str | None:
     return None
 
 
-def content_hash(wire: Mapping[str, Any]) -> str:
-    """SHA-256 (hex) of a wire task's content: no server fields, canonical JSON."""
+def content_hash(wire: Mapping[str, Any], references: tuple[str, ...] = ()) -> str:
+    """SHA-256 (hex) of a wire task's content: no server fields, canonical JSON; and the
+    literal references the resource carried (``Patient/9001``, in :func:`_references`
+    order), so that another client re-pointing a reference is not taken for our write."""
     canonical = json.dumps(
         without_server_fields(wire), sort_keys=True, ensure_ascii=False, separators=(",", ":")
     )
+    if references:
+        canonical += "\n" + json.dumps(list(references), separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _references(resource: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every Reference of a Task (our mapping's elements), with the wire field it is:
+    ``for`` -> ``patientId`` ... in one fixed order."""
+    for element, field in _SINGLE_REFS.items():
+        ref = resource.get(element)
+        if isinstance(ref, dict):
+            yield field, ref
+    for element, field in _LIST_REFS.items():
+        for ref in _dicts(resource.get(element)):
+            yield field, ref
+    restriction = resource.get("restriction")
+    if isinstance(restriction, dict):
+        for ref in _dicts(restriction.get("recipient")):
+            yield "restriction.recipient", ref
+    for key in ("input", "output"):
+        for item in _dicts(resource.get(key)):
+            ref = item.get("valueReference")
+            if isinstance(ref, dict):
+                yield f"{key}.valueReference", ref
+
+
+def _dicts(value: object) -> list[dict[str, Any]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _literal_references(resource: Mapping[str, Any]) -> tuple[str, ...]:
+    return tuple(str(ref.get("reference", "")) for _, ref in _references(resource))
 
 
 def written_by(resource: Mapping[str, Any]) -> str | None:
     """The change id of the local change that wrote this server version, else None.
 
     A version is ours when it carries our change id and its content is still what that
-    change wrote (the content hash beside it): a client that edits the task and keeps
-    our extensions makes a version that is not ours.
+    change wrote (the content hash beside it, over the task and its literal
+    references): a client that edits the task and keeps our extensions makes a version
+    that is not ours.
     """
     change_id = _extension(resource, CHANGE_ID_URL)
     recorded = _extension(resource, CONTENT_HASH_URL)
@@ -378,7 +416,7 @@ def written_by(resource: Mapping[str, Any]) -> str | None:
         wire = _wire_of(resource)
     except ValidationError:
         return None
-    return change_id if content_hash(wire) == recorded else None
+    return change_id if content_hash(wire, _literal_references(resource)) == recorded else None
 
 
 def _wire_of(resource: Mapping[str, Any]) -> dict[str, Any]:
@@ -704,22 +742,13 @@ class FhirR4Remote:
         task = decode_task(dict(change.body or {}, id=change.task_id))
         resource = to_fhir(task, "R4")
         resource["id"] = server_task_id(change.task_id)
-        for element, field in _SINGLE_REFS.items():
-            if element in resource:
-                self._map(resource[element], field)
-        for element, field in _LIST_REFS.items():
-            for ref in resource.get(element, ()):
-                self._map(ref, field)
-        for ref in resource.get("restriction", {}).get("recipient", ()):
-            self._map(ref, "restriction.recipient")
-        for key in ("input", "output"):
-            for item in resource.get(key, ()):
-                if "valueReference" in item:
-                    self._map(item["valueReference"], f"{key}.valueReference")
+        for field, ref in _references(resource):
+            self._map(ref, field)
+        digest = content_hash(encode_task(task), _literal_references(resource))
         resource.setdefault("extension", []).extend(
             [
                 {"url": CHANGE_ID_URL, "valueString": change.change_id},
-                {"url": CONTENT_HASH_URL, "valueString": content_hash(encode_task(task))},
+                {"url": CONTENT_HASH_URL, "valueString": digest},
             ]
         )
         return resource
@@ -969,6 +998,7 @@ class FhirR4Remote:
             # Another client's Task may lack authoredOn (0..1 in FHIR, required here):
             # its first known instant is the best there is.
             resource = dict(resource, authoredOn=_updated(resource))
+        resource = self._without_stale_identifiers(resource)
         try:
             task = _wire_of(resource)
         except ValidationError as exc:
@@ -988,6 +1018,38 @@ class FhirR4Remote:
                 return None
             task["id"] = mapped
         return task
+
+    def _without_stale_identifiers(self, resource: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The resource, with our identifier dropped from every Reference another client
+        re-pointed (``owner.reference`` changed, the identifier we wrote kept beside it).
+
+        Such a Reference's ``reference`` no longer names what our id maps to; it is the
+        newer of the two, so it is what the pull reads (the server's id: there is no
+        inverse of ``reference_map``). An id the map cannot translate keeps its identifier.
+        """
+        stale: set[int] = set()
+        for field, ref in _references(resource):
+            ident = ref.get("identifier")
+            literal = _LITERAL_ID.fullmatch(str(ref.get("reference", "")))
+            if not (isinstance(ident, dict) and ident.get("system") == ID_SYSTEM and literal):
+                continue
+            probe: dict[str, Any] = {
+                "reference": f"{literal.group('type')}/x",
+                "identifier": {"value": ident.get("value")},
+            }
+            try:
+                self._map(probe, field)
+            except (ValidationError, TypeError, KeyError):
+                continue
+            if probe["reference"].split("/", 1)[1] != literal.group("id"):
+                stale.add(id(ref))
+        if not stale:
+            return resource
+        copy: dict[str, Any] = json.loads(json.dumps(resource))
+        for (_, ref), (_, original) in zip(_references(copy), _references(resource), strict=True):
+            if id(original) in stale:
+                ref.pop("identifier", None)
+        return copy
 
     def _has_history(self) -> bool:
         """Whether the server has a type-level ``_history`` (asked once; Medplum has not).
@@ -1075,9 +1137,8 @@ class FhirR4Remote:
             return self._delivered_resource(resource, answer)
         return Delivered(version=_etag_version(answer.header("ETag")))
 
-    @staticmethod
     def _delivered_resource(
-        resource: Mapping[str, Any], answer: Response | None = None
+        self, resource: Mapping[str, Any], answer: Response | None = None
     ) -> Delivered:
         meta = resource.get("meta")
         meta = meta if isinstance(meta, dict) else {}
@@ -1086,7 +1147,7 @@ class FhirR4Remote:
             version = _etag_version(answer.header("ETag"))
         modified = meta.get("lastUpdated")
         try:
-            task: dict[str, Any] | None = _wire_of(resource)
+            task: dict[str, Any] | None = _wire_of(self._without_stale_identifiers(resource))
         except ValidationError:
             task = None
         return Delivered(
@@ -1095,10 +1156,9 @@ class FhirR4Remote:
             task=task,
         )
 
-    @staticmethod
-    def _conflict(resource: Mapping[str, Any], refusal: Response) -> PushOutcome:
+    def _conflict(self, resource: Mapping[str, Any], refusal: Response) -> PushOutcome:
         try:
-            server = _wire_of(resource)
+            server = _wire_of(self._without_stale_identifiers(resource))
         except ValidationError as exc:
             return Refused(
                 status=refusal.status,

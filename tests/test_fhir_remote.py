@@ -502,8 +502,19 @@ def test_the_seed_lab_order_reads_back_from_medplum_with_a_strict_fhir_client(
         local = store.tasks.get(tid(task)).data
     read = httpx.get(f"{medplum_peer.base_url}/Task/{server_task_id(tid(task))}")
     assert read.status_code == 200, read.text
-    assert read.json()["meta"]["versionId"] == local.version_id or local.version_id is not None
     parsed = FhirclientTask(read.json(), strict=True)
+    assert parsed.id == server_task_id(tid(task))
+    assert [(i.system, i.value) for i in parsed.identifier] == [(ID_SYSTEM, tid(task))]
+    assert (parsed.status, parsed.intent, parsed.priority) == ("requested", "order", "urgent")
+    assert parsed.code.text == "lab-order"
+    assert parsed.description == "Order CBC and CMP for pre-operative assessment"
+    assert [n.text for n in parsed.note] == ["Patient is NPO after midnight. Draw labs before 10am."]
+    assert (parsed.for_fhir.identifier.system, parsed.for_fhir.identifier.value) == (
+        ID_SYSTEM,
+        "pt_abc123",
+    )
+    assert parsed.owner.identifier.value == "prac_lab_tech"
+    assert parsed.requester.identifier.value == "prac_def456"
     assert parsed.for_fhir.reference == "Patient/pt-abc123"
     assert parsed.owner.reference == "Practitioner/prac-lab-tech"
     assert parsed.requester.reference == "Practitioner/prac-def456"
@@ -515,7 +526,13 @@ def test_the_seed_lab_order_reads_back_from_medplum_with_a_strict_fhir_client(
     assert parsed.executionPeriod.start.isostring.startswith("2025-02-01T08:00:00")
     assert parsed.executionPeriod.end.isostring.startswith("2025-02-01T17:00:00")
     assert [e.url for e in parsed.extension] == [CHANGE_ID_URL, CONTENT_HASH_URL]
-    assert from_fhir(read.json()).patient_id == "pt_abc123"  # ours, through the identifier
+    back = from_fhir(read.json())  # ours again, through the identifiers
+    assert content(encode_task(back)) == content(encode_task(local))
+    assert (back.patient_id, back.owner_id, back.requester_id) == (
+        "pt_abc123",
+        "prac_lab_tech",
+        "prac_def456",
+    )
 
 
 def test_medplum_412_with_another_clients_edit_is_a_conflict(

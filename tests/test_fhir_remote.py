@@ -508,7 +508,9 @@ def test_the_seed_lab_order_reads_back_from_medplum_with_a_strict_fhir_client(
     assert (parsed.status, parsed.intent, parsed.priority) == ("requested", "order", "urgent")
     assert parsed.code.text == "lab-order"
     assert parsed.description == "Order CBC and CMP for pre-operative assessment"
-    assert [n.text for n in parsed.note] == ["Patient is NPO after midnight. Draw labs before 10am."]
+    assert [n.text for n in parsed.note] == [
+        "Patient is NPO after midnight. Draw labs before 10am."
+    ]
     assert (parsed.for_fhir.identifier.system, parsed.for_fhir.identifier.value) == (
         ID_SYSTEM,
         "pt_abc123",
@@ -651,6 +653,62 @@ def test_cli_sync_run_with_remote_fhir_r4_delivers_to_the_fhir_server(
     )
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["pending"] == 0
+
+
+def clinik_local_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``clinik-local ARGS`` in a child process, with the peers' token in CLINIK_TOKEN."""
+    env = {**os.environ, "CLINIK_TOKEN": TOKEN, "PYTHONWARNINGS": "error"}
+    return subprocess.run(
+        [sys.executable, "-m", "clinik_local.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+
+
+def test_cli_sync_run_fhir_r4_against_medplum_pushes_the_seed_order_and_pulls_edits(
+    tmp_path: Path, own_peer: MedplumPeer
+) -> None:
+    """End to end on the command line: without a reference map the seed's ``pt_abc123``
+    is refused naming the field (exit 7, nothing sent); ``sync retry --all`` and a run
+    with ``--reference-map`` deliver it; a server-side edit comes back on the next run."""
+    own_peer.reset()
+    db = tmp_path / "clinic.db"
+    with TaskStore.open(db) as store:
+        order = store.tasks.create(SEED_LAB_ORDER).data
+    run = ["sync", "run", "--db", str(db), "--remote", "fhir-r4", "--url", own_peer.base_url]
+    refused = clinik_local_cli(*run)
+    assert refused.returncode == 7, refused.stderr
+    dead = json.loads(clinik_local_cli("sync", "dead-letters", "--db", str(db)).stdout)
+    assert [d["error"].split(":")[0] for d in dead] == ["patientId"]
+    with httpx.Client(base_url=own_peer.base_url, headers=own_peer.headers()) as peer:
+        assert peer.get("/Task").json().get("entry", []) == []  # nothing was sent
+        ids = {i: i.replace("_", "-") for i in ("pt_abc123", "enc_xyz789", "prac_def456")}
+        mapping = tmp_path / "ids.json"
+        mapping.write_text(json.dumps({**ids, "prac_lab_tech": "lab-tech-7"}), encoding="utf-8")
+        assert clinik_local_cli("sync", "retry", "--all", "--db", str(db)).returncode == 0
+        delivered = clinik_local_cli(*run, "--reference-map", str(mapping))
+        assert delivered.returncode == 0, delivered.stderr
+        url = f"/Task/{server_task_id(tid(order))}"
+        on_server = peer.get(url).json()
+        assert on_server["for"]["reference"] == "Patient/pt-abc123"
+        assert on_server["owner"]["reference"] == "Practitioner/lab-tech-7"
+        etag = f'W/"{on_server["meta"]["versionId"]}"'
+        edited = dict(on_server, businessStatus={"text": "Specimen collected"})
+        assert peer.put(url, json=edited, headers={"If-Match": etag}).status_code == 200
+    again = clinik_local_cli(*run, "--reference-map", str(mapping))
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["status"]["pending"] == 0
+    with TaskStore.open(db) as store:
+        pulled = store.tasks.get(tid(order)).data
+    assert pulled.business_status == "Specimen collected"
+    assert (pulled.patient_id, pulled.owner_id) == ("pt_abc123", "prac_lab_tech")
+    wrong = clinik_local_cli(*run[:-4], "--url", "http://127.0.0.1:1/x", "--reference-map", "m")
+    assert wrong.returncode == 2, wrong.stderr  # bad input: usage
+    assert "--reference-map" in wrong.stderr
+    assert "--remote fhir-r4" in wrong.stderr
 
 
 def test_conditional_create_on_medplum_takes_the_servers_id_and_updates_it(

@@ -258,6 +258,72 @@ def test_an_unmappable_reference_is_refused_naming_the_field_and_nothing_is_sent
     assert hapi.writes == 0
 
 
+def test_check_refuses_before_writing_naming_every_unmappable_reference_field(
+    tmp_path: Path, hapi: HapiLikeFhirServer
+) -> None:
+    """The write-time form of the refusal: ``remote.check(request)`` raises the library's
+    ValidationError naming each field, so the app writes nothing; a push of such a task
+    names them all in its dead letter and sends nothing."""
+    remote = FhirR4Remote(hapi.url, token, reference_map=lambda f, i: {"pt_ok": "p1"}.get(i))
+    request = {
+        "status": "requested",
+        "intent": "order",
+        "patientId": "pt_ok",  # mapped
+        "ownerId": "prac_1",  # neither mapped nor a FHIR id
+        "requesterId": "dr.who",  # a FHIR id: as it is
+        "basedOn": ["sr_1"],
+        "partOf": ["task_parent"],  # our own tasks: always fine
+        "restriction": {"recipient": ["org_2"]},
+        "input": [{"type": "specimen", "valueReference": "spec_3"}],
+    }
+    with pytest.raises(ValidationError) as caught:
+        remote.check(request)
+    assert caught.value.paths == (
+        "ownerId",
+        "basedOn",
+        "restriction.recipient",
+        "input.valueReference",
+    )
+    assert [e.value for e in caught.value.errors] == ["'prac_1'", "'sr_1'", "'org_2'", "'spec_3'"]
+    remote.check({k: v for k, v in request.items() if k in ("status", "intent", "patientId")})
+    with TaskStore.open(tmp_path / "t.db", sync=fast(remote)) as store:
+        task = store.tasks.create(request).data
+        with pytest.raises(ValidationError) as again:
+            remote.check(task)  # a stored Task works the same
+        assert again.value.paths == caught.value.paths
+        flush_all(store)
+        [dead] = store.sync.dead_letters()
+        assert dead.status is None
+        assert dead.error is not None
+        assert dead.error == "; ".join(str(e) for e in caught.value.errors)
+    assert hapi.writes == 0
+
+
+def test_pulled_foreign_tasks_read_versioned_references_and_wrong_types_are_skipped(
+    tmp_path: Path, hapi: HapiLikeFhirServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tasks written on the server by another client: ``Patient/123/_history/7`` is
+    patient ``123``; ``Group/5`` as the patient is refused on import (that Task is
+    skipped and logged, the pull goes on)."""
+    base = {"resourceType": "Task", "status": "requested", "intent": "order"}
+    hapi.put_task({**base, "id": "v1", "for": {"reference": "Patient/123/_history/7"}})
+    hapi.put_task({**base, "id": "g1", "for": {"reference": "Group/5"}})
+    hapi.put_task({**base, "id": "ok", "owner": {"reference": f"{hapi.url}/Practitioner/p-9"}})
+    remote = FhirR4Remote(hapi.url, token)
+    with TaskStore.open(tmp_path / "t.db", sync=fast(remote)) as store:
+        with caplog.at_level("WARNING", logger="clinik_local.remotes.fhir"):
+            store.sync.pull()
+        found = {tid(t): t for t in store.tasks.search(limit=10).data}
+    assert sorted(found) == ["ok", "v1"]
+    assert found["v1"].patient_id == "123"
+    assert found["ok"].owner_id == "p-9"
+    skipped = {r.getMessage() for r in caplog.records if "'g1'" in r.getMessage()}
+    assert skipped == {
+        "skipped server Task 'g1': 1 invalid field: for.reference: for cannot refer to a "
+        "Group (got 'Group/5'); allowed: Patient"
+    }
+
+
 def test_the_reference_map_names_the_servers_resources(
     tmp_path: Path, hapi: HapiLikeFhirServer
 ) -> None:

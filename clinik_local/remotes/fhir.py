@@ -70,9 +70,10 @@ import attrs
 import httpx
 
 from ..codec import decode_task, encode_task
-from ..errors import AuthError, TransportError, ValidationError
+from ..errors import AuthError, FieldError, TransportError, ValidationError
 from ..fhir import ID_SYSTEM, from_fhir, to_fhir
 from ..ids import is_valid_id
+from ..model import Task
 from ..wire import without_server_fields
 from .base import (
     AuthFailed,
@@ -398,6 +399,31 @@ def _dicts(value: object) -> list[dict[str, Any]]:
 
 def _literal_references(resource: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(str(ref.get("reference", "")) for _, ref in _references(resource))
+
+
+def _wire_references(wire: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """The ids a wire task (or request) refers to, with their field (``reference_map``'s
+    names); values that are not strings are left to the task's own validation."""
+    for field in ("patientId", "ownerId", "requesterId", "encounterId", "focusId"):
+        value = wire.get(field)
+        if isinstance(value, str):
+            yield field, value
+    for field in ("basedOn", "partOf"):
+        values = wire.get(field)
+        for value in values if isinstance(values, list) else ():
+            if isinstance(value, str):
+                yield field, value
+    restriction = wire.get("restriction")
+    recipients = restriction.get("recipient") if isinstance(restriction, Mapping) else None
+    for value in recipients if isinstance(recipients, list) else ():
+        if isinstance(value, str):
+            yield "restriction.recipient", value
+    for key in ("input", "output"):
+        items = wire.get(key)
+        for item in items if isinstance(items, list) else ():
+            value = item.get("valueReference") if isinstance(item, Mapping) else None
+            if isinstance(value, str):
+                yield f"{key}.valueReference", value
 
 
 def written_by(resource: Mapping[str, Any]) -> str | None:
@@ -742,8 +768,14 @@ class FhirR4Remote:
         task = decode_task(dict(change.body or {}, id=change.task_id))
         resource = to_fhir(task, "R4")
         resource["id"] = server_task_id(change.task_id)
+        errors: list[FieldError] = []
         for field, ref in _references(resource):
-            self._map(ref, field)
+            try:
+                self._map(ref, field)
+            except ValidationError as exc:
+                errors += exc.errors
+        if errors:
+            raise ValidationError(errors)
         digest = content_hash(encode_task(task), _literal_references(resource))
         resource.setdefault("extension", []).extend(
             [
@@ -753,8 +785,33 @@ class FhirR4Remote:
         )
         return resource
 
-    def _map(self, ref: dict[str, Any], field: str) -> None:
-        our_id = ref["identifier"]["value"]
+    def check(self, task: Task | Mapping[str, Any]) -> None:
+        """Refuse, before anything is written, a task this server could not be sent.
+
+        ``task`` is a :class:`~clinik_local.Task` or a wire request (what
+        ``store.tasks.create`` takes). Raises ValidationError naming every reference
+        field whose id is no FHIR id and that ``reference_map`` does not translate; the
+        same check a push makes (a push of such a task is a dead letter naming the field,
+        nothing sent). For apps that want the refusal at write time::
+
+            remote.check(request)
+            store.tasks.create(request)
+        """
+        wire: Mapping[str, Any] = encode_task(task) if isinstance(task, Task) else task
+        if not isinstance(wire, Mapping):
+            raise ValidationError.single("task", "expected a Task or a wire mapping", wire)
+        errors: list[FieldError] = []
+        for field, our_id in _wire_references(wire):
+            try:
+                self._server_ref(field, our_id)
+            except ValidationError as exc:
+                errors += exc.errors
+        if errors:
+            raise ValidationError(errors)
+
+    def _server_ref(self, field: str, our_id: str) -> str:
+        """The server's id for ``our_id`` in ``field``: ``reference_map``, else the
+        default rule; ValidationError naming the field when neither gives a FHIR id."""
         mapped = None if self._reference_map is None else self._reference_map(field, our_id)
         if mapped is None:
             mapped = default_reference(field, our_id)
@@ -773,6 +830,10 @@ class FhirR4Remote:
                 mapped,
                 "[A-Za-z0-9.-]{1,64}",
             )
+        return mapped
+
+    def _map(self, ref: dict[str, Any], field: str) -> None:
+        mapped = self._server_ref(field, ref["identifier"]["value"])
         resource_type = ref["reference"].split("/", 1)[0]
         ref["reference"] = f"{resource_type}/{mapped}"
 

@@ -441,21 +441,59 @@ def test_hapi_lost_answers_are_recognised_by_the_change_id(
     )
 
 
-def test_conditional_create_never_creates_twice(tmp_path: Path, hapi: HapiLikeFhirServer) -> None:
-    with FaultProxy(hapi.url, script=[Fault.DROP_AFTER, Fault.DROP_AFTER]) as proxy:
-        remote = FhirR4Remote(proxy.base_url, token, create="conditional")
-        with TaskStore.open(tmp_path / "t.db", sync=fast(remote, lanes=1)) as store:
-            task = store.tasks.create({"status": "requested", "intent": "order"}).data
+def test_a_server_refusing_client_ids_gets_each_task_once_by_conditional_create(
+    tmp_path: Path,
+) -> None:
+    """HAPI with client-assigned ids disabled: update-as-create is refused (a dead letter
+    carrying HAPI-0959, nothing created); ``create="conditional"`` creates with
+    ``If-None-Exist`` and, with the answers of the POST lost twice and of the update and
+    the delete once each, every write still happens exactly once."""
+    with HapiLikeFhirServer(token=TOKEN, client_ids=False) as server:
+        by_put = FhirR4Remote(server.url, token)
+        with TaskStore.open(tmp_path / "put.db", sync=fast(by_put)) as store:
+            store.tasks.create({"status": "requested", "intent": "order"})
             flush_all(store)
-            store.tasks.update(tid(task), {"note": "after the create"})
-            flush_all(store)
-            assert store.sync.conflicts() == []
-            assert store.sync.dead_letters() == []
-    [(server_id, stored)] = hapi.tasks().items()
-    assert server_id.isdigit()  # the server's own id
-    assert from_fhir(stored).id == tid(task)
-    assert stored["note"] == [{"text": "after the create"}]
-    assert [e.fault for e in proxy.log if e.fault is not None] == [Fault.DROP_AFTER] * 2
+            [dead] = store.sync.dead_letters()
+            assert dead.status == 404
+            assert dead.error is not None
+            assert "HAPI-0959" in dead.error
+            assert "client-assigned IDs are not enabled" in dead.error
+        assert server.tasks() == {}
+        drop = Fault.DROP_AFTER
+        script = [drop, drop, None, None, drop, None, drop]  # POST POST (again x2) PUT PUT DEL
+        with FaultProxy(server.url, script=script, methods=["POST", "PUT", "DELETE"]) as proxy:
+            remote = FhirR4Remote(proxy.base_url, token, create="conditional")
+            # push only: the retries themselves must recognise the lost writes (a pull
+            # would settle them by the change id before any retry)
+            config = fast(remote, lanes=1, pull=False)
+            with TaskStore.open(tmp_path / "t.db", sync=config) as store:
+                task = store.tasks.create({"status": "requested", "intent": "order"}).data
+                other = store.tasks.create({"status": "draft", "intent": "plan"}).data
+                flush_all(store)
+                store.tasks.update(tid(task), {"note": "after the create"})
+                flush_all(store)
+                store.tasks.delete(tid(other))
+                flush_all(store)
+                assert store.sync.conflicts() == []
+                assert store.sync.dead_letters() == []
+                assert store.tasks.get(tid(task)).meta["syncState"] == "synced"
+        [(server_id, stored)] = server.tasks().items()
+        assert server_id.isdigit()  # the server's own id
+        assert from_fhir(stored).id == tid(task)
+        assert stored["note"] == [{"text": "after the create"}]
+        assert [v["meta"]["versionId"] for v in server.history(server_id) if v] == ["1", "2"]
+        assert [len(server.history(i)) for i in ("1", "2", "3")] == [2, 2, 0]  # 2 creates
+    sent = [(e.method, e.fault, e.status) for e in proxy.log if e.method != "GET"]
+    assert sent == [
+        ("POST", drop, None),
+        ("POST", drop, None),
+        ("POST", None, 200),  # If-None-Exist found the first: our change id, delivered
+        ("POST", None, 200),
+        ("PUT", drop, None),
+        ("PUT", None, 409),  # our own write moved the version on: recognised, delivered
+        ("DELETE", drop, None),
+        ("DELETE", None, 200),
+    ]
 
 
 # --- the Medplum peer --------------------------------------------------------------------

@@ -48,7 +48,12 @@ wire field: ``patientId``, ``ownerId``, ``requesterId``, ``encounterId``, ``focu
 ``output.valueReference``. The default: ``partOf`` names our own tasks, so it goes
 through :func:`server_task_id`; any other id is used as it is when it is a valid FHIR
 id, and otherwise the change is refused (:class:`~.base.Refused` with ``status`` None,
-naming the field) rather than pushed as a hash no server knows.
+naming every such field; nothing is sent) rather than pushed as a hash no server knows.
+:meth:`FhirR4Remote.check` makes the same refusal a ValidationError before anything is
+written. On pull our identifier in a Reference gives our id back, unless another client
+re-pointed the literal reference beside it: then the literal reference (the server's
+id) wins, and the content hash (over the literal references too) keeps such a version
+from being taken for ours.
 """
 
 from __future__ import annotations

@@ -1057,6 +1057,44 @@ def test_hapi_deletes_come_through_the_type_level_history_without_relisting(
         assert store.tasks.get(tid(keep)).data.version_id == "2"  # HAPI's integer version
 
 
+def test_the_fhir_watermark_is_committed_with_the_pulled_page_and_survives_a_reopen(
+    tmp_path: Path, hapi: HapiLikeFhirServer
+) -> None:
+    """After a pull, the store holds the cursor (watermark and overlap window) in its
+    file: reopened, it polls ``_lastUpdated`` from there and does not list the scope
+    again; the overlap re-reads the last versions and drops them (nothing re-applied)."""
+    writer = FhirR4Remote(hapi.url, token)
+    with TaskStore.open(tmp_path / "w.db", sync=fast(writer)) as source:
+        made = source.tasks.create_many(
+            [{"status": "requested", "intent": "order", "note": f"n{n}"} for n in range(5)]
+        ).data
+        flush_all(source)
+    with FaultProxy(hapi.url) as proxy:  # no faults: a log of the requests
+        reader = FhirR4Remote(proxy.base_url, token, reconcile_every=3600)
+        with TaskStore.open(tmp_path / "r.db", sync=fast(reader)) as replica:
+            replica.sync.pull()
+            assert len(replica.tasks.search(limit=10).data) == 5
+        first = len(proxy.log)
+        edited = dict(hapi.tasks()[server_task_id(tid(made[2]))], priority="stat")
+        hapi.put_task(edited)
+        reader = FhirR4Remote(proxy.base_url, token, reconcile_every=3600)
+        with TaskStore.open(tmp_path / "r.db", sync=fast(reader)) as replica:
+            events: list[Any] = []
+            replica.tasks.watch(events.append)
+            replica.sync.pull()
+            assert replica.tasks.get(tid(made[2])).data.priority == "stat"
+            for _ in range(50):  # watch callbacks run after the commit, on their own thread
+                if events:
+                    break
+                time.sleep(0.02)
+        later = [e.path for e in proxy.log[first:] if e.path.startswith("/fhir/R4/Task?")]
+    assert later, proxy.log[first:]
+    assert all("_lastUpdated=ge" in p and "_sort=_lastUpdated" in p for p in later), later
+    assert not any("-_lastUpdated" in p for p in later)  # no new bootstrap
+    changed = {i for event in events for i in event.task_ids}
+    assert changed == {tid(made[2])}  # only the edit: the overlap's re-reads are dropped
+
+
 def test_a_scope_pulls_only_its_tasks_as_fhir_search_parameters(
     tmp_path: Path, hapi: HapiLikeFhirServer
 ) -> None:

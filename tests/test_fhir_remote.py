@@ -299,6 +299,43 @@ def test_check_refuses_before_writing_naming_every_unmappable_reference_field(
     assert hapi.writes == 0
 
 
+def test_a_reference_map_that_raises_is_a_refusal_naming_the_field_and_sends_nothing() -> None:
+    sent: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(500)
+
+    def lookup(_field: str, our_id: str) -> str | None:
+        return {"p-1": "p1"}[our_id]  # KeyError for anything else
+
+    remote = FhirR4Remote(
+        "http://127.0.0.1:1/fhir/R4",
+        token,
+        reference_map=lookup,
+        http_transport=httpx.MockTransport(record),
+    )
+    with pytest.raises(ValidationError) as caught:
+        remote.check({"status": "draft", "intent": "plan", "ownerId": "x"})
+    assert caught.value.paths == ("ownerId",)
+    assert "reference_map failed for it: KeyError" in str(caught.value.errors[0])
+    change = a_change(op="create", version=None)
+    answer = remote.push(
+        Change(
+            change_id=change.change_id,
+            task_id=change.task_id,
+            op="create",
+            body={**(change.body or {}), "patientId": "p-1", "ownerId": "x"},
+            server_version=None,
+        ),
+        lane=0,
+    )
+    assert isinstance(answer, Refused)
+    assert answer.status is None
+    assert answer.error.startswith("ownerId: reference_map failed for it: KeyError")
+    assert sent == []
+
+
 def test_pulled_foreign_tasks_read_versioned_references_and_wrong_types_are_skipped(
     tmp_path: Path, hapi: HapiLikeFhirServer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -817,7 +817,14 @@ class FhirR4Remote:
     def _server_ref(self, field: str, our_id: str) -> str:
         """The server's id for ``our_id`` in ``field``: ``reference_map``, else the
         default rule; ValidationError naming the field when neither gives a FHIR id."""
-        mapped = None if self._reference_map is None else self._reference_map(field, our_id)
+        mapped = None
+        if self._reference_map is not None:
+            try:
+                mapped = self._reference_map(field, our_id)
+            except Exception as exc:  # the app's callable: its failure names the field
+                raise ValidationError.single(
+                    field, f"reference_map failed for it: {type(exc).__name__}: {exc}", our_id
+                ) from None
         if mapped is None:
             mapped = default_reference(field, our_id)
         if mapped is None:
@@ -1105,7 +1112,7 @@ class FhirR4Remote:
             }
             try:
                 self._map(probe, field)
-            except (ValidationError, TypeError, KeyError):
+            except ValidationError:  # no server id for ours: trust the identifier
                 continue
             if probe["reference"].split("/", 1)[1] != literal.group("id"):
                 stale.add(id(ref))

@@ -891,8 +891,10 @@ NOTES = st.text(alphabet="abcxyz ", min_size=1, max_size=8)
 
 
 class FhirSyncMachine(RuleBasedStateMachine):
-    """Creates, updates, deletes and flushes under lost answers and 5xx: after every flush
-    the server's Tasks are exactly the model's (each once), and nothing is parked."""
+    """Creates, updates, deletes and flushes under lost answers and 5xx, and other clients
+    editing descriptions and deleting Tasks on the server: after every flush the server's
+    Tasks are exactly the model's (each once), so are the local tasks (the server's edits
+    pulled, merged with pending local notes), and nothing is parked."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -903,29 +905,70 @@ class FhirSyncMachine(RuleBasedStateMachine):
         remote = FhirR4Remote(self.proxy.base_url, token, timeout=2.0)
         self.store = TaskStore.open(self.dir / "m.db", sync=fast(remote))
         self.model: dict[str, dict[str, Any]] = {}
+        self.dirty: set[str] = set()  # edited here since the last flush
+        self.server_edited: set[str] = set()  # edited on the server since the last flush
 
     @rule(note=NOTES)
     def create(self, note: str) -> None:
         task = self.store.tasks.create({"status": "requested", "intent": "order", "note": note})
         self.model[tid(task.data)] = content(encode_task(task.data))
+        self.dirty.add(tid(task.data))
 
     @precondition(lambda self: bool(self.model))
     @rule(data=st.data(), note=NOTES)
     def update(self, data: st.DataObject, note: str) -> None:
         task_id = data.draw(st.sampled_from(sorted(self.model)))
-        task = self.store.tasks.update(task_id, {"note": note}).data
-        self.model[task_id] = content(encode_task(task))
+        self.store.tasks.update(task_id, {"note": note})
+        self.model[task_id] = {**self.model[task_id], "note": note}
+        self.dirty.add(task_id)
 
-    @precondition(lambda self: bool(self.model))
+    def _local_deletable(self) -> list[str]:
+        """A local delete of a task edited on the server since is a conflict (by design)."""
+        return sorted(set(self.model) - self.server_edited)
+
+    @precondition(lambda self: bool(self._local_deletable()))
     @rule(data=st.data())
     def delete(self, data: st.DataObject) -> None:
-        task_id = data.draw(st.sampled_from(sorted(self.model)))
+        task_id = data.draw(st.sampled_from(self._local_deletable()))
         self.store.tasks.delete(task_id)
+        del self.model[task_id]
+
+    def _on_server(self) -> list[str]:
+        """Our tasks the server holds now (an edit there needs one)."""
+        if not self.model:
+            return []
+        live = {tid(from_fhir(r)) for r in self.server.tasks().values()}
+        return sorted(live & set(self.model))
+
+    @precondition(lambda self: bool(self._on_server()))
+    @rule(data=st.data(), text=NOTES)
+    def edit_on_server(self, data: st.DataObject, text: str) -> None:
+        """Another client sets the description (a field no local edit here touches)."""
+        task_id = data.draw(st.sampled_from(self._on_server()))
+        current = self.server.tasks()[server_task_id(task_id)]
+        self.server.put_task(dict(current, description=f"server {text}"))
+        self.server_edited.add(task_id)
+        self.model[task_id] = {**self.model[task_id], "description": f"server {text}"}
+
+    def _deletable(self) -> list[str]:
+        return [i for i in self._on_server() if i not in self.dirty]
+
+    @precondition(lambda self: bool(self._deletable()))
+    @rule(data=st.data())
+    def delete_on_server(self, data: st.DataObject) -> None:
+        """Another client deletes a Task no local edit is pending on (else: a conflict)."""
+        task_id = data.draw(st.sampled_from(self._deletable()))
+        self.server.delete_task(server_task_id(task_id))
         del self.model[task_id]
 
     @rule()
     def flush(self) -> None:
+        self.check_after_flush()
+
+    def check_after_flush(self) -> None:
         flush_all(self.store, deadline=60)
+        self.dirty.clear()
+        self.server_edited.clear()
         assert self.store.sync.dead_letters() == []
         assert self.store.sync.conflicts() == []
         on_server = {}
@@ -934,12 +977,17 @@ class FhirSyncMachine(RuleBasedStateMachine):
             assert server_id == server_task_id(tid(task))
             on_server[tid(task)] = content(encode_task(task))
         assert on_server == self.model
+        local = {tid(t): content(encode_task(t)) for t in self.store.tasks.search(limit=500).data}
+        assert local == self.model
 
     def teardown(self) -> None:
-        self.store.close()
-        self.proxy.stop()
-        self.server.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            self.check_after_flush()  # every run ends synced, whatever its last step was
+        finally:
+            self.store.close()
+            self.proxy.stop()
+            self.server.stop()
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 FhirSyncMachine.TestCase.settings = settings(max_examples=12, stateful_step_count=15, deadline=None)
@@ -1130,6 +1178,31 @@ def test_the_fhir_watermark_is_committed_with_the_pulled_page_and_survives_a_reo
     assert not any("-_lastUpdated" in p for p in later)  # no new bootstrap
     changed = {i for event in events for i in event.task_ids}
     assert changed == {tid(made[2])}  # only the edit: the overlap's re-reads are dropped
+
+
+def test_a_server_edit_superseding_our_delivered_version_before_any_poll_is_pulled(
+    tmp_path: Path, hapi: HapiLikeFhirServer
+) -> None:
+    """Our update is delivered (its version learnt from the answer, not from the log);
+    the polls fail; another client edits the Task; the next poll shows only that newer
+    version (a search has no superseded versions). It is pulled now, not skipped as
+    older until the next relisting of the scope (reconcile_every is an hour here)."""
+    with FaultProxy(hapi.url, methods=["GET"]) as proxy:
+        remote = FhirR4Remote(proxy.base_url, token, reconcile_every=3600)
+        with TaskStore.open(tmp_path / "t.db", sync=fast(remote)) as store:
+            task = store.tasks.create({"status": "requested", "intent": "order"}).data
+            flush_all(store)
+            proxy.set_rates({Fault.ERROR_5XX: 1.0})  # every poll fails from here
+            store.tasks.update(tid(task), {"note": "ours"})
+            store.sync.run_once()
+            assert store.sync.status().pending == 0  # delivered; the pull failed
+            server_id = server_task_id(tid(task))
+            hapi.put_task(dict(hapi.tasks()[server_id], description="theirs"))
+            proxy.heal()
+            flush_all(store)
+            pulled = store.tasks.get(tid(task)).data
+            assert (pulled.note, pulled.description) == ("ours", "theirs")
+            assert store.sync.conflicts() == []
 
 
 def test_a_scope_pulls_only_its_tasks_as_fhir_search_parameters(

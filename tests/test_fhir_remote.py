@@ -25,7 +25,7 @@ import pytest
 from fhirclient.models.task import Task as FhirclientTask  # type: ignore[import-untyped]
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from clinik_local import Task, TaskStore, ValidationError, from_fhir
 from clinik_local.codec import encode_task
@@ -907,6 +907,13 @@ class FhirSyncMachine(RuleBasedStateMachine):
         self.model: dict[str, dict[str, Any]] = {}
         self.dirty: set[str] = set()  # edited here since the last flush
         self.server_edited: set[str] = set()  # edited on the server since the last flush
+
+    @initialize(notes=st.lists(NOTES, min_size=1, max_size=3))
+    def synced_tasks(self, notes: list[str]) -> None:
+        """A few tasks on the server from the start: the server-side rules have work."""
+        for note in notes:
+            self.create(note)
+        self.flush()
 
     @rule(note=NOTES)
     def create(self, note: str) -> None:

@@ -976,7 +976,12 @@ class FhirR4Remote:
             ):
                 continue  # seen, or after this page's end (the next page brings it)
             item = LogItem(
-                task_id=task_id, deleted=True, task=None, version=version, change_id=None
+                task_id=task_id,
+                deleted=True,
+                task=None,
+                version=version,
+                change_id=None,
+                modified=when or None,
             )
             rows.append((when, server_id, version, item))
         rows.sort(key=lambda row: _instant_key(row[0]))

@@ -324,7 +324,8 @@ def _first_later(base_body: str, items: list[LogItem]) -> int | None:
     if known is None:
         return None
     for index, item in enumerate(items):
-        stamp = _instant(item.task.get("lastModified")) if item.task is not None else None
+        when = item.task.get("lastModified") if item.task is not None else item.modified
+        stamp = _instant(when)
         if stamp is not None and stamp > known:
             return index
     return None

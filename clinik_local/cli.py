@@ -38,6 +38,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from .remotes.fhir import FhirR4Remote
     from .storage.encryption import KeyProvider
     from .store import TaskStore
     from .sync import SyncConfig, SyncStatus
@@ -654,6 +655,8 @@ def _remote_config(args: argparse.Namespace) -> SyncConfig:
         return token
 
     try:
+        if getattr(args, "reference_map", None) is not None:
+            return SyncConfig(remote=_fhir_remote(args, token_provider))
         return SyncConfig(
             remote=args.remote,
             base_url=args.url,
@@ -664,6 +667,44 @@ def _remote_config(args: argparse.Namespace) -> SyncConfig:
         )
     except ValidationError as exc:
         raise ValidationError([_flag_error(e) for e in exc.errors]) from None
+
+
+def _fhir_remote(args: argparse.Namespace, token_provider: Callable[[], str]) -> FhirR4Remote:
+    """``sync run --remote fhir-r4 --reference-map FILE``: the FHIR remote with the ids of
+    FILE (a JSON object: our id -> the server's id, for every reference field; an id not
+    in it follows the default rule of docs/fhir.md)."""
+    from .remotes.fhir import FhirR4Remote
+
+    path = args.reference_map
+    if args.remote != "fhir-r4":
+        raise ValidationError.single(
+            "--reference-map", "is for --remote fhir-r4 only", path, "--remote fhir-r4"
+        )
+    try:
+        mapping = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise ValidationError.single(
+            "--reference-map", f"cannot be read: {reason}", path, "a JSON file"
+        ) from None
+    if not isinstance(mapping, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
+    ):
+        raise ValidationError.single(
+            "--reference-map",
+            "must be a JSON object of strings",
+            path,
+            '{"our id": "the server\'s id", ...}',
+        )
+    ids: dict[str, str] = mapping
+    return FhirR4Remote(
+        args.url,
+        token_provider,
+        reference_map=lambda _field, our_id: ids.get(our_id),
+        timeout=args.timeout,
+        allow_insecure_http=args.allow_insecure_http,
+        ca_bundle=args.ca_bundle,
+    )
 
 
 def _local_sync_store(args: argparse.Namespace) -> TaskStore:
@@ -1060,6 +1101,12 @@ def _add_sync(sub: Any) -> None:
         help="when the service is unreachable, keep retrying until --wait (default: stop)",
     )
     run.add_argument("--ca-bundle", metavar="PATH", help="trust this CA file (PEM) for TLS")
+    run.add_argument(
+        "--reference-map",
+        metavar="PATH",
+        help="with fhir-r4: a JSON object of our ids -> the server's ids for references "
+        '(patients, practitioners, ...: {"pt_abc123": "9001"}); docs/fhir.md',
+    )
     run.add_argument(
         "--allow-insecure-http",
         action="store_true",

@@ -95,12 +95,13 @@ the range on each index entry. :func:`count_query` gives a count bounded by ``at
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import math
 import re
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -866,12 +867,79 @@ def _record(
     return parsed[0], parsed[1]
 
 
+class _Uncachable(Exception):
+    """A filter value the compile cache does not key on (see :func:`_frozen`)."""
+
+
+def _frozen(value: object, depth: int = 0) -> Hashable:
+    """A hashable stand-in for a filter value that equals another's only when the two
+    compile alike: every level carries its exact type (``True``, ``1`` and ``"1"``, a
+    list and a tuple, stay apart) and mappings keep their order. Values of any other
+    type (sets, whose order may differ between equal sets; floats; datetimes; str
+    subclasses) raise :class:`_Uncachable`, as does nesting deeper than any filter's
+    (a mapping of lists of mappings) so that a self-containing list is no problem.
+    """
+    if depth > 3:
+        raise _Uncachable
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return (kind, value)
+    if kind is list or kind is tuple:
+        return (kind, tuple([_frozen(v, depth + 1) for v in value]))  # type: ignore[attr-defined]
+    if kind is dict:
+        items = value.items()  # type: ignore[attr-defined]
+        return (kind, tuple([(_frozen(k, depth + 1), _frozen(v, depth + 1)) for k, v in items]))
+    raise _Uncachable
+
+
+def _thawed(frozen: Hashable) -> object:
+    """The value :func:`_frozen` stands for (an equal copy of the same types)."""
+    kind: type
+    value: Any
+    kind, value = frozen  # type: ignore[misc]
+    if kind is list or kind is tuple:
+        return kind(_thawed(v) for v in value)
+    if kind is dict:
+        return {_thawed(k): _thawed(v) for k, v in value}
+    return value
+
+
+#: Filters the cache never keys on: ``overdue`` binds the current time, and a cursor is
+#: used once (caching each page's would only evict the entries that repeat).
+_UNCACHED = ("overdue", "cursor")
+#: How many compiled searches the cache keeps (the least recently used go first).
+COMPILE_CACHE_SIZE = 256
+
+
+@functools.lru_cache(maxsize=COMPILE_CACHE_SIZE)
+def _compile_frozen(
+    key: tuple[tuple[Hashable, Hashable], ...],
+) -> tuple[CompiledSearch, str | None]:
+    return _compile_search({_thawed(k): _thawed(v) for k, v in key})  # type: ignore[misc]
+
+
 def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | None]:
     """Compile wire-form filters (plus sort, paging and total) into SQL.
 
     Returns the compiled query and the cursor to resume after (``None`` on page one).
     Unknown names and bad values raise :class:`ValidationError` naming them.
+
+    Compiling is pure (the same filters give the same SQL and parameters), so a search
+    that repeats (a test suite's, an app's list screen) is served from a small LRU
+    cache keyed on the exact filters; only successful compiles are kept, so bad input
+    is checked, and refused, on every call exactly as without the cache.
     """
+    try:
+        key = tuple([(_frozen(name), _frozen(raw)) for name, raw in merged.items()])
+    except _Uncachable:
+        return _compile_search(merged)
+    if any(name in merged for name in _UNCACHED):
+        return _compile_search(merged)
+    return _compile_frozen(key)
+
+
+def _compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | None]:
+    """:func:`compile_search` without the cache."""
     terms: list[tuple[str, list[object]]] = []
     equalities: dict[str, _Equality] = {}
     canonical: dict[str, object] = {}

@@ -904,9 +904,6 @@ def _thawed(frozen: Hashable) -> object:
     return value
 
 
-#: Filters the cache never keys on: ``overdue`` binds the current time, and a cursor is
-#: used once (caching each page's would only evict the entries that repeat).
-_UNCACHED = ("overdue", "cursor")
 #: How many compiled searches the cache keeps (the least recently used go first).
 COMPILE_CACHE_SIZE = 256
 
@@ -929,11 +926,13 @@ def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | 
     cache keyed on the exact filters; only successful compiles are kept, so bad input
     is checked, and refused, on every call exactly as without the cache.
     """
+    # Never cached: ``overdue`` binds the current time, and a cursor is used once
+    # (caching each page's would only evict the entries that repeat).
+    if "overdue" in merged or "cursor" in merged:
+        return _compile_search(merged)
     try:
         key = tuple([(_frozen(name), _frozen(raw)) for name, raw in merged.items()])
     except _Uncachable:
-        return _compile_search(merged)
-    if any(name in merged for name in _UNCACHED):
         return _compile_search(merged)
     return _compile_frozen(key)
 

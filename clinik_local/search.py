@@ -934,7 +934,113 @@ def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | 
         key = tuple([(_frozen(name), _frozen(raw)) for name, raw in merged.items()])
     except _Uncachable:
         return _compile_search(merged)
+    shape = _shape_of(key)
+    if shape is not None:
+        return _compile_shaped(shape, merged), None
     return _compile_frozen(key)
+
+
+def _shape_of(key: tuple[tuple[Hashable, Hashable], ...]) -> tuple[Hashable, ...] | None:
+    """The shape of a search whose filters are all equality filters with one text value
+    each (``patientId="pt_1"``), beside any limit, sort and total: the filter names in
+    order, with the values of limit/sort/total (they shape the SQL). None for any other
+    search (those are cached on their exact filters)."""
+    shape: list[Hashable] = []
+    for name_key, value_key in key:
+        name = name_key[1]  # type: ignore[index]
+        if name in FILTERS:
+            kind: type
+            value: Any
+            kind, value = value_key  # type: ignore[misc]
+            if kind is not str or "," in value:
+                return None
+            shape.append(name)
+        elif name in ("limit", "sort", "total"):
+            shape.append((name, value_key))
+        else:
+            return None
+    return tuple(shape)
+
+
+@attrs.frozen
+class _Shaped:
+    """A compiled search of one shape (see :func:`_shape_of`) and how to rebind it."""
+
+    template: CompiledSearch
+    #: The equality filters' specs, in the order their values are bound (FILTERS order).
+    bound: tuple[tuple[str, _Field], ...]
+    canonical_sort: list[list[object]]
+
+
+#: Placeholder values of each kind of equality filter, to compile a shape's template.
+_PLACEHOLDER = {"id": "x", "text": "x", "enum": None, "priority": "routine"}
+
+
+@functools.lru_cache(maxsize=COMPILE_CACHE_SIZE)
+def _shaped(shape: tuple[Hashable, ...]) -> _Shaped | None:
+    """The template of ``shape``, compiled on placeholder values; None when its SQL does
+    not bind exactly the equality values in FILTERS order then the page size (it
+    always does today: the check keeps a later change of the compiler honest)."""
+    merged: dict[str, object] = {}
+    for part in shape:
+        if isinstance(part, str):
+            spec = FILTERS[part]
+            merged[part] = _PLACEHOLDER[spec.kind] or spec.allowed[0]
+        else:
+            name: str
+            frozen: Hashable
+            name, frozen = part  # type: ignore[misc]
+            merged[name] = _thawed(frozen)
+    template, _ = _compile_search(merged)
+    bound = tuple((name, FILTERS[name]) for name in FILTERS if name in merged)
+    values = tuple(_check_value(name, spec, merged[name]) for name, spec in bound)
+    if (
+        template.page_params != (*values, template.limit + 1)
+        or template.count_params != values
+        or template.dense is not None
+    ):
+        return None
+    sort = _parse_sort(merged["sort"]) if "sort" in merged else [("authoredOn", True)]
+    return _Shaped(template, bound, [[k, d] for k, d in sort])
+
+
+def _compile_shaped(shape: tuple[Hashable, ...], merged: Mapping[str, object]) -> CompiledSearch:
+    """Compile a search of a cacheable shape: its template with these values bound.
+
+    The values are checked by the same function, in the same order (the filters'
+    order), as a full compile checks them, so a bad one raises the same error; the rest
+    of the search (limit, sort, total) is part of the shape, which compiled once (a
+    shape that does not compile is left to a full compile, which refuses it).
+    """
+    try:
+        shaped = _shaped(shape)
+    except ValidationError:
+        shaped = None  # a bad limit, sort or total: refused below, exactly as ever
+    if shaped is None:
+        return _compile_search(merged)[0]
+    # The rest of the search compiled: the first bad value in order is the error.
+    for name, raw in merged.items():
+        spec = FILTERS.get(name)
+        if spec is not None:
+            _check_value(name, spec, raw)
+    values = tuple(_check_value(name, spec, merged[name]) for name, spec in shaped.bound)
+    canonical: dict[str, object] = {
+        name: [(value,), (), None] for (name, _), value in zip(shaped.bound, values, strict=True)
+    }
+    canonical["sort"] = shaped.canonical_sort
+    template = shaped.template
+    return attrs.evolve(
+        template,
+        page_params=(*values, template.limit + 1),
+        count_params=values,
+        fingerprint=_fingerprint(canonical),
+    )
+
+
+def _fingerprint(canonical: Mapping[str, object]) -> str:
+    """The fingerprint a cursor carries: of the canonical filters and sort."""
+    text = json.dumps(canonical, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | None]:
@@ -1004,9 +1110,7 @@ def _compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str |
     exprs.append("id")
     sql_desc.append(sort[-1][1])  # ties by id, in the wire direction of the last key
     canonical["sort"] = [[k, d] for k, d in sort]
-    fingerprint = hashlib.sha256(
-        json.dumps(canonical, sort_keys=True, default=str).encode()
-    ).hexdigest()[:16]
+    fingerprint = _fingerprint(canonical)
 
     # Equality filters: one any-of may become UNION ALL arms (ordered index merge).
     uniform = all(sql_desc) or not any(sql_desc)

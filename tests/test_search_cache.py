@@ -11,8 +11,14 @@ from hypothesis import strategies as st
 
 from clinik_local import TaskStore
 from clinik_local.errors import ValidationError
-from clinik_local.search import _compile_frozen, _compile_search, compile_search
-from tests.test_search_properties import filters, sort_param, sorts, task_requests
+from clinik_local.search import (
+    FILTERS,
+    _compile_frozen,
+    _compile_search,
+    _shaped,
+    compile_search,
+)
+from tests.test_search_properties import EQUALITY, filters, sort_param, sorts, task_requests
 
 
 def _outcome(compile: Any, merged: dict[str, object]) -> object:
@@ -103,12 +109,67 @@ def test_values_of_other_types_and_self_containing_lists_bypass_the_cache() -> N
 
 
 def test_a_repeated_search_is_a_cache_hit_but_overdue_and_cursors_are_not_cached() -> None:
-    compile_search({"patientId": "pt_cache"})
+    merged: dict[str, object] = {"patientId": ["pt_cache"]}  # a list: cached exactly
+    compile_search(merged)
     hits = _compile_frozen.cache_info().hits
-    assert compile_search({"patientId": "pt_cache"}) == _compile_search({"patientId": "pt_cache"})
+    assert compile_search(merged) == _compile_search(merged)
     assert _compile_frozen.cache_info().hits == hits + 1
     size = _compile_frozen.cache_info().currsize
     compile_search({"overdue": True})
     with pytest.raises(ValidationError):
         compile_search({"cursor": "not-a-cursor"})
     assert _compile_frozen.cache_info().currsize == size
+
+
+equality_values = st.one_of(
+    st.sampled_from([v for values in EQUALITY.values() for v in values]),
+    st.sampled_from(["pt_1", "a b", "", "x" * 65, "e\u0301", "\x00", "urgent", "draft"]),
+    st.text(max_size=8),
+)
+shaped_inputs = st.builds(
+    lambda eqs, extra, order: dict(
+        sorted({**eqs, **extra}.items(), key=lambda kv: order.index(kv[0]))
+    ),
+    st.dictionaries(st.sampled_from(sorted(FILTERS)), equality_values, min_size=1, max_size=3),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "limit": st.sampled_from([1, 5, 1000, 0, 1001, "7", "x"]),
+            "sort": st.sampled_from(["-priority,authoredOn", "due", "bogus", "-authoredOn"]),
+            "total": st.sampled_from([True, False, "maybe"]),
+        },
+    ),
+    st.permutations([*sorted(FILTERS), "limit", "sort", "total"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(shaped_inputs)
+def test_a_search_of_a_cached_shape_compiles_and_refuses_as_a_fresh_compile(
+    merged: dict[str, object],
+) -> None:
+    fresh = _outcome(_compile_search, merged)
+    assert _outcome(compile_search, merged) == fresh
+    assert _outcome(compile_search, merged) == fresh
+
+
+def test_one_shape_serves_searches_with_other_values_and_their_cursors_page_on() -> None:
+    with TaskStore.open(":memory:") as store:
+        for patient in ("pt_a", "pt_b"):
+            store.tasks.create_many(
+                [{"status": "ready", "intent": "order", "patientId": patient}] * 3
+            )
+        _shaped.cache_clear()
+        seen = {}
+        cursors = {}
+        for patient in ("pt_a", "pt_b"):
+            first = store.tasks.search(patientId=patient, limit=2)
+            cursors[patient] = first.meta["nextCursor"]
+            rest = store.tasks.search(patientId=patient, limit=2, cursor=first.meta["nextCursor"])
+            seen[patient] = [t.patient_id for t in [*first.data, *rest.data]]
+        assert seen == {"pt_a": ["pt_a"] * 3, "pt_b": ["pt_b"] * 3}
+        assert _shaped.cache_info().misses == 1
+        assert _shaped.cache_info().hits == 1
+        with pytest.raises(ValidationError) as info:  # a cursor is bound to its filters
+            store.tasks.search(patientId="pt_b", limit=2, cursor=cursors["pt_a"])
+        assert info.value.paths == ("cursor",)

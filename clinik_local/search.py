@@ -912,7 +912,11 @@ COMPILE_CACHE_SIZE = 256
 def _compile_frozen(
     key: tuple[tuple[Hashable, Hashable], ...],
 ) -> tuple[CompiledSearch, str | None]:
-    return _compile_search({_thawed(k): _thawed(v) for k, v in key})  # type: ignore[misc]
+    merged: dict[str, object] = {_thawed(k): _thawed(v) for k, v in key}  # type: ignore[misc]
+    shape = _shape_of(key)
+    if shape is not None:
+        return _compile_shaped(shape, merged), None
+    return _compile_search(merged)
 
 
 def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | None]:
@@ -924,7 +928,9 @@ def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | 
     Compiling is pure (the same filters give the same SQL and parameters), so a search
     that repeats (a test suite's, an app's list screen) is served from a small LRU
     cache keyed on the exact filters; only successful compiles are kept, so bad input
-    is checked, and refused, on every call exactly as without the cache.
+    is checked, and refused, on every call exactly as without the cache. A miss whose
+    filters are all single-value equality filters (``patientId="pt_7"``) reuses the
+    SQL compiled for its shape (see :func:`_shape_of`) and binds its values.
     """
     # Never cached: ``overdue`` binds the current time, and a cursor is used once
     # (caching each page's would only evict the entries that repeat).
@@ -934,9 +940,6 @@ def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | 
         key = tuple([(_frozen(name), _frozen(raw)) for name, raw in merged.items()])
     except _Uncachable:
         return _compile_search(merged)
-    shape = _shape_of(key)
-    if shape is not None:
-        return _compile_shaped(shape, merged), None
     return _compile_frozen(key)
 
 
@@ -969,7 +972,14 @@ class _Shaped:
     template: CompiledSearch
     #: The equality filters' specs, in the order their values are bound (FILTERS order).
     bound: tuple[tuple[str, _Field], ...]
-    canonical_sort: list[list[object]]
+    #: The canonical JSON text :func:`_fingerprint` hashes, around the values: a str is
+    #: text, an int the index in ``bound`` of the value that goes there.
+    canonical: tuple[str | int, ...]
+
+
+def _canonical_text(parts: tuple[str | int, ...], values: tuple[object, ...]) -> str:
+    """The canonical JSON of a shaped search's values (what ``json.dumps`` would write)."""
+    return "".join(p if isinstance(p, str) else json.dumps(values[p]) for p in parts)
 
 
 #: Placeholder values of each kind of equality filter, to compile a shape's template.
@@ -1001,7 +1011,23 @@ def _shaped(shape: tuple[Hashable, ...]) -> _Shaped | None:
     ):
         return None
     sort = _parse_sort(merged["sort"]) if "sort" in merged else [("authoredOn", True)]
-    return _Shaped(template, bound, [[k, d] for k, d in sort])
+    canonical_sort = [[k, d] for k, d in sort]
+    index = {name: i for i, (name, _) in enumerate(bound)}
+    parts: list[str | int] = ["{"]
+    for n, key in enumerate(sorted([*index, "sort"])):
+        parts.append(", " if n else "")
+        if key == "sort":
+            parts.append(f'"sort": {json.dumps(canonical_sort)}')
+        else:
+            parts.extend([f"{json.dumps(key)}: [[", index[key], "], [], null]"])
+    parts.append("}")
+    canonical: dict[str, object] = {
+        name: [(v,), (), None] for (name, _), v in zip(bound, values, strict=True)
+    }
+    canonical["sort"] = canonical_sort
+    if _canonical_text(tuple(parts), values) != json.dumps(canonical, sort_keys=True, default=str):
+        return None
+    return _Shaped(template, bound, tuple(parts))
 
 
 def _compile_shaped(shape: tuple[Hashable, ...], merged: Mapping[str, object]) -> CompiledSearch:
@@ -1019,21 +1045,26 @@ def _compile_shaped(shape: tuple[Hashable, ...], merged: Mapping[str, object]) -
     if shaped is None:
         return _compile_search(merged)[0]
     # The rest of the search compiled: the first bad value in order is the error.
+    checked = {}
     for name, raw in merged.items():
         spec = FILTERS.get(name)
         if spec is not None:
-            _check_value(name, spec, raw)
-    values = tuple(_check_value(name, spec, merged[name]) for name, spec in shaped.bound)
-    canonical: dict[str, object] = {
-        name: [(value,), (), None] for (name, _), value in zip(shaped.bound, values, strict=True)
-    }
-    canonical["sort"] = shaped.canonical_sort
-    template = shaped.template
-    return attrs.evolve(
-        template,
-        page_params=(*values, template.limit + 1),
-        count_params=values,
-        fingerprint=_fingerprint(canonical),
+            checked[name] = _check_value(name, spec, raw)
+    values = tuple(checked[name] for name, _ in shaped.bound)
+    text = _canonical_text(shaped.canonical, values)
+    t = shaped.template
+    return CompiledSearch(
+        t.page_sql,
+        (*values, t.limit + 1),
+        t.count_sql,
+        values,
+        t.limit,
+        hashlib.sha256(text.encode()).hexdigest()[:16],
+        t.total,
+        t.key_count,
+        t.dense,
+        t.bounded_count_sql,
+        t.dense_factor,
     )
 
 

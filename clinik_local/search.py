@@ -95,12 +95,13 @@ the range on each index entry. :func:`count_query` gives a count bounded by ``at
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import math
 import re
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -866,12 +867,215 @@ def _record(
     return parsed[0], parsed[1]
 
 
+class _Uncachable(Exception):
+    """A filter value the compile cache does not key on (see :func:`_frozen`)."""
+
+
+def _frozen(value: object, depth: int = 0) -> Hashable:
+    """A hashable stand-in for a filter value that equals another's only when the two
+    compile alike: every level carries its exact type (``True``, ``1`` and ``"1"``, a
+    list and a tuple, stay apart) and mappings keep their order. Values of any other
+    type (sets, whose order may differ between equal sets; floats; datetimes; str
+    subclasses) raise :class:`_Uncachable`, as does nesting deeper than any filter's
+    (a mapping of lists of mappings) so that a self-containing list is no problem.
+    """
+    if depth > 3:
+        raise _Uncachable
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return (kind, value)
+    if kind is list or kind is tuple:
+        return (kind, tuple([_frozen(v, depth + 1) for v in value]))  # type: ignore[attr-defined]
+    if kind is dict:
+        items = value.items()  # type: ignore[attr-defined]
+        return (kind, tuple([(_frozen(k, depth + 1), _frozen(v, depth + 1)) for k, v in items]))
+    raise _Uncachable
+
+
+def _thawed(frozen: Hashable) -> object:
+    """The value :func:`_frozen` stands for (an equal copy of the same types)."""
+    kind: type
+    value: Any
+    kind, value = frozen  # type: ignore[misc]
+    if kind is list or kind is tuple:
+        return kind(_thawed(v) for v in value)
+    if kind is dict:
+        return {_thawed(k): _thawed(v) for k, v in value}
+    return value
+
+
+#: How many compiled searches the cache keeps (the least recently used go first).
+COMPILE_CACHE_SIZE = 256
+
+
+@functools.lru_cache(maxsize=COMPILE_CACHE_SIZE)
+def _compile_frozen(
+    key: tuple[tuple[Hashable, Hashable], ...],
+) -> tuple[CompiledSearch, str | None]:
+    merged: dict[str, object] = {_thawed(k): _thawed(v) for k, v in key}  # type: ignore[misc]
+    shape = _shape_of(key)
+    if shape is not None:
+        return _compile_shaped(shape, merged), None
+    return _compile_search(merged)
+
+
 def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | None]:
     """Compile wire-form filters (plus sort, paging and total) into SQL.
 
     Returns the compiled query and the cursor to resume after (``None`` on page one).
     Unknown names and bad values raise :class:`ValidationError` naming them.
+
+    Compiling is pure (the same filters give the same SQL and parameters), so a search
+    that repeats (a test suite's, an app's list screen) is served from a small LRU
+    cache keyed on the exact filters; only successful compiles are kept, so bad input
+    is checked, and refused, on every call exactly as without the cache. A miss whose
+    filters are all single-value equality filters (``patientId="pt_7"``) reuses the
+    SQL compiled for its shape (see :func:`_shape_of`) and binds its values.
     """
+    # Never cached: ``overdue`` binds the current time, and a cursor is used once
+    # (caching each page's would only evict the entries that repeat).
+    if "overdue" in merged or "cursor" in merged:
+        return _compile_search(merged)
+    try:
+        key = tuple([(_frozen(name), _frozen(raw)) for name, raw in merged.items()])
+    except _Uncachable:
+        return _compile_search(merged)
+    return _compile_frozen(key)
+
+
+def _shape_of(key: tuple[tuple[Hashable, Hashable], ...]) -> tuple[Hashable, ...] | None:
+    """The shape of a search whose filters are all equality filters with one text value
+    each (``patientId="pt_1"``), beside any limit, sort and total: the filter names in
+    order, with the values of limit/sort/total (they shape the SQL). None for any other
+    search (those are cached on their exact filters)."""
+    shape: list[Hashable] = []
+    for name_key, value_key in key:
+        name = name_key[1]  # type: ignore[index]
+        if name in FILTERS:
+            kind: type
+            value: Any
+            kind, value = value_key  # type: ignore[misc]
+            if kind is not str or "," in value:
+                return None
+            shape.append(name)
+        elif name in ("limit", "sort", "total"):
+            shape.append((name, value_key))
+        else:
+            return None
+    return tuple(shape)
+
+
+@attrs.frozen
+class _Shaped:
+    """A compiled search of one shape (see :func:`_shape_of`) and how to rebind it."""
+
+    template: CompiledSearch
+    #: The equality filters' specs, in the order their values are bound (FILTERS order).
+    bound: tuple[tuple[str, _Field], ...]
+    #: The canonical JSON text :func:`_fingerprint` hashes, around the values: a str is
+    #: text, an int the index in ``bound`` of the value that goes there.
+    canonical: tuple[str | int, ...]
+
+
+def _canonical_text(parts: tuple[str | int, ...], values: tuple[object, ...]) -> str:
+    """The canonical JSON of a shaped search's values (what ``json.dumps`` would write)."""
+    return "".join(p if isinstance(p, str) else json.dumps(values[p]) for p in parts)
+
+
+#: Placeholder values of each kind of equality filter, to compile a shape's template.
+_PLACEHOLDER = {"id": "x", "text": "x", "enum": None, "priority": "routine"}
+
+
+@functools.lru_cache(maxsize=COMPILE_CACHE_SIZE)
+def _shaped(shape: tuple[Hashable, ...]) -> _Shaped | None:
+    """The template of ``shape``, compiled on placeholder values; None when its SQL does
+    not bind exactly the equality values in FILTERS order then the page size (it
+    always does today: the check keeps a later change of the compiler honest)."""
+    merged: dict[str, object] = {}
+    for part in shape:
+        if isinstance(part, str):
+            spec = FILTERS[part]
+            merged[part] = _PLACEHOLDER[spec.kind] or spec.allowed[0]
+        else:
+            name: str
+            frozen: Hashable
+            name, frozen = part  # type: ignore[misc]
+            merged[name] = _thawed(frozen)
+    template, _ = _compile_search(merged)
+    bound = tuple((name, FILTERS[name]) for name in FILTERS if name in merged)
+    values = tuple(_check_value(name, spec, merged[name]) for name, spec in bound)
+    if (
+        template.page_params != (*values, template.limit + 1)
+        or template.count_params != values
+        or template.dense is not None
+    ):
+        return None
+    sort = _parse_sort(merged["sort"]) if "sort" in merged else [("authoredOn", True)]
+    canonical_sort = [[k, d] for k, d in sort]
+    index = {name: i for i, (name, _) in enumerate(bound)}
+    parts: list[str | int] = ["{"]
+    for n, key in enumerate(sorted([*index, "sort"])):
+        parts.append(", " if n else "")
+        if key == "sort":
+            parts.append(f'"sort": {json.dumps(canonical_sort)}')
+        else:
+            parts.extend([f"{json.dumps(key)}: [[", index[key], "], [], null]"])
+    parts.append("}")
+    canonical: dict[str, object] = {
+        name: [(v,), (), None] for (name, _), v in zip(bound, values, strict=True)
+    }
+    canonical["sort"] = canonical_sort
+    if _canonical_text(tuple(parts), values) != json.dumps(canonical, sort_keys=True, default=str):
+        return None
+    return _Shaped(template, bound, tuple(parts))
+
+
+def _compile_shaped(shape: tuple[Hashable, ...], merged: Mapping[str, object]) -> CompiledSearch:
+    """Compile a search of a cacheable shape: its template with these values bound.
+
+    The values are checked by the same function, in the same order (the filters'
+    order), as a full compile checks them, so a bad one raises the same error; the rest
+    of the search (limit, sort, total) is part of the shape, which compiled once (a
+    shape that does not compile is left to a full compile, which refuses it).
+    """
+    try:
+        shaped = _shaped(shape)
+    except ValidationError:
+        shaped = None  # a bad limit, sort or total: refused below, exactly as ever
+    if shaped is None:
+        return _compile_search(merged)[0]
+    # The rest of the search compiled: the first bad value in order is the error.
+    checked = {}
+    for name, raw in merged.items():
+        spec = FILTERS.get(name)
+        if spec is not None:
+            checked[name] = _check_value(name, spec, raw)
+    values = tuple(checked[name] for name, _ in shaped.bound)
+    text = _canonical_text(shaped.canonical, values)
+    t = shaped.template
+    return CompiledSearch(
+        t.page_sql,
+        (*values, t.limit + 1),
+        t.count_sql,
+        values,
+        t.limit,
+        hashlib.sha256(text.encode()).hexdigest()[:16],
+        t.total,
+        t.key_count,
+        t.dense,
+        t.bounded_count_sql,
+        t.dense_factor,
+    )
+
+
+def _fingerprint(canonical: Mapping[str, object]) -> str:
+    """The fingerprint a cursor carries: of the canonical filters and sort."""
+    text = json.dumps(canonical, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | None]:
+    """:func:`compile_search` without the cache."""
     terms: list[tuple[str, list[object]]] = []
     equalities: dict[str, _Equality] = {}
     canonical: dict[str, object] = {}
@@ -937,9 +1141,7 @@ def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | 
     exprs.append("id")
     sql_desc.append(sort[-1][1])  # ties by id, in the wire direction of the last key
     canonical["sort"] = [[k, d] for k, d in sort]
-    fingerprint = hashlib.sha256(
-        json.dumps(canonical, sort_keys=True, default=str).encode()
-    ).hexdigest()[:16]
+    fingerprint = _fingerprint(canonical)
 
     # Equality filters: one any-of may become UNION ALL arms (ordered index merge).
     uniform = all(sql_desc) or not any(sql_desc)

@@ -18,9 +18,14 @@ __all__ = ["SERVER_FIELDS", "dumps", "loads_or_none", "without_server_fields"]
 SERVER_FIELDS: tuple[str, ...] = ("versionId", "lastModified")
 
 
+#: ``json.dumps(value, ensure_ascii=False, separators=(",", ":"))`` builds this encoder
+#: on every call; it holds no state between calls, so one serves every thread.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def dumps(value: object) -> str:
     """Compact JSON text, non-ASCII kept as is (the one way wire JSON is written)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODER.encode(value)
 
 
 def without_server_fields(body: Mapping[str, Any]) -> dict[str, Any]:

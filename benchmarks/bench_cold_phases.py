@@ -30,7 +30,10 @@ def _evict_caches() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 20 iterations")
     args = parser.parse_args()
+    if args.quick:
+        args.iterations = 20
     for _ in range(50):  # warm up: the template image, the pool, statement caches
         with TaskStore.open(":memory:") as store:
             store.tasks.create(REQUEST)

@@ -263,15 +263,24 @@ def _minus(text: str, seconds: float) -> str:
 
 
 def _later(a: str | None, b: str | None) -> str | None:
-    if a is None or b is None:
-        return a if b is None else b
+    """The later of two FHIR instants; an absent or empty one (a Task the server sent
+    without ``meta.lastUpdated``) never moves a watermark."""
+    if not a or not b:
+        return a or b or None
     return a if _instant_key(a) >= _instant_key(b) else b
 
 
 def _updated(resource: Mapping[str, Any]) -> str:
+    """``meta.lastUpdated``, or "" when absent or no instant (it never enters a cursor)."""
     meta = resource.get("meta")
     value = meta.get("lastUpdated") if isinstance(meta, dict) else None
-    return value if isinstance(value, str) else ""
+    if not isinstance(value, str):
+        return ""
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return ""
+    return value
 
 
 def _version_of(resource: Mapping[str, Any]) -> str:
@@ -875,7 +884,7 @@ class FhirR4Remote:
                 newest = self._search([*params, ("_sort", "-_lastUpdated"), ("_count", "1")])
                 if not isinstance(newest, tuple):
                     return newest
-                watermark = _updated(newest[0][0]) if newest[0] else None
+                watermark = (_updated(newest[0][0]) or None) if newest[0] else None
                 changes_cursor = _LogCursor(at=watermark, seen=(), reconciled=time.time()).encode()
             query = [*params, ("_sort", "_lastUpdated"), ("_count", str(limit + len(state.ids)))]
             if state.at is not None:
@@ -924,7 +933,7 @@ class FhirR4Remote:
             return CursorExpired(message=str(exc))
         if time.time() - state.reconciled >= self.reconcile_every:
             return CursorExpired(message="periodic reconciliation of the ids in scope")
-        start = None if state.at is None else _minus(state.at, self.overlap)
+        start = _minus(state.at, self.overlap) if state.at else None
         if start is not None and state.floor is not None:
             start = _later(start, state.floor)
         count = limit + len(state.seen)
@@ -994,7 +1003,7 @@ class FhirR4Remote:
             # instant than a page holds, so the overlap cannot re-read them)
             watermark = _later(watermark, _updated(resources[-1]))
             floor = _updated(resources[-1])
-        keep_from = None if watermark is None else _minus(watermark, self.overlap)
+        keep_from = _minus(watermark, self.overlap) if watermark else None
         window = [
             s
             for s in state.seen
@@ -1049,18 +1058,19 @@ class FhirR4Remote:
             failure = self._failure(answer)
             assert not isinstance(failure, (Delivered, Conflict))
             return failure
-        resources = [
-            entry["resource"]
-            for entry in bundle.get("entry") or []
-            if isinstance(entry, dict)
-            and isinstance(entry.get("resource"), dict)
-            and entry["resource"].get("resourceType") == "Task"
-            and (entry.get("search") or {}).get("mode", "match") == "match"
-        ]
-        more = any(
-            isinstance(link, dict) and link.get("relation") == "next"
-            for link in bundle.get("link") or []
-        )
+        resources = []
+        for entry in _dicts(bundle.get("entry")):
+            resource, search = entry.get("resource"), entry.get("search")
+            mode = search.get("mode", "match") if isinstance(search, dict) else "match"
+            if not (isinstance(resource, dict) and resource.get("resourceType") == "Task"):
+                continue
+            if mode != "match":
+                continue
+            if not isinstance(resource.get("id"), str):
+                _log.warning("skipped a server Task without an id in a search answer")
+                continue
+            resources.append(resource)
+        more = any(link.get("relation") == "next" for link in _dicts(bundle.get("link")))
         return resources, more
 
     def _pulled(self, resource: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -1174,18 +1184,19 @@ class FhirR4Remote:
                 failure = self._failure(answer)
                 assert not isinstance(failure, (Delivered, Conflict))
                 return failure
-            entries += [e for e in bundle.get("entry") or [] if isinstance(e, dict)]
+            entries += _dicts(bundle.get("entry"))
             path = None
-            for link in bundle.get("link") or []:
-                if isinstance(link, dict) and link.get("relation") == "next":
+            for link in _dicts(bundle.get("link")):
+                if link.get("relation") == "next":
                     url = str(link.get("url", ""))
                     if not url.startswith(self.base_url + "/"):
                         return CursorExpired(message="a history page link to another base")
                     path = url[len(self.base_url) :]
         out = []
         for entry in entries:
-            request = entry.get("request") or {}
-            response = entry.get("response") or {}
+            request, response = entry.get("request"), entry.get("response")
+            request = request if isinstance(request, dict) else {}
+            response = response if isinstance(response, dict) else {}
             if request.get("method") != "DELETE":
                 continue
             parts = str(request.get("url", "")).split("/")

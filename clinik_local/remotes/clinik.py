@@ -60,7 +60,7 @@ from .base import (
     Transient,
     Unreachable,
 )
-from .transport import ConnectFailed, Response, Transport, check_base_url
+from .transport import Response, Transport, check_base_url, no_answer
 
 __all__ = ["TRANSIENT_STATUSES", "ClinikRemote", "parse_retry_after"]
 
@@ -194,13 +194,8 @@ class ClinikRemote:
             if answer.status == 401:
                 transport.refresh_token()  # ask the provider once more, then retry once
                 answer = transport.request(method, path, body=body, headers=headers, lane=lane)
-        except ConnectFailed as exc:
-            return Unreachable(message=str(exc))
-        except TransportError as exc:
-            return Transient(error=str(exc))
-        except AuthError as exc:
-            transport.forget_token()
-            return AuthFailed(message=str(exc))
+        except (TransportError, AuthError) as exc:
+            return no_answer(exc, transport)
         return answer
 
     def _server_copy(
@@ -276,13 +271,8 @@ class ClinikRemote:
             if answer.status == 401:
                 transport.refresh_token()
                 answer = transport.request("GET", path)
-        except ConnectFailed as exc:
-            return Unreachable(message=str(exc))
-        except TransportError as exc:
-            return Transient(error=str(exc))
-        except AuthError as exc:
-            transport.forget_token()
-            return AuthFailed(message=str(exc))
+        except (TransportError, AuthError) as exc:
+            return no_answer(exc, transport)
         if answer.status == 200:
             body = loads_or_none(answer.body)
             if isinstance(body, dict):

@@ -98,7 +98,7 @@ from .base import (
     Unreachable,
 )
 from .clinik import TRANSIENT_STATUSES, parse_retry_after
-from .transport import ConnectFailed, Response, Transport, check_base_url
+from .transport import Response, Transport, check_base_url, no_answer
 
 __all__ = [
     "CHANGE_ID_URL",
@@ -335,6 +335,11 @@ def default_reference(field: str, our_id: str) -> str | None:
 def _etag_version(value: str | None) -> str | None:
     match = _ETAG.fullmatch(value) if value else None
     return match.group(1) if match else None
+
+
+def _not_sent(exc: ValidationError) -> Refused:
+    """A request this remote could not even build (nothing was sent), as a refusal."""
+    return Refused(status=None, body=None, error="; ".join(str(e) for e in exc.errors))
 
 
 def _json(text: str) -> Any:
@@ -591,14 +596,9 @@ class FhirR4Remote:
         try:
             return self._push(change, lane)
         except ValidationError as exc:  # from fhir_resource: nothing was sent
-            return Refused(status=None, body=None, error="; ".join(str(e) for e in exc.errors))
-        except ConnectFailed as exc:
-            return Unreachable(message=str(exc))
-        except TransportError as exc:
-            return Transient(error=str(exc))
-        except AuthError as exc:
-            self._get_transport().forget_token()
-            return AuthFailed(message=str(exc))
+            return _not_sent(exc)
+        except (TransportError, AuthError) as exc:
+            return no_answer(exc, self._get_transport())
 
     def _push(self, change: Change, lane: int) -> PushOutcome:
         version = change.server_version
@@ -895,14 +895,9 @@ class FhirR4Remote:
         except _BadCursor as exc:
             return Refused(status=None, body=None, error=str(exc))
         except ValidationError as exc:
-            return Refused(status=None, body=None, error="; ".join(str(e) for e in exc.errors))
-        except ConnectFailed as exc:
-            return Unreachable(message=str(exc))
-        except TransportError as exc:
-            return Transient(error=str(exc))
-        except AuthError as exc:
-            self._get_transport().forget_token()
-            return AuthFailed(message=str(exc))
+            return _not_sent(exc)
+        except (TransportError, AuthError) as exc:
+            return no_answer(exc, self._get_transport())
         resources, linked = found
         fresh = [r for r in resources if not (_updated(r) == state.at and r["id"] in state.ids)]
         tasks = tuple(t for t in (self._pulled(r) for r in fresh) if t is not None)
@@ -952,14 +947,9 @@ class FhirR4Remote:
                     return gone
                 deletes = gone
         except ValidationError as exc:
-            return Refused(status=None, body=None, error="; ".join(str(e) for e in exc.errors))
-        except ConnectFailed as exc:
-            return Unreachable(message=str(exc))
-        except TransportError as exc:
-            return Transient(error=str(exc))
-        except AuthError as exc:
-            self._get_transport().forget_token()
-            return AuthFailed(message=str(exc))
+            return _not_sent(exc)
+        except (TransportError, AuthError) as exc:
+            return no_answer(exc, self._get_transport())
         more = more or len(resources) >= count
         seen = {(s[0], s[1]) for s in state.seen}
         rows: list[tuple[str, str, str, LogItem | None]] = []  # (when, server id, version, item)

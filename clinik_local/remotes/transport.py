@@ -31,14 +31,34 @@ import attrs
 import httpx
 
 from ..errors import AuthError, TransportError, ValidationError
+from .base import AuthFailed, Transient, Unreachable
 
-__all__ = ["ConnectFailed", "Response", "Transport", "check_base_url"]
+__all__ = ["ConnectFailed", "Response", "Transport", "check_base_url", "no_answer"]
 
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
 
 
 class ConnectFailed(TransportError):
     """The service could not be reached at all (refused, unreachable, DNS, TLS)."""
+
+
+def no_answer(
+    exc: TransportError | AuthError, transport: Transport
+) -> Unreachable | Transient | AuthFailed:
+    """What a request that got no usable answer means for a remote's caller: the one
+    mapping of the transport's failures, shared by every remote.
+
+    :class:`ConnectFailed` is unreachable (the engine waits for the network), any other
+    network failure transient (retried with backoff), an :class:`AuthError` (the token
+    provider failed, or its token cannot be sent) an auth failure, and the token is
+    forgotten so the next request asks the provider again.
+    """
+    if isinstance(exc, ConnectFailed):
+        return Unreachable(message=str(exc))
+    if isinstance(exc, TransportError):
+        return Transient(error=str(exc))
+    transport.forget_token()
+    return AuthFailed(message=str(exc))
 
 
 def _headers(value: Mapping[str, str]) -> Mapping[str, str]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from clinik_local import ReferenceServer, SyncConfig, TaskStore
@@ -50,6 +52,16 @@ def server_tasks(server: ReferenceServer, **scope: str) -> dict[str, dict[str, A
         for k, v in server.tasks().items()
         if all(v.get(name) in value.split(",") for name, value in scope.items())
     }
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass (no fixed sleeps)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return bool(condition())
 
 
 def config(server: ReferenceServer, **kw: Any) -> SyncConfig:

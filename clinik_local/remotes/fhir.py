@@ -98,7 +98,7 @@ from .base import (
     Unreachable,
 )
 from .clinik import TRANSIENT_STATUSES, parse_retry_after
-from .transport import Response, Transport, check_base_url, no_answer
+from .transport import LazyTransport, Response, Transport, check_base_url, no_answer
 
 __all__ = [
     "CHANGE_ID_URL",
@@ -520,16 +520,19 @@ class FhirR4Remote:
         self.reconcile_every = float(reconcile_every)
         self._history: bool | None = None  # has the server a type-level _history?
         self._reference_map = reference_map
-        self._provider = token_provider
-        self._timeout = timeout
-        self._allow_insecure_http = allow_insecure_http
-        self._ca_bundle = ca_bundle
         if isinstance(lanes, bool) or not isinstance(lanes, int) or not 1 <= lanes <= 16:
             raise ValidationError.single("lanes", "is out of range", lanes, "1..16")
         self._lanes = lanes
-        self._http_transport = http_transport
-        self._transport: Transport | None = None
-        self._lock = threading.Lock()
+        self._connections = LazyTransport(
+            self.base_url,
+            token_provider,
+            timeout=timeout,
+            allow_insecure_http=allow_insecure_http,
+            ca_bundle=ca_bundle,
+            lanes=lanes,
+            http_transport=http_transport,
+        )
+        self._lock = threading.Lock()  # guards _server_ids
         self._server_ids: dict[str, str] = {}  # conditional creates: our id -> server id
 
     def __repr__(self) -> str:  # no token here, ever
@@ -543,25 +546,11 @@ class FhirR4Remote:
     # --- connections -----------------------------------------------------------------
 
     def _get_transport(self) -> Transport:
-        with self._lock:
-            if self._transport is None:
-                self._transport = Transport(
-                    self.base_url,
-                    self._provider,
-                    timeout=self._timeout,
-                    allow_insecure_http=self._allow_insecure_http,
-                    ca_bundle=self._ca_bundle,
-                    lanes=self._lanes,
-                    http_transport=self._http_transport,
-                )
-            return self._transport
+        return self._connections.get()
 
     def close(self) -> None:
         """Close the connections; the next push opens new ones."""
-        with self._lock:
-            transport, self._transport = self._transport, None
-        if transport is not None:
-            transport.close()
+        self._connections.close()
 
     def _request(
         self,

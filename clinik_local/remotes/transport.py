@@ -21,6 +21,7 @@ can be exercised without a live server. :class:`Response` carries the headers
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import ssl
 import threading
@@ -33,7 +34,7 @@ import httpx
 from ..errors import AuthError, TransportError, ValidationError
 from .base import AuthFailed, Transient, Unreachable
 
-__all__ = ["ConnectFailed", "Response", "Transport", "check_base_url", "no_answer"]
+__all__ = ["ConnectFailed", "LazyTransport", "Response", "Transport", "check_base_url", "no_answer"]
 
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
 
@@ -217,3 +218,50 @@ class Transport:
         """Close every lane's connection."""
         for client in self._clients:
             client.close()
+
+
+class LazyTransport:
+    """A remote's :class:`Transport`, made on first use and closed by :meth:`close`
+    (the next use makes a new one); safe from the engine's lanes at once.
+
+    What every remote holds of its connections: a remote built in a config opens no
+    socket until the engine sends or reads.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token_provider: Callable[[], str],
+        *,
+        timeout: float,
+        allow_insecure_http: bool = False,
+        ca_bundle: str | None = None,
+        lanes: int = 1,
+        http_transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._make = functools.partial(
+            Transport,
+            base_url,
+            token_provider,
+            timeout=timeout,
+            allow_insecure_http=allow_insecure_http,
+            ca_bundle=ca_bundle,
+            lanes=lanes,
+            http_transport=http_transport,
+        )
+        self._transport: Transport | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Transport:
+        """The transport, made now if there is none."""
+        with self._lock:
+            if self._transport is None:
+                self._transport = self._make()
+            return self._transport
+
+    def close(self) -> None:
+        """Close the connections, if any were made."""
+        with self._lock:
+            transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()

@@ -9,6 +9,7 @@ statuses no real server here produces on demand).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -1341,3 +1342,26 @@ def test_a_malformed_search_or_history_bundle_is_an_outcome_never_an_exception(
     assert all(isinstance(t["id"], str) for t in getattr(listed, "tasks", ()))
     changed = remote.changes_page({}, since.changes_cursor, 10)
     assert isinstance(changed, (ChangesPage, Transient, CursorExpired))
+
+
+def tampered(cursor: str, **changes: object) -> str:
+    """A cursor of the FHIR remote with some of its fields replaced (its own encoding)."""
+    prefix, body = cursor.split(".", 1)
+    data = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    raw = json.dumps({**data, **changes}).encode()
+    return f"{prefix}.{base64.urlsafe_b64encode(raw).decode().rstrip('=')}"
+
+
+@pytest.mark.parametrize("changes", [{"at": 5}, {"floor": []}, {"k": "list"}, {"seen": 1}])
+def test_a_damaged_cursor_is_expired_or_refused_never_an_exception(
+    changes: dict[str, object],
+) -> None:
+    remote = remote_answering(200, {"resourceType": "Bundle"})
+    since = remote.list_page({}, None, 10)
+    assert isinstance(since, ListedPage)
+    assert since.changes_cursor is not None
+    bad = tampered(since.changes_cursor, **changes)
+    assert isinstance(remote.changes_page({}, bad, 10), CursorExpired)
+    listing = tampered(since.changes_cursor, k="list", ids=[], at=changes.get("at"))
+    if "at" in changes:
+        assert isinstance(remote.list_page({}, listing, 10), Refused)

@@ -193,6 +193,11 @@ def _unb64(text: str) -> Any:
         raise _BadCursor("a damaged cursor of the FHIR remote") from None
 
 
+def _instant_or_none(data: dict[str, Any], *keys: str) -> bool:
+    """Whether each of ``keys`` (default ``at``) of a decoded cursor is text or None."""
+    return all(isinstance(data.get(k), (str, type(None))) for k in keys or ("at",))
+
+
 @attrs.frozen
 class _ListCursor:
     """Where a listing goes on: the last ``_lastUpdated`` listed and the ids listed at it."""
@@ -206,10 +211,11 @@ class _ListCursor:
     @classmethod
     def decode(cls, text: str) -> _ListCursor:
         data = _unb64(text)
+        if not (isinstance(data, dict) and data.get("k") == "list" and _instant_or_none(data)):
+            raise _BadCursor("not a listing cursor of the FHIR remote")
         try:
-            assert data["k"] == "list"
             return cls(at=data["at"], ids=tuple(str(i) for i in data["ids"]))
-        except (AssertionError, KeyError, TypeError):
+        except (KeyError, TypeError):
             raise _BadCursor("not a listing cursor of the FHIR remote") from None
 
 
@@ -239,11 +245,16 @@ class _LogCursor:
     @classmethod
     def decode(cls, text: str) -> _LogCursor:
         data = _unb64(text)
+        if not (
+            isinstance(data, dict)
+            and data.get("k") == "log"
+            and _instant_or_none(data, "at", "floor")
+        ):
+            raise _BadCursor("not a change-log cursor of the FHIR remote")
         try:
-            assert data["k"] == "log"
             seen = tuple((str(a), str(b), str(c)) for a, b, c in data["seen"])
             return cls(at=data["at"], seen=seen, reconciled=float(data["r"]), floor=data["floor"])
-        except (AssertionError, KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError):
             raise _BadCursor("not a change-log cursor of the FHIR remote") from None
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import apsw
 
 from clinik_local import ReferenceServer, SyncConfig, TaskStore
 from clinik_local.codec import encode_task
@@ -62,6 +65,24 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.005)
     return bool(condition())
+
+
+def meta_value(path: Path, key: str) -> str | None:
+    """A ``meta`` value of a store file read-only from outside (None: no file, no value,
+    or not readable now, as while a child process holds it mid-write)."""
+    if not path.exists():
+        return None
+    try:
+        conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    except apsw.Error:
+        return None
+    try:
+        rows = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchall()
+    except apsw.Error:
+        return None
+    finally:
+        conn.close()
+    return str(rows[0][0]) if rows else None
 
 
 def config(server: ReferenceServer, **kw: Any) -> SyncConfig:

@@ -56,10 +56,12 @@ if TYPE_CHECKING:
         TaskVersion,
         ValueKind,
     )
+    from .remotes.fhir import FhirR4Remote
     from .storage.encryption import KeyProvider
     from .store import TaskStore
     from .sync import DeadLetter, SyncConfig, SyncConflict, SyncEngine, SyncStatus
     from .tasks import TasksResource
+    from .testing.fhir_server import HapiLikeFhirServer
     from .testing.server import Faults, ReferenceServer
 
 # Every public name loads on first use (PEP 562), from the module that defines it, so
@@ -117,6 +119,7 @@ _MODULE_OF = {
         ),
         "model",
     ),
+    "FhirR4Remote": "remotes.fhir",
     "KeyProvider": "storage.encryption",
     "TaskStore": "store",
     **dict.fromkeys(
@@ -124,6 +127,7 @@ _MODULE_OF = {
     ),
     "TasksResource": "tasks",
     **dict.fromkeys(("Faults", "ReferenceServer"), "testing.server"),
+    "HapiLikeFhirServer": "testing.fhir_server",
 }
 
 
@@ -160,8 +164,10 @@ __all__ = [
     "EncryptionKeyError",
     "EncryptionUnavailableError",
     "Faults",
+    "FhirR4Remote",
     "FieldError",
     "ForeignFileError",
+    "HapiLikeFhirServer",
     "IllegalTransitionError",
     "KeyProvider",
     "KeyRequiredError",

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import apsw
 
 from clinik_local import ReferenceServer, SyncConfig, TaskStore
 from clinik_local.codec import encode_task
@@ -50,6 +55,34 @@ def server_tasks(server: ReferenceServer, **scope: str) -> dict[str, dict[str, A
         for k, v in server.tasks().items()
         if all(v.get(name) in value.split(",") for name, value in scope.items())
     }
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass (no fixed sleeps)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return bool(condition())
+
+
+def meta_value(path: Path, key: str) -> str | None:
+    """A ``meta`` value of a store file read-only from outside (None: no file, no value,
+    or not readable now, as while a child process holds it mid-write)."""
+    if not path.exists():
+        return None
+    try:
+        conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    except apsw.Error:
+        return None
+    try:
+        rows = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchall()
+    except apsw.Error:
+        return None
+    finally:
+        conn.close()
+    return str(rows[0][0]) if rows else None
 
 
 def config(server: ReferenceServer, **kw: Any) -> SyncConfig:

@@ -9,6 +9,7 @@ statuses no real server here produces on demand).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -1303,3 +1304,64 @@ def test_a_restored_task_asks_the_server_for_its_version_and_never_overwrites_an
     assert updated.version == "2"  # PUT with If-Match: W/"1", not a second create
     remote.close()
     assert hapi.tasks()["task-r"]["note"] == [{"text": "after the restore"}]
+
+
+# --- a malformed server answer is an outcome, never an exception -------------------------
+
+MALFORMED_BUNDLES: list[object] = [
+    {"resourceType": "Bundle", "entry": 5},
+    {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Task"}}]},
+    {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Task", "id": 7}}]},
+    {
+        "resourceType": "Bundle",
+        "entry": [{"resource": {"resourceType": "Task", "id": "x"}, "search": "match"}],
+    },
+    {"resourceType": "Bundle", "link": 3},
+    {"resourceType": "Bundle", "link": [{"relation": "next", "url": 4}]},
+    {"resourceType": "Bundle", "type": "history", "entry": [{"request": "DELETE"}]},
+    {"resourceType": "Bundle", "type": "history", "entry": [{"response": [], "request": {}}]},
+    {"resourceType": "Bundle", "type": "history", "entry": {"request": {"method": "DELETE"}}},
+    {"resourceType": "Bundle", "meta": 1, "entry": [{"resource": {"meta": "x"}}]},
+    {
+        "resourceType": "Bundle",
+        "entry": [{"resource": {"resourceType": "Task", "id": "x", "meta": {"lastUpdated": "?"}}}],
+    },
+]
+
+
+@pytest.mark.parametrize("bundle", MALFORMED_BUNDLES)
+def test_a_malformed_search_or_history_bundle_is_an_outcome_never_an_exception(
+    bundle: object,
+) -> None:
+    since = remote_answering(200, {"resourceType": "Bundle"}).list_page({}, None, 10)
+    assert isinstance(since, ListedPage)
+    assert since.changes_cursor is not None
+    remote = remote_answering(200, bundle)
+    listed = remote.list_page({}, None, 10)
+    assert isinstance(listed, (ListedPage, Transient))
+    assert all(isinstance(t["id"], str) for t in getattr(listed, "tasks", ()))
+    changed = remote.changes_page({}, since.changes_cursor, 10)
+    assert isinstance(changed, (ChangesPage, Transient, CursorExpired))
+
+
+def tampered(cursor: str, **changes: object) -> str:
+    """A cursor of the FHIR remote with some of its fields replaced (its own encoding)."""
+    prefix, body = cursor.split(".", 1)
+    data = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    raw = json.dumps({**data, **changes}).encode()
+    return f"{prefix}.{base64.urlsafe_b64encode(raw).decode().rstrip('=')}"
+
+
+@pytest.mark.parametrize("changes", [{"at": 5}, {"floor": []}, {"k": "list"}, {"seen": 1}])
+def test_a_damaged_cursor_is_expired_or_refused_never_an_exception(
+    changes: dict[str, object],
+) -> None:
+    remote = remote_answering(200, {"resourceType": "Bundle"})
+    since = remote.list_page({}, None, 10)
+    assert isinstance(since, ListedPage)
+    assert since.changes_cursor is not None
+    bad = tampered(since.changes_cursor, **changes)
+    assert isinstance(remote.changes_page({}, bad, 10), CursorExpired)
+    listing = tampered(since.changes_cursor, k="list", ids=[], at=changes.get("at"))
+    if "at" in changes:
+        assert isinstance(remote.list_page({}, listing, 10), Refused)

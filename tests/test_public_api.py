@@ -67,6 +67,8 @@ EXPORTED = {
     "ReferenceServer",
     "Faults",
     # FHIR and asyncio
+    "FhirR4Remote",
+    "HapiLikeFhirServer",
     "to_fhir",
     "from_fhir",
     "export_ndjson",

@@ -11,45 +11,9 @@ from typing import Any
 import pytest
 
 from clinik_local import SyncError, TaskStore, ValidationError
-from clinik_local.codec import encode_task
 from clinik_local.server import Faults, ReferenceServer
 from clinik_local.sync import SyncConfig, SyncStatus
-
-REQUEST: dict[str, Any] = {"status": "requested", "intent": "order", "code": "lab-order"}
-BOOKKEEPING = ("versionId", "lastModified")
-
-
-def _strip(task: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in task.items() if k not in BOOKKEEPING}
-
-
-def local_tasks(store: TaskStore) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    cursor = None
-    while True:
-        page = (
-            store.tasks.search(limit=1000, cursor=cursor)
-            if cursor
-            else store.tasks.search(limit=1000)
-        )
-        for task in page.data:
-            out[str(task.id)] = _strip(encode_task(task))
-        cursor = page.meta["nextCursor"]
-        if not cursor:
-            return out
-
-
-def server_tasks(server: ReferenceServer) -> dict[str, dict[str, Any]]:
-    return {k: _strip(v) for k, v in server.tasks().items()}
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return condition()
+from tests.pull_support import REQUEST, local_tasks, server_tasks, wait_for
 
 
 @pytest.fixture

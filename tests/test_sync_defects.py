@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,8 @@ from clinik_local.server import ReferenceServer
 from clinik_local.storage import lease, outbox
 from clinik_local.sync import SyncConfig, SyncStatus
 from clinik_local.sync.lease import EngineLease
-from tests.pull_support import local_tasks, server_tasks
-from tests.test_sync import REQUEST, make_config
+from tests.pull_support import REQUEST, local_tasks, server_tasks, wait_for
+from tests.test_sync import make_config
 from tests.test_sync_pull import seed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,15 +54,6 @@ def config(server: ReferenceServer, **kw: Any) -> SyncConfig:
 def store(tmp_path: Path, server: ReferenceServer) -> Iterator[TaskStore]:
     with TaskStore.open(tmp_path / "s.db", sync=config(server)) as st:
         yield st
-
-
-def wait_for(condition: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return bool(condition())
 
 
 class GatedRemote(ClinikRemote):

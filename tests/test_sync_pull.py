@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import apsw
 import pytest
 
 from clinik_local import ReferenceServer, SyncConfig, TaskStore, ValidationError
@@ -25,6 +24,7 @@ from tests.pull_support import (
     Recorder,
     config,
     local_tasks,
+    meta_value,
     recorded,
     server_tasks,
 )
@@ -188,7 +188,7 @@ def test_a_bootstrap_killed_with_sigkill_resumes_after_the_last_committed_page(
         while progress is None:
             assert time.monotonic() < deadline, "the child never committed a page"
             assert child.poll() is None, "the child ended before it was killed"
-            progress = _meta(path, "sync.bootstrap.next")
+            progress = meta_value(path, "sync.bootstrap.next")
             time.sleep(0.01)
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=10)
@@ -206,22 +206,6 @@ def test_a_bootstrap_killed_with_sigkill_resumes_after_the_last_committed_page(
     assert resumed.lists
     assert resumed.lists[0] is not None  # resumed, not restarted
     assert resumed.lists[0] >= progress  # from the committed cursor or later
-
-
-def _meta(path: Path, key: str) -> str | None:
-    if not path.exists():
-        return None
-    try:
-        conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
-    except apsw.Error:
-        return None
-    try:
-        rows = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchall()
-    except apsw.Error:
-        return None
-    finally:
-        conn.close()
-    return str(rows[0][0]) if rows else None
 
 
 def test_410_bootstraps_again_keeping_pending_changes_and_dropping_deleted_tasks(

@@ -23,11 +23,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import apsw
 import pytest
 
 from clinik_local import ReferenceServer, TaskStore
-from tests.pull_support import REQUEST, Recorder, local_tasks, recorded, server_tasks
+from tests.pull_support import REQUEST, Recorder, local_tasks, meta_value, recorded, server_tasks
 
 HERE = Path(__file__).resolve().parent
 COUNT = 5_000
@@ -175,22 +174,6 @@ def test_a_bootstrap_of_5000_cut_after_each_page_resumes_there_and_ends_equal(
     assert resumed.logs
 
 
-def _meta(path: Path, key: str) -> str | None:
-    if not path.exists():
-        return None
-    try:
-        conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
-    except apsw.Error:
-        return None
-    try:
-        rows = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchall()
-    except apsw.Error:
-        return None
-    finally:
-        conn.close()
-    return str(rows[0][0]) if rows else None
-
-
 def test_a_bootstrap_of_5000_sigkilled_at_a_random_page_resumes_and_ends_equal(
     tmp_path: Path, server: ReferenceServer, expected: dict[str, dict[str, Any]]
 ) -> None:
@@ -212,7 +195,7 @@ def test_a_bootstrap_of_5000_sigkilled_at_a_random_page_resumes_and_ends_equal(
     )
     try:
         deadline = time.monotonic() + 60
-        while int(_meta(path, "sync.pulled") or 0) < target * LIMIT:
+        while int(meta_value(path, "sync.pulled") or 0) < target * LIMIT:
             assert time.monotonic() < deadline, "the child never reached its page"
             assert child.poll() is None, "the child ended before it was killed"
             time.sleep(0.005)
@@ -222,7 +205,7 @@ def test_a_bootstrap_of_5000_sigkilled_at_a_random_page_resumes_and_ends_equal(
         if child.poll() is None:
             child.kill()
         server.faults.read_rate = 0.0
-    progress = _meta(path, "sync.bootstrap.next")
+    progress = meta_value(path, "sync.bootstrap.next")
     with TaskStore.open(path) as store:
         kept = len(local_tasks(store))
     assert kept % LIMIT == 0  # whole pages only

@@ -7,29 +7,20 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from clinik_local import ChangeEvent, ReferenceServer, TaskStore, ValidationError
 from clinik_local.aio import AsyncTaskStore
-from tests.pull_support import REQUEST, config
+from tests.pull_support import REQUEST, config, wait_for
 
 
 @pytest.fixture
 def server() -> Iterator[ReferenceServer]:
     with ReferenceServer(token="watch-token") as srv:
         yield srv
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return condition()
 
 
 def test_callbacks_get_the_ids_of_each_commit_with_local_origin(tmp_path: Path) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import email.utils
 import logging
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC
@@ -60,7 +59,7 @@ from .base import (
     Transient,
     Unreachable,
 )
-from .transport import ConnectFailed, Response, Transport, check_base_url
+from .transport import LazyTransport, Response, Transport, check_base_url, no_answer
 
 __all__ = ["TRANSIENT_STATUSES", "ClinikRemote", "parse_retry_after"]
 
@@ -111,38 +110,25 @@ class ClinikRemote:
         http_transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = check_base_url(base_url, allow_insecure_http)
-        self._provider = token_provider
-        self._timeout = timeout
-        self._allow_insecure_http = allow_insecure_http
-        self._ca_bundle = ca_bundle
-        self._lanes = lanes
-        self._http_transport = http_transport
-        self._transport: Transport | None = None
-        self._lock = threading.Lock()
+        self._connections = LazyTransport(
+            self.base_url,
+            token_provider,
+            timeout=timeout,
+            allow_insecure_http=allow_insecure_http,
+            ca_bundle=ca_bundle,
+            lanes=lanes,
+            http_transport=http_transport,
+        )
 
     def __repr__(self) -> str:  # no token here, ever
         return f"<ClinikRemote {self.base_url}>"
 
     def _get_transport(self) -> Transport:
-        with self._lock:
-            if self._transport is None:
-                self._transport = Transport(
-                    self.base_url,
-                    self._provider,
-                    timeout=self._timeout,
-                    allow_insecure_http=self._allow_insecure_http,
-                    ca_bundle=self._ca_bundle,
-                    lanes=self._lanes,
-                    http_transport=self._http_transport,
-                )
-            return self._transport
+        return self._connections.get()
 
     def close(self) -> None:
         """Close the connections; the next push opens new ones."""
-        with self._lock:
-            transport, self._transport = self._transport, None
-        if transport is not None:
-            transport.close()
+        self._connections.close()
 
     def push(self, change: Change, *, lane: int) -> PushOutcome:
         """Send one change (see the module docstring for the mapping of answers)."""
@@ -194,13 +180,8 @@ class ClinikRemote:
             if answer.status == 401:
                 transport.refresh_token()  # ask the provider once more, then retry once
                 answer = transport.request(method, path, body=body, headers=headers, lane=lane)
-        except ConnectFailed as exc:
-            return Unreachable(message=str(exc))
-        except TransportError as exc:
-            return Transient(error=str(exc))
-        except AuthError as exc:
-            transport.forget_token()
-            return AuthFailed(message=str(exc))
+        except (TransportError, AuthError) as exc:
+            return no_answer(exc, transport)
         return answer
 
     def _server_copy(
@@ -276,13 +257,8 @@ class ClinikRemote:
             if answer.status == 401:
                 transport.refresh_token()
                 answer = transport.request("GET", path)
-        except ConnectFailed as exc:
-            return Unreachable(message=str(exc))
-        except TransportError as exc:
-            return Transient(error=str(exc))
-        except AuthError as exc:
-            transport.forget_token()
-            return AuthFailed(message=str(exc))
+        except (TransportError, AuthError) as exc:
+            return no_answer(exc, transport)
         if answer.status == 200:
             body = loads_or_none(answer.body)
             if isinstance(body, dict):

@@ -98,7 +98,7 @@ from .base import (
     Unreachable,
 )
 from .clinik import TRANSIENT_STATUSES, parse_retry_after
-from .transport import ConnectFailed, Response, Transport, check_base_url
+from .transport import LazyTransport, Response, Transport, check_base_url, no_answer
 
 __all__ = [
     "CHANGE_ID_URL",
@@ -193,6 +193,11 @@ def _unb64(text: str) -> Any:
         raise _BadCursor("a damaged cursor of the FHIR remote") from None
 
 
+def _instant_or_none(data: dict[str, Any], *keys: str) -> bool:
+    """Whether each of ``keys`` (default ``at``) of a decoded cursor is text or None."""
+    return all(isinstance(data.get(k), (str, type(None))) for k in keys or ("at",))
+
+
 @attrs.frozen
 class _ListCursor:
     """Where a listing goes on: the last ``_lastUpdated`` listed and the ids listed at it."""
@@ -206,10 +211,11 @@ class _ListCursor:
     @classmethod
     def decode(cls, text: str) -> _ListCursor:
         data = _unb64(text)
+        if not (isinstance(data, dict) and data.get("k") == "list" and _instant_or_none(data)):
+            raise _BadCursor("not a listing cursor of the FHIR remote")
         try:
-            assert data["k"] == "list"
             return cls(at=data["at"], ids=tuple(str(i) for i in data["ids"]))
-        except (AssertionError, KeyError, TypeError):
+        except (KeyError, TypeError):
             raise _BadCursor("not a listing cursor of the FHIR remote") from None
 
 
@@ -239,11 +245,16 @@ class _LogCursor:
     @classmethod
     def decode(cls, text: str) -> _LogCursor:
         data = _unb64(text)
+        if not (
+            isinstance(data, dict)
+            and data.get("k") == "log"
+            and _instant_or_none(data, "at", "floor")
+        ):
+            raise _BadCursor("not a change-log cursor of the FHIR remote")
         try:
-            assert data["k"] == "log"
             seen = tuple((str(a), str(b), str(c)) for a, b, c in data["seen"])
             return cls(at=data["at"], seen=seen, reconciled=float(data["r"]), floor=data["floor"])
-        except (AssertionError, KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError):
             raise _BadCursor("not a change-log cursor of the FHIR remote") from None
 
 
@@ -263,15 +274,24 @@ def _minus(text: str, seconds: float) -> str:
 
 
 def _later(a: str | None, b: str | None) -> str | None:
-    if a is None or b is None:
-        return a if b is None else b
+    """The later of two FHIR instants; an absent or empty one (a Task the server sent
+    without ``meta.lastUpdated``) never moves a watermark."""
+    if not a or not b:
+        return a or b or None
     return a if _instant_key(a) >= _instant_key(b) else b
 
 
 def _updated(resource: Mapping[str, Any]) -> str:
+    """``meta.lastUpdated``, or "" when absent or no instant (it never enters a cursor)."""
     meta = resource.get("meta")
     value = meta.get("lastUpdated") if isinstance(meta, dict) else None
-    return value if isinstance(value, str) else ""
+    if not isinstance(value, str):
+        return ""
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return ""
+    return value
 
 
 def _version_of(resource: Mapping[str, Any]) -> str:
@@ -326,6 +346,11 @@ def default_reference(field: str, our_id: str) -> str | None:
 def _etag_version(value: str | None) -> str | None:
     match = _ETAG.fullmatch(value) if value else None
     return match.group(1) if match else None
+
+
+def _not_sent(exc: ValidationError) -> Refused:
+    """A request this remote could not even build (nothing was sent), as a refusal."""
+    return Refused(status=None, body=None, error="; ".join(str(e) for e in exc.errors))
 
 
 def _json(text: str) -> Any:
@@ -506,16 +531,19 @@ class FhirR4Remote:
         self.reconcile_every = float(reconcile_every)
         self._history: bool | None = None  # has the server a type-level _history?
         self._reference_map = reference_map
-        self._provider = token_provider
-        self._timeout = timeout
-        self._allow_insecure_http = allow_insecure_http
-        self._ca_bundle = ca_bundle
         if isinstance(lanes, bool) or not isinstance(lanes, int) or not 1 <= lanes <= 16:
             raise ValidationError.single("lanes", "is out of range", lanes, "1..16")
         self._lanes = lanes
-        self._http_transport = http_transport
-        self._transport: Transport | None = None
-        self._lock = threading.Lock()
+        self._connections = LazyTransport(
+            self.base_url,
+            token_provider,
+            timeout=timeout,
+            allow_insecure_http=allow_insecure_http,
+            ca_bundle=ca_bundle,
+            lanes=lanes,
+            http_transport=http_transport,
+        )
+        self._lock = threading.Lock()  # guards _server_ids
         self._server_ids: dict[str, str] = {}  # conditional creates: our id -> server id
 
     def __repr__(self) -> str:  # no token here, ever
@@ -529,25 +557,11 @@ class FhirR4Remote:
     # --- connections -----------------------------------------------------------------
 
     def _get_transport(self) -> Transport:
-        with self._lock:
-            if self._transport is None:
-                self._transport = Transport(
-                    self.base_url,
-                    self._provider,
-                    timeout=self._timeout,
-                    allow_insecure_http=self._allow_insecure_http,
-                    ca_bundle=self._ca_bundle,
-                    lanes=self._lanes,
-                    http_transport=self._http_transport,
-                )
-            return self._transport
+        return self._connections.get()
 
     def close(self) -> None:
         """Close the connections; the next push opens new ones."""
-        with self._lock:
-            transport, self._transport = self._transport, None
-        if transport is not None:
-            transport.close()
+        self._connections.close()
 
     def _request(
         self,
@@ -582,14 +596,9 @@ class FhirR4Remote:
         try:
             return self._push(change, lane)
         except ValidationError as exc:  # from fhir_resource: nothing was sent
-            return Refused(status=None, body=None, error="; ".join(str(e) for e in exc.errors))
-        except ConnectFailed as exc:
-            return Unreachable(message=str(exc))
-        except TransportError as exc:
-            return Transient(error=str(exc))
-        except AuthError as exc:
-            self._get_transport().forget_token()
-            return AuthFailed(message=str(exc))
+            return _not_sent(exc)
+        except (TransportError, AuthError) as exc:
+            return no_answer(exc, self._get_transport())
 
     def _push(self, change: Change, lane: int) -> PushOutcome:
         version = change.server_version
@@ -875,7 +884,7 @@ class FhirR4Remote:
                 newest = self._search([*params, ("_sort", "-_lastUpdated"), ("_count", "1")])
                 if not isinstance(newest, tuple):
                     return newest
-                watermark = _updated(newest[0][0]) if newest[0] else None
+                watermark = (_updated(newest[0][0]) or None) if newest[0] else None
                 changes_cursor = _LogCursor(at=watermark, seen=(), reconciled=time.time()).encode()
             query = [*params, ("_sort", "_lastUpdated"), ("_count", str(limit + len(state.ids)))]
             if state.at is not None:
@@ -886,14 +895,9 @@ class FhirR4Remote:
         except _BadCursor as exc:
             return Refused(status=None, body=None, error=str(exc))
         except ValidationError as exc:
-            return Refused(status=None, body=None, error="; ".join(str(e) for e in exc.errors))
-        except ConnectFailed as exc:
-            return Unreachable(message=str(exc))
-        except TransportError as exc:
-            return Transient(error=str(exc))
-        except AuthError as exc:
-            self._get_transport().forget_token()
-            return AuthFailed(message=str(exc))
+            return _not_sent(exc)
+        except (TransportError, AuthError) as exc:
+            return no_answer(exc, self._get_transport())
         resources, linked = found
         fresh = [r for r in resources if not (_updated(r) == state.at and r["id"] in state.ids)]
         tasks = tuple(t for t in (self._pulled(r) for r in fresh) if t is not None)
@@ -924,7 +928,7 @@ class FhirR4Remote:
             return CursorExpired(message=str(exc))
         if time.time() - state.reconciled >= self.reconcile_every:
             return CursorExpired(message="periodic reconciliation of the ids in scope")
-        start = None if state.at is None else _minus(state.at, self.overlap)
+        start = _minus(state.at, self.overlap) if state.at else None
         if start is not None and state.floor is not None:
             start = _later(start, state.floor)
         count = limit + len(state.seen)
@@ -943,14 +947,9 @@ class FhirR4Remote:
                     return gone
                 deletes = gone
         except ValidationError as exc:
-            return Refused(status=None, body=None, error="; ".join(str(e) for e in exc.errors))
-        except ConnectFailed as exc:
-            return Unreachable(message=str(exc))
-        except TransportError as exc:
-            return Transient(error=str(exc))
-        except AuthError as exc:
-            self._get_transport().forget_token()
-            return AuthFailed(message=str(exc))
+            return _not_sent(exc)
+        except (TransportError, AuthError) as exc:
+            return no_answer(exc, self._get_transport())
         more = more or len(resources) >= count
         seen = {(s[0], s[1]) for s in state.seen}
         rows: list[tuple[str, str, str, LogItem | None]] = []  # (when, server id, version, item)
@@ -994,7 +993,7 @@ class FhirR4Remote:
             # instant than a page holds, so the overlap cannot re-read them)
             watermark = _later(watermark, _updated(resources[-1]))
             floor = _updated(resources[-1])
-        keep_from = None if watermark is None else _minus(watermark, self.overlap)
+        keep_from = _minus(watermark, self.overlap) if watermark else None
         window = [
             s
             for s in state.seen
@@ -1049,18 +1048,19 @@ class FhirR4Remote:
             failure = self._failure(answer)
             assert not isinstance(failure, (Delivered, Conflict))
             return failure
-        resources = [
-            entry["resource"]
-            for entry in bundle.get("entry") or []
-            if isinstance(entry, dict)
-            and isinstance(entry.get("resource"), dict)
-            and entry["resource"].get("resourceType") == "Task"
-            and (entry.get("search") or {}).get("mode", "match") == "match"
-        ]
-        more = any(
-            isinstance(link, dict) and link.get("relation") == "next"
-            for link in bundle.get("link") or []
-        )
+        resources = []
+        for entry in _dicts(bundle.get("entry")):
+            resource, search = entry.get("resource"), entry.get("search")
+            mode = search.get("mode", "match") if isinstance(search, dict) else "match"
+            if not (isinstance(resource, dict) and resource.get("resourceType") == "Task"):
+                continue
+            if mode != "match":
+                continue
+            if not isinstance(resource.get("id"), str):
+                _log.warning("skipped a server Task without an id in a search answer")
+                continue
+            resources.append(resource)
+        more = any(link.get("relation") == "next" for link in _dicts(bundle.get("link")))
         return resources, more
 
     def _pulled(self, resource: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -1174,18 +1174,19 @@ class FhirR4Remote:
                 failure = self._failure(answer)
                 assert not isinstance(failure, (Delivered, Conflict))
                 return failure
-            entries += [e for e in bundle.get("entry") or [] if isinstance(e, dict)]
+            entries += _dicts(bundle.get("entry"))
             path = None
-            for link in bundle.get("link") or []:
-                if isinstance(link, dict) and link.get("relation") == "next":
+            for link in _dicts(bundle.get("link")):
+                if link.get("relation") == "next":
                     url = str(link.get("url", ""))
                     if not url.startswith(self.base_url + "/"):
                         return CursorExpired(message="a history page link to another base")
                     path = url[len(self.base_url) :]
         out = []
         for entry in entries:
-            request = entry.get("request") or {}
-            response = entry.get("response") or {}
+            request, response = entry.get("request"), entry.get("response")
+            request = request if isinstance(request, dict) else {}
+            response = response if isinstance(response, dict) else {}
             if request.get("method") != "DELETE":
                 continue
             parts = str(request.get("url", "")).split("/")

@@ -21,6 +21,7 @@ can be exercised without a live server. :class:`Response` carries the headers
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import ssl
 import threading
@@ -31,14 +32,34 @@ import attrs
 import httpx
 
 from ..errors import AuthError, TransportError, ValidationError
+from .base import AuthFailed, Transient, Unreachable
 
-__all__ = ["ConnectFailed", "Response", "Transport", "check_base_url"]
+__all__ = ["ConnectFailed", "LazyTransport", "Response", "Transport", "check_base_url", "no_answer"]
 
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
 
 
 class ConnectFailed(TransportError):
     """The service could not be reached at all (refused, unreachable, DNS, TLS)."""
+
+
+def no_answer(
+    exc: TransportError | AuthError, transport: Transport
+) -> Unreachable | Transient | AuthFailed:
+    """What a request that got no usable answer means for a remote's caller: the one
+    mapping of the transport's failures, shared by every remote.
+
+    :class:`ConnectFailed` is unreachable (the engine waits for the network), any other
+    network failure transient (retried with backoff), an :class:`AuthError` (the token
+    provider failed, or its token cannot be sent) an auth failure, and the token is
+    forgotten so the next request asks the provider again.
+    """
+    if isinstance(exc, ConnectFailed):
+        return Unreachable(message=str(exc))
+    if isinstance(exc, TransportError):
+        return Transient(error=str(exc))
+    transport.forget_token()
+    return AuthFailed(message=str(exc))
 
 
 def _headers(value: Mapping[str, str]) -> Mapping[str, str]:
@@ -197,3 +218,50 @@ class Transport:
         """Close every lane's connection."""
         for client in self._clients:
             client.close()
+
+
+class LazyTransport:
+    """A remote's :class:`Transport`, made on first use and closed by :meth:`close`
+    (the next use makes a new one); safe from the engine's lanes at once.
+
+    What every remote holds of its connections: a remote built in a config opens no
+    socket until the engine sends or reads.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token_provider: Callable[[], str],
+        *,
+        timeout: float,
+        allow_insecure_http: bool = False,
+        ca_bundle: str | None = None,
+        lanes: int = 1,
+        http_transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._make = functools.partial(
+            Transport,
+            base_url,
+            token_provider,
+            timeout=timeout,
+            allow_insecure_http=allow_insecure_http,
+            ca_bundle=ca_bundle,
+            lanes=lanes,
+            http_transport=http_transport,
+        )
+        self._transport: Transport | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Transport:
+        """The transport, made now if there is none."""
+        with self._lock:
+            if self._transport is None:
+                self._transport = self._make()
+            return self._transport
+
+    def close(self) -> None:
+        """Close the connections, if any were made."""
+        with self._lock:
+            transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()

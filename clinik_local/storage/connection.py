@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import apsw
@@ -162,6 +162,20 @@ def fetch_all(
     """Run one statement and drain it (apsw rows typed loosely for callers)."""
     rows: list[tuple[Any, ...]] = conn.execute(sql, params).fetchall()
     return rows
+
+
+def ids_among(conn: apsw.Connection, sql: str, ids: Sequence[str]) -> set[str]:
+    """Which of ``ids`` a query finds (its first column, as strings), in one statement.
+
+    ``sql`` holds ``{ids}`` where the list goes (``... WHERE id IN ({ids})``), as often
+    as it needs; each one becomes a placeholder per id, so every value stays bound.
+    """
+    if not ids:
+        return set()
+    uses = sql.count("{ids}")
+    marks = ",".join("?" * len(ids))
+    found = fetch_all(conn, sql.replace("{ids}", marks), tuple(ids) * uses)
+    return {str(r[0]) for r in found}
 
 
 # --- the set-up steps -----------------------------------------------------------------

@@ -26,7 +26,7 @@ import apsw
 import attrs
 
 from ..ids import new_change_id
-from .connection import fetch_all
+from .connection import fetch_all, ids_among
 
 __all__ = [
     "PAYLOAD",
@@ -469,15 +469,7 @@ def open_changes(conn: apsw.Connection, task_id: str) -> list[OpenChange]:
 
 def tasks_with_open_changes(conn: apsw.Connection, task_ids: Sequence[str]) -> set[str]:
     """Which of these tasks have a change still in the outbox (one query)."""
-    if not task_ids:
-        return set()
-    marks = ",".join("?" * len(task_ids))
-    return {
-        str(r[0])
-        for r in fetch_all(
-            conn, f"SELECT DISTINCT task_id FROM outbox WHERE task_id IN ({marks})", tuple(task_ids)
-        )
-    }
+    return ids_among(conn, "SELECT DISTINCT task_id FROM outbox WHERE task_id IN ({ids})", task_ids)
 
 
 def set_server_versions(

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import apsw
 import attrs
 
-from .connection import fetch_all
+from .connection import fetch_all, ids_among
 
 __all__ = [
     "Base",
@@ -215,15 +215,7 @@ def set_bases_many(
 
 def based_ids(conn: apsw.Connection, task_ids: Sequence[str]) -> set[str]:
     """Which of these tasks have a base (one query)."""
-    if not task_ids:
-        return set()
-    marks = ",".join("?" * len(task_ids))
-    return {
-        str(r[0])
-        for r in fetch_all(
-            conn, f"SELECT task_id FROM sync_bases WHERE task_id IN ({marks})", tuple(task_ids)
-        )
-    }
+    return ids_among(conn, "SELECT task_id FROM sync_bases WHERE task_id IN ({ids})", task_ids)
 
 
 def set_unseen(conn: apsw.Connection, task_id: str, version_id: str | None) -> None:

@@ -68,7 +68,7 @@ from ..model import NO_PRIORITY_RANK, Task
 from ..search import CompiledSearch, count_query, page_query
 from ..wire import dumps, without_server_fields
 from . import outbox
-from .connection import fetch_all
+from .connection import fetch_all, ids_among
 
 __all__ = [
     "BOOTSTRAP_BULK_MIN",
@@ -593,18 +593,12 @@ def write_server_copy(
 
 def known_ids(conn: apsw.Connection, task_ids: Sequence[str]) -> set[str]:
     """Which of these ids have a task or any history here (one query)."""
-    if not task_ids:
-        return set()
-    marks = ",".join("?" * len(task_ids))
-    return {
-        str(r[0])
-        for r in fetch_all(
-            conn,
-            f"SELECT id FROM tasks WHERE id IN ({marks}) "
-            f"UNION SELECT task_id FROM task_history WHERE task_id IN ({marks})",
-            (*task_ids, *task_ids),
-        )
-    }
+    return ids_among(
+        conn,
+        "SELECT id FROM tasks WHERE id IN ({ids}) "
+        "UNION SELECT task_id FROM task_history WHERE task_id IN ({ids})",
+        task_ids,
+    )
 
 
 def write_new_server_copies(

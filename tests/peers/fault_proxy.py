@@ -157,6 +157,7 @@ class FaultProxy:
         self._thread: threading.Thread | None = None
         self._timer: threading.Timer | None = None
         self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
 
     # --- configuration ---------------------------------------------------------------
 
@@ -205,18 +206,23 @@ class FaultProxy:
         return self
 
     def stop(self) -> None:
-        """Stop serving and close the listening socket and the upstream client (idempotent)."""
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._thread is not None:
-            self._httpd.shutdown()
-            if self._thread is not threading.current_thread():
-                self._thread.join(timeout=10)
-        self._httpd.server_close()
-        self._client.close()
+        """Stop serving and close the listening socket and the upstream client (idempotent).
+
+        :attr:`stopped` turns True only once the socket is closed: a connection made after
+        it is refused, never accepted into the backlog and then reset.
+        """
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            if self._timer is not None:
+                self._timer.cancel()
+            if self._thread is not None:
+                self._httpd.shutdown()
+                if self._thread is not threading.current_thread():
+                    self._thread.join(timeout=10)
+            self._httpd.server_close()
+            self._client.close()
+            self._stopped.set()
 
     @property
     def stopped(self) -> bool:

@@ -224,3 +224,15 @@ CREATE TABLE sync_bases (
     unseen      TEXT,
     listed      INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
+
+-- ====================================================================================
+-- Schema version 4 (issue 16, a lean write path): a local change's body is kept once.
+-- ====================================================================================
+-- outbox.payload (its CREATE comment above is the text of version 1) is NULL for a
+-- delete, and for a local create or update written by storage/rows.py: its body is
+-- the body of the version the change wrote, ifnull(base_version, 0) + 1, which
+-- task_history keeps (or tasks.body while it is the current version: see
+-- task_history), so a pending create holds no second copy of the task
+-- (storage/outbox.py PAYLOAD reads it back). Other rows (a rebase's merged change,
+-- rows of older files) carry their own payload. No statement: the version
+-- number makes an older clinik-local refuse a file whose NULL payloads it would misread.

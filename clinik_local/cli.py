@@ -38,6 +38,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from .remotes.fhir import FhirR4Remote
     from .storage.encryption import KeyProvider
     from .store import TaskStore
     from .sync import SyncConfig, SyncStatus
@@ -79,7 +80,8 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (
         EXIT_SYNC,
         "sync error: no token in the environment variable, the token was refused, "
-        "or `sync run --wait` ran out before every change was delivered",
+        "or `sync run --wait` ran out before every change was delivered, or another sync "
+        "engine (named) holds the store",
     ),
     (
         EXIT_UNREACHABLE,
@@ -653,6 +655,8 @@ def _remote_config(args: argparse.Namespace) -> SyncConfig:
         return token
 
     try:
+        if getattr(args, "reference_map", None) is not None:
+            return SyncConfig(remote=_fhir_remote(args, token_provider))
         return SyncConfig(
             remote=args.remote,
             base_url=args.url,
@@ -663,6 +667,44 @@ def _remote_config(args: argparse.Namespace) -> SyncConfig:
         )
     except ValidationError as exc:
         raise ValidationError([_flag_error(e) for e in exc.errors]) from None
+
+
+def _fhir_remote(args: argparse.Namespace, token_provider: Callable[[], str]) -> FhirR4Remote:
+    """``sync run --remote fhir-r4 --reference-map FILE``: the FHIR remote with the ids of
+    FILE (a JSON object: our id -> the server's id, for every reference field; an id not
+    in it follows the default rule of docs/fhir.md)."""
+    from .remotes.fhir import FhirR4Remote
+
+    path = args.reference_map
+    if args.remote != "fhir-r4":
+        raise ValidationError.single(
+            "--reference-map", "is for --remote fhir-r4 only", path, "--remote fhir-r4"
+        )
+    try:
+        mapping = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise ValidationError.single(
+            "--reference-map", f"cannot be read: {reason}", path, "a JSON file"
+        ) from None
+    if not isinstance(mapping, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
+    ):
+        raise ValidationError.single(
+            "--reference-map",
+            "must be a JSON object of strings",
+            path,
+            '{"our id": "the server\'s id", ...}',
+        )
+    ids: dict[str, str] = mapping
+    return FhirR4Remote(
+        args.url,
+        token_provider,
+        reference_map=lambda _field, our_id: ids.get(our_id),
+        timeout=args.timeout,
+        allow_insecure_http=args.allow_insecure_http,
+        ca_bundle=args.ca_bundle,
+    )
 
 
 def _local_sync_store(args: argparse.Namespace) -> TaskStore:
@@ -717,7 +759,7 @@ def _cmd_sync_run(args: argparse.Namespace, out: TextIO) -> int:
                     slice_seconds = max(min(0.25, deadline - time.monotonic()), 0.05)
                     flushed = sync.flush(timeout=slice_seconds)
                     state = sync.status().state
-                    if flushed or state == "auth_required":
+                    if flushed or state in ("auth_required", "standby"):
                         break
                     if state == "offline" and not args.wait_online:
                         break
@@ -726,8 +768,17 @@ def _cmd_sync_run(args: argparse.Namespace, out: TextIO) -> int:
             finally:
                 unsubscribe()
         status = sync.status()
-    _json_out({"flushed": flushed, "status": _status_dict(status)}, out, pretty=not args.json)
+    parked = bool(status.dead or status.conflicts)
+    # "flushed" means everything was delivered: not so while changes are parked.
+    report = {"flushed": flushed and not parked, "status": _status_dict(status)}
+    _json_out(report, out, pretty=not args.json)
     waiting = _plural(status.pending + status.in_flight, "change")
+    if status.state == "standby" and not flushed:
+        raise _Failure(
+            EXIT_SYNC,
+            f"another sync engine holds this store: {status.held_by}; it delivers the "
+            f"outbox ({waiting} waiting): let it finish, or stop it and run again",
+        )
     if flushed:
         if status.dead or status.conflicts:
             raise _Failure(
@@ -1050,6 +1101,12 @@ def _add_sync(sub: Any) -> None:
         help="when the service is unreachable, keep retrying until --wait (default: stop)",
     )
     run.add_argument("--ca-bundle", metavar="PATH", help="trust this CA file (PEM) for TLS")
+    run.add_argument(
+        "--reference-map",
+        metavar="PATH",
+        help="with fhir-r4: a JSON object of our ids -> the server's ids for references "
+        '(patients, practitioners, ...: {"pt_abc123": "9001"}); docs/fhir.md',
+    )
     run.add_argument(
         "--allow-insecure-http",
         action="store_true",

@@ -74,6 +74,22 @@ class TaskStore:
             from .sync import SyncEngine
 
             self._sync = SyncEngine(self._db, sync)
+        if path != MEMORY and (sync is None or not sync.pulls):
+            self._restore_search_indexes()
+
+    def _restore_search_indexes(self) -> None:
+        """A bootstrap that loaded without the search indexes and will not finish now
+        (this store does not pull): build them, so no search is left scanning."""
+        from .storage import replica, rows
+
+        with self._db.read() as conn:
+            if replica.dropped_indexes(conn) is None:
+                return
+        with self._db.write() as conn:
+            saved = replica.dropped_indexes(conn)
+            if saved is not None:
+                rows.build_search_indexes(conn, saved)
+                replica.keep_dropped_indexes(conn, None)
 
     @classmethod
     def open(
@@ -116,7 +132,7 @@ class TaskStore:
         if self._db.closed:
             return
         if self._sync is not None:
-            self._sync.stop()
+            self._sync.close()
         self._db.close()
 
     def __enter__(self) -> TaskStore:

@@ -227,6 +227,7 @@ def check_store(path: Path, reported: Reported) -> tuple[list[str], int]:
     """
     from clinik_local import NotFoundError, TaskStore, encode_task
     from clinik_local.storage.connection import fetch_all
+    from clinik_local.storage.outbox import PAYLOAD
 
     problems: list[str] = []
     with TaskStore.open(path) as store:
@@ -254,7 +255,9 @@ def check_store(path: Path, reported: Reported) -> tuple[list[str], int]:
                 "FROM task_history AS h LEFT JOIN tasks AS t "
                 "ON t.id = h.task_id AND h.body IS NULL ORDER BY h.task_id, h.version",
             )
-            outbox = fetch_all(conn, "SELECT task_id, op, payload FROM outbox ORDER BY seq")
+            outbox = fetch_all(
+                conn, f"SELECT o.task_id, o.op, {PAYLOAD} FROM outbox AS o ORDER BY o.seq"
+            )
             refs = fetch_all(conn, "SELECT count(*) FROM task_refs")[0][0]
         known = {tid for tid, _ in reported.versions} | set(reported.latest)
         for task_id, _version, _body in rows:

@@ -16,12 +16,13 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from clinik_local import ReferenceServer, TaskStore, __version__
+from clinik_local import ReferenceServer, SyncConfig, TaskStore, __version__
 from clinik_local.cli import EXIT_CODES
 from clinik_local.progress import Progress
 
@@ -610,3 +611,66 @@ def test_every_doc_link_and_cited_page_is_in_the_project() -> None:
             if not ((ROOT / name).exists() or (ROOT / "docs" / name).exists()):
                 problems.append(f"{source.relative_to(ROOT)}: cites {name}")
     assert problems == []
+
+
+# --- issue 12 item 9: one sync engine per file, "flushed" only when nothing is parked --------
+
+
+def test_sync_run_says_flushed_false_while_dead_letters_remain(
+    store_with_task: tuple[Path, str], server: ReferenceServer
+) -> None:
+    db, task_id = store_with_task
+    server.faults.reject_ids = {task_id}
+    env = {"CLINIK_TOKEN": server.token}
+    result = run_cli("sync", "run", "--db", str(db), "--url", server.url, "--json", env=env)
+    assert result.returncode == 7, result.stderr
+    assert json.loads(result.stdout)["flushed"] is False  # a change is parked: not flushed
+
+
+def test_sync_run_while_the_apps_engine_runs_on_the_file_exits_5_naming_it(
+    store_with_task: tuple[Path, str], server: ReferenceServer
+) -> None:
+    db, task_id = store_with_task
+    env = {"CLINIK_TOKEN": server.token}
+    app = TaskStore.open(db, sync=SyncConfig(base_url=server.url, token_provider=lambda: "bad"))
+    try:
+        app.sync.start()  # the app's worker holds the lease (paused: its token is refused)
+        deadline = time.monotonic() + 10
+        while app.sync.status().state != "auth_required":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        result = run_cli("sync", "run", "--db", str(db), "--url", server.url, env=env)
+        line = assert_fails_in_one_line(result, 5)
+        assert "another sync engine holds this store" in line
+        assert f"process {os.getpid()}" in line
+        assert task_id not in server.tasks()
+    finally:
+        app.close()  # the lease is released with the store
+    result = run_cli("sync", "run", "--db", str(db), "--url", server.url, env=env)
+    assert result.returncode == 0, result.stderr
+    assert task_id in server.tasks()
+
+
+def test_sync_run_while_another_process_syncs_the_store_names_it_in_one_line(
+    store_with_task: tuple[Path, str], server: ReferenceServer
+) -> None:
+    from tests.test_sync_defects import child_holding_the_lease
+
+    db, task_id = store_with_task
+    child = child_holding_the_lease(db, server)
+    env = {"CLINIK_TOKEN": server.token}
+    try:
+        result = run_cli("sync", "run", "--db", str(db), "--url", server.url, env=env)
+        line = assert_fails_in_one_line(result, 5)
+        assert f"process {child.pid}" in line
+        assert "another sync engine" in line
+        assert task_id not in server.tasks()
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+        for stream in (child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()
+    result = run_cli("sync", "run", "--db", str(db), "--url", server.url, env=env)
+    assert result.returncode == 0, result.stderr
+    assert task_id in server.tasks()

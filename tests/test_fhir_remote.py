@@ -25,7 +25,7 @@ import pytest
 from fhirclient.models.task import Task as FhirclientTask  # type: ignore[import-untyped]
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from clinik_local import Task, TaskStore, ValidationError, from_fhir
 from clinik_local.codec import encode_task
@@ -258,6 +258,109 @@ def test_an_unmappable_reference_is_refused_naming_the_field_and_nothing_is_sent
     assert hapi.writes == 0
 
 
+def test_check_refuses_before_writing_naming_every_unmappable_reference_field(
+    tmp_path: Path, hapi: HapiLikeFhirServer
+) -> None:
+    """The write-time form of the refusal: ``remote.check(request)`` raises the library's
+    ValidationError naming each field, so the app writes nothing; a push of such a task
+    names them all in its dead letter and sends nothing."""
+    remote = FhirR4Remote(hapi.url, token, reference_map=lambda f, i: {"pt_ok": "p1"}.get(i))
+    request = {
+        "status": "requested",
+        "intent": "order",
+        "patientId": "pt_ok",  # mapped
+        "ownerId": "prac_1",  # neither mapped nor a FHIR id
+        "requesterId": "dr.who",  # a FHIR id: as it is
+        "basedOn": ["sr_1"],
+        "partOf": ["task_parent"],  # our own tasks: always fine
+        "restriction": {"recipient": ["org_2"]},
+        "input": [{"type": "specimen", "valueReference": "spec_3"}],
+    }
+    with pytest.raises(ValidationError) as caught:
+        remote.check(request)
+    assert caught.value.paths == (
+        "ownerId",
+        "basedOn",
+        "restriction.recipient",
+        "input.valueReference",
+    )
+    assert [e.value for e in caught.value.errors] == ["'prac_1'", "'sr_1'", "'org_2'", "'spec_3'"]
+    remote.check({k: v for k, v in request.items() if k in ("status", "intent", "patientId")})
+    with TaskStore.open(tmp_path / "t.db", sync=fast(remote)) as store:
+        task = store.tasks.create(request).data
+        with pytest.raises(ValidationError) as again:
+            remote.check(task)  # a stored Task works the same
+        assert again.value.paths == caught.value.paths
+        flush_all(store)
+        [dead] = store.sync.dead_letters()
+        assert dead.status is None
+        assert dead.error is not None
+        assert dead.error == "; ".join(str(e) for e in caught.value.errors)
+    assert hapi.writes == 0
+
+
+def test_a_reference_map_that_raises_is_a_refusal_naming_the_field_and_sends_nothing() -> None:
+    sent: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(500)
+
+    def lookup(_field: str, our_id: str) -> str | None:
+        return {"p-1": "p1"}[our_id]  # KeyError for anything else
+
+    remote = FhirR4Remote(
+        "http://127.0.0.1:1/fhir/R4",
+        token,
+        reference_map=lookup,
+        http_transport=httpx.MockTransport(record),
+    )
+    with pytest.raises(ValidationError) as caught:
+        remote.check({"status": "draft", "intent": "plan", "ownerId": "x"})
+    assert caught.value.paths == ("ownerId",)
+    assert "reference_map failed for it: KeyError" in str(caught.value.errors[0])
+    change = a_change(op="create", version=None)
+    answer = remote.push(
+        Change(
+            change_id=change.change_id,
+            task_id=change.task_id,
+            op="create",
+            body={**(change.body or {}), "patientId": "p-1", "ownerId": "x"},
+            server_version=None,
+        ),
+        lane=0,
+    )
+    assert isinstance(answer, Refused)
+    assert answer.status is None
+    assert answer.error.startswith("ownerId: reference_map failed for it: KeyError")
+    assert sent == []
+
+
+def test_pulled_foreign_tasks_read_versioned_references_and_wrong_types_are_skipped(
+    tmp_path: Path, hapi: HapiLikeFhirServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tasks written on the server by another client: ``Patient/123/_history/7`` is
+    patient ``123``; ``Group/5`` as the patient is refused on import (that Task is
+    skipped and logged, the pull goes on)."""
+    base = {"resourceType": "Task", "status": "requested", "intent": "order"}
+    hapi.put_task({**base, "id": "v1", "for": {"reference": "Patient/123/_history/7"}})
+    hapi.put_task({**base, "id": "g1", "for": {"reference": "Group/5"}})
+    hapi.put_task({**base, "id": "ok", "owner": {"reference": f"{hapi.url}/Practitioner/p-9"}})
+    remote = FhirR4Remote(hapi.url, token)
+    with TaskStore.open(tmp_path / "t.db", sync=fast(remote)) as store:
+        with caplog.at_level("WARNING", logger="clinik_local.remotes.fhir"):
+            store.sync.pull()
+        found = {tid(t): t for t in store.tasks.search(limit=10).data}
+    assert sorted(found) == ["ok", "v1"]
+    assert found["v1"].patient_id == "123"
+    assert found["ok"].owner_id == "p-9"
+    skipped = {r.getMessage() for r in caplog.records if "'g1'" in r.getMessage()}
+    assert skipped == {
+        "skipped server Task 'g1': 1 invalid field: for.reference: for cannot refer to a "
+        "Group (got 'Group/5'); allowed: Patient"
+    }
+
+
 def test_the_reference_map_names_the_servers_resources(
     tmp_path: Path, hapi: HapiLikeFhirServer
 ) -> None:
@@ -375,29 +478,84 @@ def test_hapi_lost_answers_are_recognised_by_the_change_id(
     )
 
 
-def test_conditional_create_never_creates_twice(tmp_path: Path, hapi: HapiLikeFhirServer) -> None:
-    with FaultProxy(hapi.url, script=[Fault.DROP_AFTER, Fault.DROP_AFTER]) as proxy:
-        remote = FhirR4Remote(proxy.base_url, token, create="conditional")
-        with TaskStore.open(tmp_path / "t.db", sync=fast(remote, lanes=1)) as store:
-            task = store.tasks.create({"status": "requested", "intent": "order"}).data
+def test_a_server_refusing_client_ids_gets_each_task_once_by_conditional_create(
+    tmp_path: Path,
+) -> None:
+    """HAPI with client-assigned ids disabled: update-as-create is refused (a dead letter
+    carrying HAPI-0959, nothing created); ``create="conditional"`` creates with
+    ``If-None-Exist`` and, with the answers of the POST lost twice and of the update and
+    the delete once each, every write still happens exactly once."""
+    with HapiLikeFhirServer(token=TOKEN, client_ids=False) as server:
+        by_put = FhirR4Remote(server.url, token)
+        with TaskStore.open(tmp_path / "put.db", sync=fast(by_put)) as store:
+            store.tasks.create({"status": "requested", "intent": "order"})
             flush_all(store)
-            store.tasks.update(tid(task), {"note": "after the create"})
-            flush_all(store)
-            assert store.sync.conflicts() == []
-            assert store.sync.dead_letters() == []
-    [(server_id, stored)] = hapi.tasks().items()
-    assert server_id.isdigit()  # the server's own id
-    assert from_fhir(stored).id == tid(task)
-    assert stored["note"] == [{"text": "after the create"}]
-    assert [e.fault for e in proxy.log if e.fault is not None] == [Fault.DROP_AFTER] * 2
+            [dead] = store.sync.dead_letters()
+            assert dead.status == 404
+            assert dead.error is not None
+            assert "HAPI-0959" in dead.error
+            assert "client-assigned IDs are not enabled" in dead.error
+        assert server.tasks() == {}
+        drop = Fault.DROP_AFTER
+        script = [drop, drop, None, None, drop, None, drop]  # POST POST (again x2) PUT PUT DEL
+        with FaultProxy(server.url, script=script, methods=["POST", "PUT", "DELETE"]) as proxy:
+            remote = FhirR4Remote(proxy.base_url, token, create="conditional")
+            # push only: the retries themselves must recognise the lost writes (a pull
+            # would settle them by the change id before any retry)
+            config = fast(remote, lanes=1, pull=False)
+            with TaskStore.open(tmp_path / "t.db", sync=config) as store:
+                task = store.tasks.create({"status": "requested", "intent": "order"}).data
+                other = store.tasks.create({"status": "draft", "intent": "plan"}).data
+                flush_all(store)
+                store.tasks.update(tid(task), {"note": "after the create"})
+                flush_all(store)
+                store.tasks.delete(tid(other))
+                flush_all(store)
+                assert store.sync.conflicts() == []
+                assert store.sync.dead_letters() == []
+                assert store.tasks.get(tid(task)).meta["syncState"] == "synced"
+        [(server_id, stored)] = server.tasks().items()
+        assert server_id.isdigit()  # the server's own id
+        assert from_fhir(stored).id == tid(task)
+        assert stored["note"] == [{"text": "after the create"}]
+        assert [v["meta"]["versionId"] for v in server.history(server_id) if v] == ["1", "2"]
+        assert [len(server.history(i)) for i in ("1", "2", "3")] == [2, 2, 0]  # 2 creates
+    sent = [(e.method, e.fault, e.status) for e in proxy.log if e.method != "GET"]
+    assert sent == [
+        ("POST", drop, None),
+        ("POST", drop, None),
+        ("POST", None, 200),  # If-None-Exist found the first: our change id, delivered
+        ("POST", None, 200),
+        ("PUT", drop, None),
+        ("PUT", None, 409),  # our own write moved the version on: recognised, delivered
+        ("DELETE", drop, None),
+        ("DELETE", None, 200),
+    ]
 
 
 # --- the Medplum peer --------------------------------------------------------------------
 
 
+def edit_on_server(client: httpx.Client, our_id: str, **changes: Any) -> None:
+    """Another client's read-modify-write of one of our Tasks (``If-Match``; again on 412)."""
+    url = f"/Task/{server_task_id(our_id)}"
+    for _ in range(20):
+        current = client.get(url).json()
+        etag = f'W/"{current["meta"]["versionId"]}"'
+        answer = client.put(url, json={**current, **changes}, headers={"If-Match": etag})
+        if answer.status_code == 200:
+            return
+        assert answer.status_code == 412, answer.text  # our engine wrote in between
+    raise AssertionError(f"could not edit {our_id} on the server")
+
+
 def test_300_tasks_through_20_percent_faults_reach_medplum_exactly_once(
     tmp_path: Path, own_peer: MedplumPeer
 ) -> None:
+    """300 tasks created, updated and deleted locally, a few edited and one deleted
+    directly on the server, all through >= 20% faults: after healing the server holds
+    exactly the local tasks (each once, found by identifier) and the store holds the
+    server's edits, merged field by field with the local edits pending at the time."""
     rates = {
         Fault.DROP_BEFORE: 0.06,
         Fault.DROP_AFTER: 0.08,
@@ -406,13 +564,28 @@ def test_300_tasks_through_20_percent_faults_reach_medplum_exactly_once(
         Fault.SLOW: 0.03,
     }
     own_peer.reset()
-    with FaultProxy(own_peer.base_url, rates=rates, seed=13, slow_seconds=0.05) as proxy:
-        remote = FhirR4Remote(proxy.base_url, token, reference_map=dashed, lanes=2)
+    with (
+        FaultProxy(own_peer.base_url, rates=rates, seed=13, slow_seconds=0.05) as proxy,
+        httpx.Client(base_url=own_peer.base_url, headers=own_peer.headers()) as peer,
+    ):
+        # reconcile_every: Medplum has no type-level _history, its deletes come by relisting
+        remote = FhirR4Remote(
+            proxy.base_url, token, reference_map=dashed, lanes=2, reconcile_every=1.0
+        )
         with TaskStore.open(tmp_path / "t.db", sync=fast(remote, lanes=2)) as store:
             created = store.tasks.create_many(list(generate_requests(300, seed=5))).data
             flush_all(store)
             for n, task in enumerate(created[:200]):
                 store.tasks.update(tid(task), {"note": f"first update {n}"})
+            # while those notes are pending: other clients edit other fields on the server
+            merged = [tid(t) for t in created[:3]]
+            for our_id in merged:
+                edit_on_server(peer, our_id, description=f"server edit of {our_id}")
+            pulled = [tid(t) for t in created[290:293]]
+            for our_id in pulled:  # no local edit: a plain pull
+                edit_on_server(peer, our_id, priority="stat", description="server only")
+            server_deleted = tid(created[299])
+            assert peer.delete(f"/Task/{server_task_id(server_deleted)}").status_code == 200
             flush_all(store)
             for n, task in enumerate(created[100:250]):
                 store.tasks.update(tid(task), {"description": f"second update {n}"})
@@ -420,26 +593,41 @@ def test_300_tasks_through_20_percent_faults_reach_medplum_exactly_once(
                 store.tasks.delete(tid(task))
             flush_all(store)
             proxy.heal()
+            time.sleep(1.1)  # past reconcile_every: the last pull lists the scope again
             flush_all(store)
             assert store.sync.dead_letters() == []
             assert store.sync.conflicts() == []
             local = {tid(t): encode_task(t) for t in store.tasks.search(limit=1000).data}
             synced = {store.tasks.get(i).meta["syncState"] for i in local}
+            origins = {i: {h.origin for h in store.tasks.history(i).data} for i in merged}
         faults = proxy.faults_injected
         requests = len(proxy.log)
         lost_updates_recognised = sum(1 for e in proxy.log if e.method == "PUT" and e.status == 412)
     assert faults >= 0.2 * requests, (faults, requests)
     assert proxy.counts[Fault.DROP_AFTER] > 0
+    assert proxy.counts[Fault.DROP_BEFORE] > 0
+    # the server's edit met the pending local one: rebased (a merge), not a conflict
+    assert all("merge" in o for o in origins.values()), origins
+    assert proxy.counts[Fault.ERROR_5XX] > 0
+    assert proxy.counts[Fault.SLOW] > 0
     assert lost_updates_recognised > 0
     assert synced == {"synced"}
-    assert len(local) == 240
+    assert len(local) == 239  # 300 - 60 deleted here - 1 deleted on the server
+    assert server_deleted not in local
+    for n, our_id in enumerate(merged):  # both edits, field by field
+        assert local[our_id]["description"] == f"server edit of {our_id}"
+        assert local[our_id]["note"] == f"first update {n}"
+    for our_id in pulled:
+        assert (local[our_id]["priority"], local[our_id]["description"]) == ("stat", "server only")
     with httpx.Client(base_url=own_peer.base_url, headers=own_peer.headers()) as client:
         server = all_server_tasks(client)
         assert set(server) == set(local)
         for our_id, resource in server.items():
             assert resource["id"] == server_task_id(our_id)
             assert content(encode_task(from_fhir(resource))) == content(local[our_id])
-        for task in created[200:260]:
+            found = client.get("/Task", params={"identifier": f"{ID_SYSTEM}|{our_id}"}).json()
+            assert [e["resource"]["id"] for e in found["entry"]] == [resource["id"]]  # once
+        for task in [*created[200:260], created[299]]:
             assert client.get(f"/Task/{server_task_id(tid(task))}").status_code == 404
             found = client.get("/Task", params={"identifier": f"{ID_SYSTEM}|{tid(task)}"}).json()
             assert found.get("entry", []) == []
@@ -455,8 +643,21 @@ def test_the_seed_lab_order_reads_back_from_medplum_with_a_strict_fhir_client(
         local = store.tasks.get(tid(task)).data
     read = httpx.get(f"{medplum_peer.base_url}/Task/{server_task_id(tid(task))}")
     assert read.status_code == 200, read.text
-    assert read.json()["meta"]["versionId"] == local.version_id or local.version_id is not None
     parsed = FhirclientTask(read.json(), strict=True)
+    assert parsed.id == server_task_id(tid(task))
+    assert [(i.system, i.value) for i in parsed.identifier] == [(ID_SYSTEM, tid(task))]
+    assert (parsed.status, parsed.intent, parsed.priority) == ("requested", "order", "urgent")
+    assert parsed.code.text == "lab-order"
+    assert parsed.description == "Order CBC and CMP for pre-operative assessment"
+    assert [n.text for n in parsed.note] == [
+        "Patient is NPO after midnight. Draw labs before 10am."
+    ]
+    assert (parsed.for_fhir.identifier.system, parsed.for_fhir.identifier.value) == (
+        ID_SYSTEM,
+        "pt_abc123",
+    )
+    assert parsed.owner.identifier.value == "prac_lab_tech"
+    assert parsed.requester.identifier.value == "prac_def456"
     assert parsed.for_fhir.reference == "Patient/pt-abc123"
     assert parsed.owner.reference == "Practitioner/prac-lab-tech"
     assert parsed.requester.reference == "Practitioner/prac-def456"
@@ -468,7 +669,13 @@ def test_the_seed_lab_order_reads_back_from_medplum_with_a_strict_fhir_client(
     assert parsed.executionPeriod.start.isostring.startswith("2025-02-01T08:00:00")
     assert parsed.executionPeriod.end.isostring.startswith("2025-02-01T17:00:00")
     assert [e.url for e in parsed.extension] == [CHANGE_ID_URL, CONTENT_HASH_URL]
-    assert from_fhir(read.json()).patient_id == "pt_abc123"  # ours, through the identifier
+    back = from_fhir(read.json())  # ours again, through the identifiers
+    assert content(encode_task(back)) == content(encode_task(local))
+    assert (back.patient_id, back.owner_id, back.requester_id) == (
+        "pt_abc123",
+        "prac_lab_tech",
+        "prac_def456",
+    )
 
 
 def test_medplum_412_with_another_clients_edit_is_a_conflict(
@@ -505,6 +712,45 @@ def test_medplum_delete_of_a_task_the_server_deleted_is_delivered(
         assert store.sync.dead_letters() == []
         assert store.sync.conflicts() == []
         assert store.sync.status().pending == 0
+
+
+@pytest.mark.parametrize("first", ["pull", "push"])
+def test_a_server_side_reassignment_merges_with_a_pending_local_edit_field_by_field(
+    tmp_path: Path, medplum_peer: MedplumPeer, first: str
+) -> None:
+    """Another FHIR client re-points ``owner.reference`` (keeping the identifier we wrote
+    beside it, as a read-modify-write client does) while a local note edit is pending:
+    the newer reference wins on pull, the note survives, nothing is a conflict. Pulled
+    first, the rebase happens on the pull; pushed first, on the 412."""
+    remote = FhirR4Remote(medplum_peer.base_url, token, reference_map=dashed)
+    with TaskStore.open(tmp_path / "t.db", sync=fast(remote)) as store:
+        task = store.tasks.create(
+            {"status": "requested", "intent": "order", "ownerId": "prac_1", "note": "a"}
+        ).data
+        flush_all(store)
+        store.tasks.update(tid(task), {"note": "local note"})
+        url = f"{medplum_peer.base_url}/Task/{server_task_id(tid(task))}"
+        theirs = httpx.get(url).json()
+        assert theirs["owner"]["identifier"]["value"] == "prac_1"
+        theirs["owner"]["reference"] = "Practitioner/prac-2"  # only the literal reference
+        etag = f'W/"{theirs["meta"]["versionId"]}"'
+        assert httpx.put(url, json=theirs, headers={"If-Match": etag}).status_code == 200
+        assert written_by(httpx.get(url).json()) is None  # not our write, though it kept ours
+        if first == "pull":
+            store.sync.pull()
+            rebased = store.tasks.get(tid(task)).data
+            assert (rebased.owner_id, rebased.note) == ("prac-2", "local note")
+        flush_all(store)
+        assert store.sync.conflicts() == []
+        assert store.sync.dead_letters() == []
+        local = store.tasks.get(tid(task))
+        assert (local.data.owner_id, local.data.note) == ("prac-2", "local note")
+        assert local.meta["syncState"] == "synced"
+        assert "merge" in {h.origin for h in store.tasks.history(tid(task)).data}
+    on_server = httpx.get(url).json()
+    assert on_server["owner"]["reference"] == "Practitioner/prac-2"
+    assert on_server["note"] == [{"text": "local note"}]
+    assert content(encode_task(from_fhir(on_server))) == content(encode_task(local.data))
 
 
 # --- the command line ----------------------------------------------------------------------
@@ -550,6 +796,62 @@ def test_cli_sync_run_with_remote_fhir_r4_delivers_to_the_fhir_server(
     assert json.loads(status.stdout)["pending"] == 0
 
 
+def clinik_local_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``clinik-local ARGS`` in a child process, with the peers' token in CLINIK_TOKEN."""
+    env = {**os.environ, "CLINIK_TOKEN": TOKEN, "PYTHONWARNINGS": "error"}
+    return subprocess.run(
+        [sys.executable, "-m", "clinik_local.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+
+
+def test_cli_sync_run_fhir_r4_against_medplum_pushes_the_seed_order_and_pulls_edits(
+    tmp_path: Path, own_peer: MedplumPeer
+) -> None:
+    """End to end on the command line: without a reference map the seed's ``pt_abc123``
+    is refused naming the field (exit 7, nothing sent); ``sync retry --all`` and a run
+    with ``--reference-map`` deliver it; a server-side edit comes back on the next run."""
+    own_peer.reset()
+    db = tmp_path / "clinic.db"
+    with TaskStore.open(db) as store:
+        order = store.tasks.create(SEED_LAB_ORDER).data
+    run = ["sync", "run", "--db", str(db), "--remote", "fhir-r4", "--url", own_peer.base_url]
+    refused = clinik_local_cli(*run)
+    assert refused.returncode == 7, refused.stderr
+    dead = json.loads(clinik_local_cli("sync", "dead-letters", "--db", str(db)).stdout)
+    assert [d["error"].split(":")[0] for d in dead] == ["patientId"]
+    with httpx.Client(base_url=own_peer.base_url, headers=own_peer.headers()) as peer:
+        assert peer.get("/Task").json().get("entry", []) == []  # nothing was sent
+        ids = {i: i.replace("_", "-") for i in ("pt_abc123", "enc_xyz789", "prac_def456")}
+        mapping = tmp_path / "ids.json"
+        mapping.write_text(json.dumps({**ids, "prac_lab_tech": "lab-tech-7"}), encoding="utf-8")
+        assert clinik_local_cli("sync", "retry", "--all", "--db", str(db)).returncode == 0
+        delivered = clinik_local_cli(*run, "--reference-map", str(mapping))
+        assert delivered.returncode == 0, delivered.stderr
+        url = f"/Task/{server_task_id(tid(order))}"
+        on_server = peer.get(url).json()
+        assert on_server["for"]["reference"] == "Patient/pt-abc123"
+        assert on_server["owner"]["reference"] == "Practitioner/lab-tech-7"
+        etag = f'W/"{on_server["meta"]["versionId"]}"'
+        edited = dict(on_server, businessStatus={"text": "Specimen collected"})
+        assert peer.put(url, json=edited, headers={"If-Match": etag}).status_code == 200
+    again = clinik_local_cli(*run, "--reference-map", str(mapping))
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["status"]["pending"] == 0
+    with TaskStore.open(db) as store:
+        pulled = store.tasks.get(tid(order)).data
+    assert pulled.business_status == "Specimen collected"
+    assert (pulled.patient_id, pulled.owner_id) == ("pt_abc123", "prac_lab_tech")
+    wrong = clinik_local_cli(*run[:-4], "--url", "http://127.0.0.1:1/x", "--reference-map", "m")
+    assert wrong.returncode == 2, wrong.stderr  # bad input: usage
+    assert "--reference-map" in wrong.stderr
+    assert "--remote fhir-r4" in wrong.stderr
+
+
 def test_conditional_create_on_medplum_takes_the_servers_id_and_updates_it(
     tmp_path: Path, medplum_peer: MedplumPeer
 ) -> None:
@@ -589,8 +891,10 @@ NOTES = st.text(alphabet="abcxyz ", min_size=1, max_size=8)
 
 
 class FhirSyncMachine(RuleBasedStateMachine):
-    """Creates, updates, deletes and flushes under lost answers and 5xx: after every flush
-    the server's Tasks are exactly the model's (each once), and nothing is parked."""
+    """Creates, updates, deletes and flushes under lost answers and 5xx, and other clients
+    editing descriptions and deleting Tasks on the server: after every flush the server's
+    Tasks are exactly the model's (each once), so are the local tasks (the server's edits
+    pulled, merged with pending local notes), and nothing is parked."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -601,29 +905,77 @@ class FhirSyncMachine(RuleBasedStateMachine):
         remote = FhirR4Remote(self.proxy.base_url, token, timeout=2.0)
         self.store = TaskStore.open(self.dir / "m.db", sync=fast(remote))
         self.model: dict[str, dict[str, Any]] = {}
+        self.dirty: set[str] = set()  # edited here since the last flush
+        self.server_edited: set[str] = set()  # edited on the server since the last flush
+
+    @initialize(notes=st.lists(NOTES, min_size=1, max_size=3))
+    def synced_tasks(self, notes: list[str]) -> None:
+        """A few tasks on the server from the start: the server-side rules have work."""
+        for note in notes:
+            self.create(note)
+        self.flush()
 
     @rule(note=NOTES)
     def create(self, note: str) -> None:
         task = self.store.tasks.create({"status": "requested", "intent": "order", "note": note})
         self.model[tid(task.data)] = content(encode_task(task.data))
+        self.dirty.add(tid(task.data))
 
     @precondition(lambda self: bool(self.model))
     @rule(data=st.data(), note=NOTES)
     def update(self, data: st.DataObject, note: str) -> None:
         task_id = data.draw(st.sampled_from(sorted(self.model)))
-        task = self.store.tasks.update(task_id, {"note": note}).data
-        self.model[task_id] = content(encode_task(task))
+        self.store.tasks.update(task_id, {"note": note})
+        self.model[task_id] = {**self.model[task_id], "note": note}
+        self.dirty.add(task_id)
 
-    @precondition(lambda self: bool(self.model))
+    def _local_deletable(self) -> list[str]:
+        """A local delete of a task edited on the server since is a conflict (by design)."""
+        return sorted(set(self.model) - self.server_edited)
+
+    @precondition(lambda self: bool(self._local_deletable()))
     @rule(data=st.data())
     def delete(self, data: st.DataObject) -> None:
-        task_id = data.draw(st.sampled_from(sorted(self.model)))
+        task_id = data.draw(st.sampled_from(self._local_deletable()))
         self.store.tasks.delete(task_id)
+        del self.model[task_id]
+
+    def _on_server(self) -> list[str]:
+        """Our tasks the server holds now (an edit there needs one)."""
+        if not self.model:
+            return []
+        live = {tid(from_fhir(r)) for r in self.server.tasks().values()}
+        return sorted(live & set(self.model))
+
+    @precondition(lambda self: bool(self._on_server()))
+    @rule(data=st.data(), text=NOTES)
+    def edit_on_server(self, data: st.DataObject, text: str) -> None:
+        """Another client sets the description (a field no local edit here touches)."""
+        task_id = data.draw(st.sampled_from(self._on_server()))
+        current = self.server.tasks()[server_task_id(task_id)]
+        self.server.put_task(dict(current, description=f"server {text}"))
+        self.server_edited.add(task_id)
+        self.model[task_id] = {**self.model[task_id], "description": f"server {text}"}
+
+    def _deletable(self) -> list[str]:
+        return [i for i in self._on_server() if i not in self.dirty]
+
+    @precondition(lambda self: bool(self._deletable()))
+    @rule(data=st.data())
+    def delete_on_server(self, data: st.DataObject) -> None:
+        """Another client deletes a Task no local edit is pending on (else: a conflict)."""
+        task_id = data.draw(st.sampled_from(self._deletable()))
+        self.server.delete_task(server_task_id(task_id))
         del self.model[task_id]
 
     @rule()
     def flush(self) -> None:
+        self.check_after_flush()
+
+    def check_after_flush(self) -> None:
         flush_all(self.store, deadline=60)
+        self.dirty.clear()
+        self.server_edited.clear()
         assert self.store.sync.dead_letters() == []
         assert self.store.sync.conflicts() == []
         on_server = {}
@@ -632,12 +984,17 @@ class FhirSyncMachine(RuleBasedStateMachine):
             assert server_id == server_task_id(tid(task))
             on_server[tid(task)] = content(encode_task(task))
         assert on_server == self.model
+        local = {tid(t): content(encode_task(t)) for t in self.store.tasks.search(limit=500).data}
+        assert local == self.model
 
     def teardown(self) -> None:
-        self.store.close()
-        self.proxy.stop()
-        self.server.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            self.check_after_flush()  # every run ends synced, whatever its last step was
+        finally:
+            self.store.close()
+            self.proxy.stop()
+            self.server.stop()
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 FhirSyncMachine.TestCase.settings = settings(max_examples=12, stateful_step_count=15, deadline=None)
@@ -700,6 +1057,19 @@ def test_a_version_is_ours_only_while_its_content_is_what_our_change_wrote() -> 
     assert written_by(resource) == "chg_1"  # server fields do not count
     edited = dict(resource, note=[{"text": "another client, keeping our extensions"}])
     assert written_by(edited) is None
+    change = a_change(op="create", version=None)
+    owned = remote.fhir_resource(
+        Change(
+            change_id=change.change_id,
+            task_id=change.task_id,
+            op="create",
+            body={**(change.body or {}), "ownerId": "dr.who"},
+            server_version=None,
+        )
+    )
+    assert written_by(owned) == "chg_1"
+    owned["owner"] = {**owned["owner"], "reference": "Practitioner/someone-else"}
+    assert written_by(owned) is None  # the same wire task (identifier), another reference
     assert written_by({k: v for k, v in resource.items() if k != "extension"}) is None
 
 
@@ -777,6 +1147,69 @@ def test_hapi_deletes_come_through_the_type_level_history_without_relisting(
         assert store.tasks.get(tid(keep)).data.priority == "urgent"
         assert [t.id for t in store.tasks.search(limit=10).data] == [tid(keep)]
         assert store.tasks.get(tid(keep)).data.version_id == "2"  # HAPI's integer version
+
+
+def test_the_fhir_watermark_is_committed_with_the_pulled_page_and_survives_a_reopen(
+    tmp_path: Path, hapi: HapiLikeFhirServer
+) -> None:
+    """After a pull, the store holds the cursor (watermark and overlap window) in its
+    file: reopened, it polls ``_lastUpdated`` from there and does not list the scope
+    again; the overlap re-reads the last versions and drops them (nothing re-applied)."""
+    writer = FhirR4Remote(hapi.url, token)
+    with TaskStore.open(tmp_path / "w.db", sync=fast(writer)) as source:
+        made = source.tasks.create_many(
+            [{"status": "requested", "intent": "order", "note": f"n{n}"} for n in range(5)]
+        ).data
+        flush_all(source)
+    with FaultProxy(hapi.url) as proxy:  # no faults: a log of the requests
+        reader = FhirR4Remote(proxy.base_url, token, reconcile_every=3600)
+        with TaskStore.open(tmp_path / "r.db", sync=fast(reader)) as replica:
+            replica.sync.pull()
+            assert len(replica.tasks.search(limit=10).data) == 5
+        first = len(proxy.log)
+        edited = dict(hapi.tasks()[server_task_id(tid(made[2]))], priority="stat")
+        hapi.put_task(edited)
+        reader = FhirR4Remote(proxy.base_url, token, reconcile_every=3600)
+        with TaskStore.open(tmp_path / "r.db", sync=fast(reader)) as replica:
+            events: list[Any] = []
+            replica.tasks.watch(events.append)
+            replica.sync.pull()
+            assert replica.tasks.get(tid(made[2])).data.priority == "stat"
+            for _ in range(50):  # watch callbacks run after the commit, on their own thread
+                if events:
+                    break
+                time.sleep(0.02)
+        later = [e.path for e in proxy.log[first:] if e.path.startswith("/fhir/R4/Task?")]
+    assert later, proxy.log[first:]
+    assert all("_lastUpdated=ge" in p and "_sort=_lastUpdated" in p for p in later), later
+    assert not any("-_lastUpdated" in p for p in later)  # no new bootstrap
+    changed = {i for event in events for i in event.task_ids}
+    assert changed == {tid(made[2])}  # only the edit: the overlap's re-reads are dropped
+
+
+def test_a_server_edit_superseding_our_delivered_version_before_any_poll_is_pulled(
+    tmp_path: Path, hapi: HapiLikeFhirServer
+) -> None:
+    """Our update is delivered (its version learnt from the answer, not from the log);
+    the polls fail; another client edits the Task; the next poll shows only that newer
+    version (a search has no superseded versions). It is pulled now, not skipped as
+    older until the next relisting of the scope (reconcile_every is an hour here)."""
+    with FaultProxy(hapi.url, methods=["GET"]) as proxy:
+        remote = FhirR4Remote(proxy.base_url, token, reconcile_every=3600)
+        with TaskStore.open(tmp_path / "t.db", sync=fast(remote)) as store:
+            task = store.tasks.create({"status": "requested", "intent": "order"}).data
+            flush_all(store)
+            proxy.set_rates({Fault.ERROR_5XX: 1.0})  # every poll fails from here
+            store.tasks.update(tid(task), {"note": "ours"})
+            store.sync.run_once()
+            assert store.sync.status().pending == 0  # delivered; the pull failed
+            server_id = server_task_id(tid(task))
+            hapi.put_task(dict(hapi.tasks()[server_id], description="theirs"))
+            proxy.heal()
+            flush_all(store)
+            pulled = store.tasks.get(tid(task)).data
+            assert (pulled.note, pulled.description) == ("ours", "theirs")
+            assert store.sync.conflicts() == []
 
 
 def test_a_scope_pulls_only_its_tasks_as_fhir_search_parameters(

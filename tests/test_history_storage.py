@@ -14,7 +14,7 @@ from pathlib import Path
 import apsw
 
 from clinik_local import TaskStore, encode_task
-from clinik_local.storage import rows
+from clinik_local.storage import outbox, rows
 from clinik_local.timestamps import now
 
 
@@ -62,3 +62,46 @@ def test_the_current_body_is_stored_once_and_history_reads_every_version_whole(
         for task in many:
             assert _raw_history(path, str(task.id)) == [(1, "create", None)]
             assert store.tasks.history(str(task.id)).data[0].task == task
+
+
+def _raw_outbox(path: Path) -> list[tuple[str, str, str | None, int | None]]:
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        found = conn.execute(
+            "SELECT task_id, op, payload, base_version FROM outbox ORDER BY seq"
+        ).fetchall()
+    finally:
+        conn.close()
+    return [(str(t), str(op), p, b) for t, op, p, b in found]  # type: ignore[misc]
+
+
+def test_a_local_change_keeps_no_second_copy_and_sends_the_body_of_its_version(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "o.db"
+    with TaskStore.open(path) as store:
+        first = store.tasks.create({"status": "draft", "intent": "order", "note": "v1"}).data
+        task_id = str(first.id)
+        many = store.tasks.create_many([{"status": "draft", "intent": "order"}] * 3).data
+        store.tasks.update(task_id, {"status": "requested", "note": "v2"})
+        store.tasks.update(task_id, {"note": "v3"})
+        # Every create and update row points at its version: no payload stored.
+        assert [(op, p, b) for t, op, p, b in _raw_outbox(path) if t == task_id] == [
+            ("create", None, None),
+            ("update", None, 1),
+            ("update", None, 2),
+        ]
+        assert all(p is None for _, _, p, _ in _raw_outbox(path))
+        store.tasks.delete(task_id)
+        with store.read() as conn:
+            sent = outbox.select_sendable(conn, 0, 100)
+    by_task = [(r.op, r.payload) for r in sent if r.task_id == task_id]
+    assert [(op, None if p is None else json.loads(p)["note"]) for op, p in by_task] == [
+        ("create", "v1"),
+        ("update", "v2"),
+        ("update", "v3"),
+        ("delete", None),
+    ]
+    assert [json.loads(str(p))["versionId"] for op, p in by_task if p] == ["1", "2", "3"]
+    others = {r.task_id: r.payload for r in sent if r.task_id != task_id}
+    assert {json.loads(str(p))["id"] for p in others.values()} == {str(t.id) for t in many}

@@ -21,6 +21,7 @@ from clinik_local.demo import generate_requests
 from clinik_local.errors import StorageError
 from clinik_local.ids import new_change_id, new_task_id
 from clinik_local.storage import migrations as migrations_module
+from clinik_local.storage import outbox
 from clinik_local.storage.migrations import APPLICATION_ID, SCHEMA_VERSION
 
 from .derived import derived_problems
@@ -141,7 +142,7 @@ def test_a_version_1_file_opens_migrated_and_keeps_every_row_and_text_match(
     assert all(before[f"text:{w}"] for w in ("cbc", "lipid")), "the fixture must match text"
 
     with TaskStore.open(path) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 3
+        assert store.schema_version() == SCHEMA_VERSION == 4
         for wire in live[::17]:
             got = store.tasks.get(wire["id"]).data
             assert encode_task(got) == wire
@@ -162,7 +163,7 @@ def test_a_version_1_file_opens_migrated_and_keeps_every_row_and_text_match(
         store.tasks.delete(str(created.id))
 
     after = _snapshot(path)
-    assert after["version"] == 3
+    assert after["version"] == 4
     assert "prefix" not in str(after["schema"])
     for key, value in before.items():
         if key in ("version", "schema"):
@@ -245,3 +246,25 @@ def test_version_1_rows_read_as_local_changes_without_a_patch(tmp_path: Path) ->
     assert patches == {None}  # derived from consecutive bodies when a rebase needs them
     assert origins == {"local"}
     assert {h.origin for h in history} == {"local"}
+
+
+def test_a_version_3_outbox_row_with_its_own_payload_is_read_as_stored(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v3.db"
+    with TaskStore.open(path) as store:
+        task_id = str(store.tasks.create({"status": "draft", "intent": "order"}).data.id)
+    conn = apsw.Connection(str(path))
+    stored = {"id": task_id, "status": "draft", "intent": "order", "note": "as v3 wrote it"}
+    conn.execute("UPDATE outbox SET payload = ?", (json.dumps(stored),))  # version 3's form
+    conn.pragma("user_version", 3)
+    conn.close()
+    with TaskStore.open(path) as store:
+        assert store.schema_version() == SCHEMA_VERSION == 4
+        created = store.tasks.create({"status": "draft", "intent": "order"}).data
+        with store.read() as conn:
+            old, new = outbox.select_sendable(conn, 0, 10)
+            payloads = [p for (p,) in conn.execute("SELECT payload FROM outbox ORDER BY seq")]
+    assert json.loads(str(old.payload)) == stored  # read as stored
+    assert payloads[1] is None  # a new local create shares its history's body
+    assert json.loads(str(new.payload)) == encode_task(created)

@@ -23,6 +23,7 @@ from clinik_local import (
     encode_task,
 )
 from clinik_local.demo import SEED_LAB_ORDER
+from clinik_local.storage.outbox import PAYLOAD
 from tests.strategies import invalid_requests, minimal_request, names_path, set_path
 from tests.wire import BOOKKEEPING as _BOOKKEEPING
 
@@ -221,7 +222,7 @@ def _check_outbox_rows_match_history(store: TaskStore, after_seq: int) -> None:
     """Each new outbox row pairs with the history row of the same change."""
     with store.read() as conn:
         rows: list[tuple[Any, ...]] = conn.execute(
-            "SELECT o.task_id, o.op, o.payload, o.base_version, h.version, h.op, "
+            f"SELECT o.task_id, o.op, {PAYLOAD}, o.base_version, h.version, h.op, "
             "coalesce(h.body, t.body) FROM outbox AS o LEFT JOIN task_history AS h "
             "ON h.task_id = o.task_id AND h.version = ifnull(o.base_version, 0) + 1 "
             "LEFT JOIN tasks AS t ON t.id = h.task_id AND h.body IS NULL "

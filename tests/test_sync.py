@@ -204,7 +204,7 @@ def test_retry_of_a_dead_letter_sends_it_again_and_discard_drops_it(
     assert store.sync.flush(timeout=10)
     assert set(server.tasks()) == {"task_a"}
     assert store.sync.dead_letters() == []
-    assert store.tasks.get("task_b").meta["syncState"] == "synced"
+    assert store.tasks.get("task_b").meta["syncState"] == "local-only"
 
 
 def test_retry_and_discard_of_an_unknown_change_raise_not_found(store: TaskStore) -> None:
@@ -445,13 +445,14 @@ def test_412_records_a_conflict_with_both_versions_and_overwrites_neither(
     assert store.sync.status().conflicts == 1
 
 
-def test_resolve_keep_local_sends_the_local_task_on_the_servers_version(
+def test_resolve_keep_local_sends_the_local_edits_on_the_servers_version(
     store: TaskStore, server: ReferenceServer, conflicted: str
 ) -> None:
     store.sync.resolve(conflicted, keep="local")
     assert store.sync.flush(timeout=10)
     assert server.tasks()[conflicted]["note"] == "ours"
-    assert "ownerId" not in server.tasks()[conflicted]
+    # Only the server changed the owner: keeping the local side does not revert it.
+    assert server.tasks()[conflicted]["ownerId"] == "prac_them"
     assert server_tasks(server) == local_tasks(store)
     assert store.sync.conflicts() == []
 

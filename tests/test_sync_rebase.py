@@ -189,6 +189,28 @@ def test_a_put_answered_404_is_an_update_against_a_delete_not_a_dead_letter(
         assert local_tasks(store) == {}
 
 
+def test_keep_local_never_reverts_a_field_only_the_server_changed(
+    tmp_path: Path, server: ReferenceServer, arrival: str
+) -> None:
+    """Found by tests/test_convergence.py: ``resolve("local")`` squashed the whole local
+    snapshot onto the server's version, so the owner and note only the server changed
+    were reverted, although the conflict's one reason was the priority."""
+    with synced(tmp_path, server, arrival) as store:
+        task_id = str(store.tasks.create({**REQUEST, "note": "base"}).data.id)
+        assert store.sync.flush(timeout=10)
+        server.update_task(task_id, {"priority": "urgent", "ownerId": "prac_a", "note": "srv"})
+        store.tasks.update(task_id, {"priority": "asap", "status": "received"})
+        deliver(store, arrival)
+        [conflict] = store.sync.conflicts()
+        assert [r.field for r in conflict.reasons] == ["priority"]
+        store.sync.resolve(task_id, "local", local_version=conflict.local_version)
+        assert store.sync.flush(timeout=10)
+        on_server = server.tasks()[task_id]
+        assert (on_server["priority"], on_server["status"]) == ("asap", "received")
+        assert (on_server["ownerId"], on_server["note"]) == ("prac_a", "srv")
+        assert local_tasks(store) == server_tasks(server)
+
+
 def test_keep_remote_of_a_task_the_server_moved_out_of_the_scope_removes_it(
     tmp_path: Path, server: ReferenceServer
 ) -> None:
@@ -204,6 +226,28 @@ def test_keep_remote_of_a_task_the_server_moved_out_of_the_scope_removes_it(
         store.sync.resolve("task_mine", "remote", local_version=conflict.local_version)
         assert local_tasks(store) == {}
         assert store.sync.status().conflicts == 0
+
+
+def test_a_merged_resolution_equal_to_the_servers_task_outside_the_scope_removes_it(
+    tmp_path: Path, server: ReferenceServer
+) -> None:
+    """Found by tests/test_convergence.py: a merged request that is the server's task,
+    which left the scope, left the task here for good with nothing to send."""
+    server.put_task({**REQUEST, "id": "task_mine", "ownerId": "prac_me", "note": "base"})
+    with TaskStore.open(
+        tmp_path / "d.db", sync=config(server, scope={"ownerId": "prac_me"})
+    ) as store:
+        assert store.sync.flush(timeout=10)
+        server.update_task("task_mine", {"ownerId": "prac_other", "note": "theirs"})
+        store.tasks.update("task_mine", {"note": "ours"})
+        store.sync.pull()
+        [conflict] = store.sync.conflicts()
+        assert conflict.server is not None
+        merged = dict(conflict.server)
+        store.sync.resolve("task_mine", merged, local_version=conflict.local_version)
+        assert store.sync.flush(timeout=10)
+        assert local_tasks(store) == {}
+        assert store.sync.status().pending == 0
 
 
 def test_the_push_after_a_rebase_carries_if_match_of_the_new_server_version(

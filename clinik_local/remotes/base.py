@@ -218,7 +218,9 @@ class LogItem:
 
     ``task`` is the task as the write left it (wire form, as sent), None when
     ``deleted``. ``version``: the ``versionId`` the write produced. ``change_id``: the
-    ``Idempotency-Key`` the write came with (None: it had none).
+    ``Idempotency-Key`` the write came with (None: it had none). ``modified``: when
+    the server made the write, for a deletion (whose ``task`` is None) where the log
+    knows it (a FHIR history entry's ``lastModified``); a task's own is in ``task``.
     """
 
     task_id: str
@@ -226,6 +228,7 @@ class LogItem:
     task: dict[str, Any] | None
     version: str | None
     change_id: str | None
+    modified: str | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -48,7 +48,12 @@ wire field: ``patientId``, ``ownerId``, ``requesterId``, ``encounterId``, ``focu
 ``output.valueReference``. The default: ``partOf`` names our own tasks, so it goes
 through :func:`server_task_id`; any other id is used as it is when it is a valid FHIR
 id, and otherwise the change is refused (:class:`~.base.Refused` with ``status`` None,
-naming the field) rather than pushed as a hash no server knows.
+naming every such field; nothing is sent) rather than pushed as a hash no server knows.
+:meth:`FhirR4Remote.check` makes the same refusal a ValidationError before anything is
+written. On pull our identifier in a Reference gives our id back, unless another client
+re-pointed the literal reference beside it: then the literal reference (the server's
+id) wins, and the content hash (over the literal references too) keeps such a version
+from being taken for ours.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import quote
@@ -70,9 +75,10 @@ import attrs
 import httpx
 
 from ..codec import decode_task, encode_task
-from ..errors import AuthError, TransportError, ValidationError
+from ..errors import AuthError, FieldError, TransportError, ValidationError
 from ..fhir import ID_SYSTEM, from_fhir, to_fhir
 from ..ids import is_valid_id
+from ..model import Task
 from ..wire import without_server_fields
 from .base import (
     AuthFailed,
@@ -136,6 +142,10 @@ _ESCAPE = str.maketrans({".": "..", "-": ".-", "_": "-"})
 _HASHED = re.compile(r"h\.[0-9a-f]{62}")
 _FHIR_JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
 _ETAG = re.compile(r'\s*(?:W/)?"([^"]*)"\s*')
+#: The type and id of a literal reference (relative, versioned, or an absolute URL).
+_LITERAL_ID = re.compile(
+    r"(?:.*/)?(?P<type>[A-Z][A-Za-z]*)/(?P<id>[A-Za-z0-9.\-]{1,64})(?:/_history/[^/]+)?"
+)
 # wire field -> FHIR element of the references to_fhir writes (one or a list)
 _SINGLE_REFS = {
     "for": "patientId",
@@ -355,20 +365,79 @@ def _extension(resource: Mapping[str, Any], url: str) -> str | None:
     return None
 
 
-def content_hash(wire: Mapping[str, Any]) -> str:
-    """SHA-256 (hex) of a wire task's content: no server fields, canonical JSON."""
+def content_hash(wire: Mapping[str, Any], references: tuple[str, ...] = ()) -> str:
+    """SHA-256 (hex) of a wire task's content: no server fields, canonical JSON; and the
+    literal references the resource carried (``Patient/9001``, in :func:`_references`
+    order), so that another client re-pointing a reference is not taken for our write."""
     canonical = json.dumps(
         without_server_fields(wire), sort_keys=True, ensure_ascii=False, separators=(",", ":")
     )
+    if references:
+        canonical += "\n" + json.dumps(list(references), separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _references(resource: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every Reference of a Task (our mapping's elements), with the wire field it is:
+    ``for`` -> ``patientId`` ... in one fixed order."""
+    for element, field in _SINGLE_REFS.items():
+        ref = resource.get(element)
+        if isinstance(ref, dict):
+            yield field, ref
+    for element, field in _LIST_REFS.items():
+        for ref in _dicts(resource.get(element)):
+            yield field, ref
+    restriction = resource.get("restriction")
+    if isinstance(restriction, dict):
+        for ref in _dicts(restriction.get("recipient")):
+            yield "restriction.recipient", ref
+    for key in ("input", "output"):
+        for item in _dicts(resource.get(key)):
+            ref = item.get("valueReference")
+            if isinstance(ref, dict):
+                yield f"{key}.valueReference", ref
+
+
+def _dicts(value: object) -> list[dict[str, Any]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _literal_references(resource: Mapping[str, Any]) -> tuple[str, ...]:
+    return tuple(str(ref.get("reference", "")) for _, ref in _references(resource))
+
+
+def _wire_references(wire: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """The ids a wire task (or request) refers to, with their field (``reference_map``'s
+    names); values that are not strings are left to the task's own validation."""
+    for field in ("patientId", "ownerId", "requesterId", "encounterId", "focusId"):
+        value = wire.get(field)
+        if isinstance(value, str):
+            yield field, value
+    for field in ("basedOn", "partOf"):
+        values = wire.get(field)
+        for value in values if isinstance(values, list) else ():
+            if isinstance(value, str):
+                yield field, value
+    restriction = wire.get("restriction")
+    recipients = restriction.get("recipient") if isinstance(restriction, Mapping) else None
+    for value in recipients if isinstance(recipients, list) else ():
+        if isinstance(value, str):
+            yield "restriction.recipient", value
+    for key in ("input", "output"):
+        items = wire.get(key)
+        for item in items if isinstance(items, list) else ():
+            value = item.get("valueReference") if isinstance(item, Mapping) else None
+            if isinstance(value, str):
+                yield f"{key}.valueReference", value
 
 
 def written_by(resource: Mapping[str, Any]) -> str | None:
     """The change id of the local change that wrote this server version, else None.
 
     A version is ours when it carries our change id and its content is still what that
-    change wrote (the content hash beside it): a client that edits the task and keeps
-    our extensions makes a version that is not ours.
+    change wrote (the content hash beside it, over the task and its literal
+    references): a client that edits the task and keeps our extensions makes a version
+    that is not ours.
     """
     change_id = _extension(resource, CHANGE_ID_URL)
     recorded = _extension(resource, CONTENT_HASH_URL)
@@ -378,7 +447,7 @@ def written_by(resource: Mapping[str, Any]) -> str | None:
         wire = _wire_of(resource)
     except ValidationError:
         return None
-    return change_id if content_hash(wire) == recorded else None
+    return change_id if content_hash(wire, _literal_references(resource)) == recorded else None
 
 
 def _wire_of(resource: Mapping[str, Any]) -> dict[str, Any]:
@@ -704,29 +773,58 @@ class FhirR4Remote:
         task = decode_task(dict(change.body or {}, id=change.task_id))
         resource = to_fhir(task, "R4")
         resource["id"] = server_task_id(change.task_id)
-        for element, field in _SINGLE_REFS.items():
-            if element in resource:
-                self._map(resource[element], field)
-        for element, field in _LIST_REFS.items():
-            for ref in resource.get(element, ()):
+        errors: list[FieldError] = []
+        for field, ref in _references(resource):
+            try:
                 self._map(ref, field)
-        for ref in resource.get("restriction", {}).get("recipient", ()):
-            self._map(ref, "restriction.recipient")
-        for key in ("input", "output"):
-            for item in resource.get(key, ()):
-                if "valueReference" in item:
-                    self._map(item["valueReference"], f"{key}.valueReference")
+            except ValidationError as exc:
+                errors += exc.errors
+        if errors:
+            raise ValidationError(errors)
+        digest = content_hash(encode_task(task), _literal_references(resource))
         resource.setdefault("extension", []).extend(
             [
                 {"url": CHANGE_ID_URL, "valueString": change.change_id},
-                {"url": CONTENT_HASH_URL, "valueString": content_hash(encode_task(task))},
+                {"url": CONTENT_HASH_URL, "valueString": digest},
             ]
         )
         return resource
 
-    def _map(self, ref: dict[str, Any], field: str) -> None:
-        our_id = ref["identifier"]["value"]
-        mapped = None if self._reference_map is None else self._reference_map(field, our_id)
+    def check(self, task: Task | Mapping[str, Any]) -> None:
+        """Refuse, before anything is written, a task this server could not be sent.
+
+        ``task`` is a :class:`~clinik_local.Task` or a wire request (what
+        ``store.tasks.create`` takes). Raises ValidationError naming every reference
+        field whose id is no FHIR id and that ``reference_map`` does not translate; the
+        same check a push makes (a push of such a task is a dead letter naming the field,
+        nothing sent). For apps that want the refusal at write time::
+
+            remote.check(request)
+            store.tasks.create(request)
+        """
+        wire: Mapping[str, Any] = encode_task(task) if isinstance(task, Task) else task
+        if not isinstance(wire, Mapping):
+            raise ValidationError.single("task", "expected a Task or a wire mapping", wire)
+        errors: list[FieldError] = []
+        for field, our_id in _wire_references(wire):
+            try:
+                self._server_ref(field, our_id)
+            except ValidationError as exc:
+                errors += exc.errors
+        if errors:
+            raise ValidationError(errors)
+
+    def _server_ref(self, field: str, our_id: str) -> str:
+        """The server's id for ``our_id`` in ``field``: ``reference_map``, else the
+        default rule; ValidationError naming the field when neither gives a FHIR id."""
+        mapped = None
+        if self._reference_map is not None:
+            try:
+                mapped = self._reference_map(field, our_id)
+            except Exception as exc:  # the app's callable: its failure names the field
+                raise ValidationError.single(
+                    field, f"reference_map failed for it: {type(exc).__name__}: {exc}", our_id
+                ) from None
         if mapped is None:
             mapped = default_reference(field, our_id)
         if mapped is None:
@@ -744,6 +842,10 @@ class FhirR4Remote:
                 mapped,
                 "[A-Za-z0-9.-]{1,64}",
             )
+        return mapped
+
+    def _map(self, ref: dict[str, Any], field: str) -> None:
+        mapped = self._server_ref(field, ref["identifier"]["value"])
         resource_type = ref["reference"].split("/", 1)[0]
         ref["reference"] = f"{resource_type}/{mapped}"
 
@@ -874,7 +976,12 @@ class FhirR4Remote:
             ):
                 continue  # seen, or after this page's end (the next page brings it)
             item = LogItem(
-                task_id=task_id, deleted=True, task=None, version=version, change_id=None
+                task_id=task_id,
+                deleted=True,
+                task=None,
+                version=version,
+                change_id=None,
+                modified=when or None,
             )
             rows.append((when, server_id, version, item))
         rows.sort(key=lambda row: _instant_key(row[0]))
@@ -969,6 +1076,7 @@ class FhirR4Remote:
             # Another client's Task may lack authoredOn (0..1 in FHIR, required here):
             # its first known instant is the best there is.
             resource = dict(resource, authoredOn=_updated(resource))
+        resource = self._without_stale_identifiers(resource)
         try:
             task = _wire_of(resource)
         except ValidationError as exc:
@@ -988,6 +1096,38 @@ class FhirR4Remote:
                 return None
             task["id"] = mapped
         return task
+
+    def _without_stale_identifiers(self, resource: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The resource, with our identifier dropped from every Reference another client
+        re-pointed (``owner.reference`` changed, the identifier we wrote kept beside it).
+
+        Such a Reference's ``reference`` no longer names what our id maps to; it is the
+        newer of the two, so it is what the pull reads (the server's id: there is no
+        inverse of ``reference_map``). An id the map cannot translate keeps its identifier.
+        """
+        stale: set[int] = set()
+        for field, ref in _references(resource):
+            ident = ref.get("identifier")
+            literal = _LITERAL_ID.fullmatch(str(ref.get("reference", "")))
+            if not (isinstance(ident, dict) and ident.get("system") == ID_SYSTEM and literal):
+                continue
+            probe: dict[str, Any] = {
+                "reference": f"{literal.group('type')}/x",
+                "identifier": {"value": ident.get("value")},
+            }
+            try:
+                self._map(probe, field)
+            except ValidationError:  # no server id for ours: trust the identifier
+                continue
+            if probe["reference"].split("/", 1)[1] != literal.group("id"):
+                stale.add(id(ref))
+        if not stale:
+            return resource
+        copy: dict[str, Any] = json.loads(json.dumps(resource))
+        for (_, ref), (_, original) in zip(_references(copy), _references(resource), strict=True):
+            if id(original) in stale:
+                ref.pop("identifier", None)
+        return copy
 
     def _has_history(self) -> bool:
         """Whether the server has a type-level ``_history`` (asked once; Medplum has not).
@@ -1075,9 +1215,8 @@ class FhirR4Remote:
             return self._delivered_resource(resource, answer)
         return Delivered(version=_etag_version(answer.header("ETag")))
 
-    @staticmethod
     def _delivered_resource(
-        resource: Mapping[str, Any], answer: Response | None = None
+        self, resource: Mapping[str, Any], answer: Response | None = None
     ) -> Delivered:
         meta = resource.get("meta")
         meta = meta if isinstance(meta, dict) else {}
@@ -1086,7 +1225,7 @@ class FhirR4Remote:
             version = _etag_version(answer.header("ETag"))
         modified = meta.get("lastUpdated")
         try:
-            task: dict[str, Any] | None = _wire_of(resource)
+            task: dict[str, Any] | None = _wire_of(self._without_stale_identifiers(resource))
         except ValidationError:
             task = None
         return Delivered(
@@ -1095,10 +1234,9 @@ class FhirR4Remote:
             task=task,
         )
 
-    @staticmethod
-    def _conflict(resource: Mapping[str, Any], refusal: Response) -> PushOutcome:
+    def _conflict(self, resource: Mapping[str, Any], refusal: Response) -> PushOutcome:
         try:
-            server = _wire_of(resource)
+            server = _wire_of(self._without_stale_identifiers(resource))
         except ValidationError as exc:
             return Refused(
                 status=refusal.status,

@@ -146,6 +146,16 @@ class Transport:
             if not isinstance(token, str) or not token:
                 self._token = None
                 raise AuthError("the token provider returned no token")
+            if not all("\x21" <= c <= "\x7e" for c in token):
+                # A trailing newline (a token read from a file) or any other character an
+                # HTTP header cannot carry: no request could ever be sent with it, so this
+                # is the token's fault, not the network's. The token itself is not shown.
+                self._token = None
+                raise AuthError(
+                    "the token from the token provider has a character an HTTP header "
+                    "cannot carry (whitespace such as a trailing newline, a control or a "
+                    "non-ASCII character); strip it, e.g. token.strip()"
+                )
             self._token = token
             return token
 

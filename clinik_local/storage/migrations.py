@@ -6,6 +6,12 @@ A new store runs ``schema.sql`` (shipped in the wheel; read with
 A file at an older version is brought forward by running, in order, each entry of
 :data:`MIGRATIONS` above its version, all in one transaction. There are no downgrades:
 a file from a newer clinik-local is refused untouched.
+
+A migration must not assume the search indexes exist: a store cut in the middle of a
+large first bootstrap holds them dropped until the bootstrap ends (their CREATE texts
+are kept in ``meta`` key ``sync.bootstrap.indexes``; storage/rows.py,
+``drop_search_indexes``). Use ``DROP INDEX IF EXISTS`` / ``CREATE INDEX IF NOT EXISTS``,
+and rewrite the kept texts too when a migration changes an index.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ __all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_VERSION", "schema_sql"]
 #: ``PRAGMA application_id`` of every clinik-local store: ASCII "Clnk".
 APPLICATION_ID = 0x436C6E6B
 #: The schema version this release writes and fully understands.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: Version 2 (issue 16, a lean write path): no triggers (storage/rows.py writes the
 #: derived rows beside every task row, from derive.py); task_text without prefix
@@ -85,8 +91,15 @@ CREATE TABLE sync_bases (
 ) WITHOUT ROWID;
 """
 
+#: Version 4 (issue 16): a local create or update stores its outbox payload as NULL,
+#: read from the history row of the version it wrote (storage/outbox.py PAYLOAD; the
+#: end of schema.sql). Nothing to rewrite: rows of version 3 keep their payloads and
+#: read the same; the new version only makes an older release refuse the file, since
+#: it would send a NULL payload.
+_SHARED_PAYLOAD = "-- no statement: outbox rows of older versions read as they are\n"
+
 #: SQL that upgrades a store *to* each version from the one before it.
-MIGRATIONS: Mapping[int, str] = {2: _TO_2, 3: _SYNC_PULL}
+MIGRATIONS: Mapping[int, str] = {2: _TO_2, 3: _SYNC_PULL, 4: _SHARED_PAYLOAD}
 
 
 @functools.cache

@@ -8,6 +8,9 @@ states (``pending`` -> ``in_flight`` -> deleted when delivered, or parked as ``d
 ``conflict``) with the ``record_*`` calls, each on the caller's open write transaction.
 
 ``task_sync``: the server's version of each task it acknowledged (sent as ``If-Match``).
+A task with no ``task_sync`` row and no open change was never received by the server
+(its create's dead letter was discarded, or the store moved to another service): its
+state is ``local-only``, and its next local change goes as a create.
 ``sync_conflicts``: both sides of a change the server refused with 412.
 
 Rows come out as typed attrs objects (:class:`OutboxRow`, :class:`DeadLetterRow`,
@@ -26,6 +29,7 @@ from ..ids import new_change_id
 from .connection import fetch_all
 
 __all__ = [
+    "PAYLOAD",
     "STATE_BY_RANK",
     "SYNC_RANK_SUBQUERY",
     "ConflictRow",
@@ -49,6 +53,7 @@ __all__ = [
     "forget_all_server_versions",
     "forget_server_version",
     "has_open_changes",
+    "last_success_at",
     "mark_in_flight",
     "oldest_change_at",
     "open_changes",
@@ -64,40 +69,60 @@ __all__ = [
     "retry_dead",
     "select_sendable",
     "server_version_of",
+    "set_last_success_at",
     "set_server_version",
     "set_server_versions",
+    "still_in_flight",
     "sync_state_of",
     "tasks_with_open_changes",
 ]
 
 Op = Literal["create", "update", "delete"]
 #: One task's sync state, as ``meta["syncState"]`` reports it (not the engine's state).
-TaskSyncState = Literal["pending", "synced", "conflict", "rejected"]
+TaskSyncState = Literal["pending", "synced", "conflict", "rejected", "local-only"]
+
+#: The payload of the outbox row aliased ``o``. A local create or update written by
+#: storage/rows.py stores NULL there (schema version 4): its body is the body of the
+#: version the change wrote, ``ifnull(base_version, 0) + 1``, kept once, in its history
+#: row (or in tasks.body while it is the current version; schema.sql), so a pending
+#: change does not hold a second copy. A delete's payload is NULL; any other row
+#: (a rebase's merged change, a row of an older file) carries its own.
+PAYLOAD = (
+    "CASE WHEN o.payload IS NOT NULL OR o.op = 'delete' THEN o.payload ELSE "
+    "(SELECT coalesce(h.body, t.body) FROM task_history AS h "
+    "LEFT JOIN tasks AS t ON t.id = h.task_id AND h.body IS NULL "
+    "WHERE h.task_id = o.task_id AND h.version = ifnull(o.base_version, 0) + 1) END"
+)
 
 _INSERT_CHANGE = """
 INSERT INTO outbox (change_id, task_id, op, payload, base_version, created_at, patch)
 VALUES (?, ?, ?, ?, ?, ?, ?)
 """
 
-# conflict outranks rejected outranks pending; no open change at all means synced.
+# conflict outranks rejected outranks pending; no open change at all means synced when
+# the server acknowledged the task (a task_sync row), local-only when it never did.
 _SYNC_STATE = """
-SELECT min(CASE state WHEN 'conflict' THEN 0 WHEN 'dead' THEN 1 ELSE 2 END)
-FROM outbox WHERE task_id = ?
+SELECT coalesce(
+    (SELECT min(CASE state WHEN 'conflict' THEN 0 WHEN 'dead' THEN 1 ELSE 2 END)
+     FROM outbox WHERE task_id = ?1),
+    (SELECT 3 WHERE NOT EXISTS (SELECT 1 FROM task_sync WHERE task_id = ?1)))
 """
 #: The same rank as a scalar subquery, for reads that fetch a task and its state at once.
 SYNC_RANK_SUBQUERY = (
-    "(SELECT min(CASE state WHEN 'conflict' THEN 0 WHEN 'dead' THEN 1 ELSE 2 END) "
-    "FROM outbox WHERE outbox.task_id = tasks.id)"
+    "coalesce((SELECT min(CASE state WHEN 'conflict' THEN 0 WHEN 'dead' THEN 1 ELSE 2 END) "
+    "FROM outbox WHERE outbox.task_id = tasks.id), (SELECT 3 WHERE NOT EXISTS "
+    "(SELECT 1 FROM task_sync WHERE task_sync.task_id = tasks.id)))"
 )
 STATE_BY_RANK: dict[int | None, TaskSyncState] = {
     0: "conflict",
     1: "rejected",
     2: "pending",
+    3: "local-only",
     None: "synced",
 }
 
-_SELECT_SENDABLE = """
-SELECT o.seq, o.change_id, o.task_id, o.op, o.payload, o.attempts, o.next_attempt_at,
+_SELECT_SENDABLE = f"""
+SELECT o.seq, o.change_id, o.task_id, o.op, {PAYLOAD}, o.attempts, o.next_attempt_at,
        s.server_version, s.task_id IS NOT NULL,
        CASE WHEN s.task_id IS NOT NULL AND s.server_version IS NULL THEN
            (SELECT h.body FROM task_history h
@@ -179,9 +204,12 @@ def enqueue(
 ) -> str:
     """Append one change to the outbox (caller holds the write transaction).
 
-    ``patch``: the wire fields the change set, as JSON (``merge.patch_of``); None for
-    a delete, and allowed for a create (its patch is its payload) or an update made
-    on ``base_version`` (derived from the two bodies when needed).
+    ``payload`` None for a delete, and for a local create or update whose body is the
+    one its history row (version ``ifnull(base_version, 0) + 1``) keeps: reads get it
+    from there (:data:`PAYLOAD`). ``patch``: the wire fields the change set, as JSON
+    (``merge.patch_of``); None for a delete, and allowed for a create (its patch is its
+    payload) or an update made on ``base_version`` (derived from the two bodies when
+    needed).
     """
     change_id = new_change_id()
     conn.execute(_INSERT_CHANGE, (change_id, task_id, op, payload, base_version, created_at, patch))
@@ -297,6 +325,26 @@ def record_delivered(
         set_server_version(conn, task_id, version, modified, now)
 
 
+def still_in_flight(conn: apsw.Connection, seqs: Iterable[int]) -> set[int]:
+    """Which of these rows are still ``in_flight``: only their answers may be recorded
+    (an answer for a row that no longer is, because another engine took it over or a
+    resolution replaced it, is stale; recording it could write an older version back)."""
+    wanted = list(seqs)
+    found: set[int] = set()
+    for start in range(0, len(wanted), 500):
+        part = wanted[start : start + 500]
+        marks = ",".join("?" * len(part))
+        found.update(
+            int(r[0])
+            for r in fetch_all(
+                conn,
+                f"SELECT seq FROM outbox WHERE state = 'in_flight' AND seq IN ({marks})",
+                tuple(part),
+            )
+        )
+    return found
+
+
 def record_unsent(conn: apsw.Connection, seq: int) -> None:
     """The row was not sent after all (the pass stopped): back to pending."""
     conn.execute(
@@ -409,7 +457,7 @@ def open_changes(conn: apsw.Connection, task_id: str) -> list[OpenChange]:
         )
         for r in fetch_all(
             conn,
-            "SELECT o.seq, o.change_id, o.op, o.payload, o.patch, o.state, o.base_version, "
+            f"SELECT o.seq, o.change_id, o.op, {PAYLOAD}, o.patch, o.state, o.base_version, "
             "(SELECT coalesce(h.body, t.body) FROM task_history h "
             " LEFT JOIN tasks t ON t.id = h.task_id AND h.body IS NULL "
             " WHERE h.task_id = o.task_id AND h.version = o.base_version) "
@@ -476,7 +524,8 @@ def park_conflict(
     change and time; only its server side is replaced."""
     first = fetch_all(
         conn,
-        "SELECT seq, change_id, payload FROM outbox WHERE task_id = ? ORDER BY seq LIMIT 1",
+        f"SELECT o.seq, o.change_id, {PAYLOAD} FROM outbox AS o WHERE o.task_id = ? "
+        "ORDER BY o.seq LIMIT 1",
         (task_id,),
     )
     if not first:
@@ -521,9 +570,9 @@ def dead_letters(conn: apsw.Connection) -> list[DeadLetterRow]:
         )
         for r in fetch_all(
             conn,
-            "SELECT change_id, task_id, op, payload, last_status, last_body, last_error, "
-            "attempts, created_at, next_attempt_at FROM outbox WHERE state = 'dead' "
-            "ORDER BY seq",
+            f"SELECT o.change_id, o.task_id, o.op, {PAYLOAD}, o.last_status, o.last_body, "
+            "o.last_error, o.attempts, o.created_at, o.next_attempt_at FROM outbox AS o "
+            "WHERE o.state = 'dead' ORDER BY o.seq",
         )
     ]
 
@@ -575,6 +624,26 @@ def discard_dead_all(conn: apsw.Connection, status: int | None = None) -> int:
         (status, status),
     )
     return int(conn.changes())
+
+
+# --- the engine's facts in meta ---------------------------------------------------------
+
+_LAST_SUCCESS = "sync_last_success_at"
+
+
+def last_success_at(conn: apsw.Connection) -> str | None:
+    """When a change was last delivered (kept in the file across reopening), or None."""
+    found = fetch_all(conn, "SELECT value FROM meta WHERE key = ?", (_LAST_SUCCESS,))
+    return str(found[0][0]) if found else None
+
+
+def set_last_success_at(conn: apsw.Connection, when: str) -> None:
+    """Record a delivery's time (on the caller's write transaction)."""
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (_LAST_SUCCESS, when),
+    )
 
 
 def _conflict(r: tuple[object, ...]) -> ConflictRow:

@@ -39,7 +39,9 @@ __all__ = [
     "clear_unseen",
     "drop_base",
     "drop_unlisted_bases",
+    "dropped_indexes",
     "forget_versions",
+    "keep_dropped_indexes",
     "read_state",
     "set_base",
     "set_bases_many",
@@ -58,6 +60,8 @@ _KEYS = {
     "pulled": "sync.pulled",
     "last_pull_at": "sync.last_pull_at",
 }
+#: The search indexes a bootstrap dropped (rows.drop_search_indexes), until it builds them.
+_DROPPED_INDEXES = "sync.bootstrap.indexes"
 _UNSET = object()
 
 
@@ -145,6 +149,20 @@ def write_state(
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (key, str(value)),
             )
+
+
+def dropped_indexes(conn: apsw.Connection) -> str | None:
+    """What a bootstrap under way dropped to load faster (None: nothing is dropped)."""
+    rows = fetch_all(conn, "SELECT value FROM meta WHERE key = ?", (_DROPPED_INDEXES,))
+    return str(rows[0][0]) if rows else None
+
+
+def keep_dropped_indexes(conn: apsw.Connection, saved: str | None) -> None:
+    """Record (None: forget) what a bootstrap dropped, in its page's transaction."""
+    if saved is None:
+        conn.execute("DELETE FROM meta WHERE key = ?", (_DROPPED_INDEXES,))
+    else:
+        conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (_DROPPED_INDEXES, saved))
 
 
 # --- bases ---------------------------------------------------------------------------------

@@ -32,12 +32,18 @@ the only SQL that touches ``tasks`` and the derived tables (issue 16).
 
 **History** keeps every version; the body of a live task's current version is kept
 once, in ``tasks.body`` (its history row holds NULL until a later version or the
-deletion supersedes it, when the writer moves the old body there), so a create
-writes the body twice (task, outbox), not three times. :func:`history` reads them back.
+deletion supersedes it, when the writer moves the old body there), and a local
+change's outbox row points at that version instead of copying it (payload NULL:
+:data:`.outbox.PAYLOAD` reads it back), so a create writes the body once.
+:func:`history` reads them back.
 
 **Bulk imports**: :func:`insert_local_many` with a batch at least a quarter the size of
 the store drops the search indexes of tasks and the derived tables, loads, and builds
 them again, all inside the caller's transaction (all or nothing, like any write).
+
+**Bootstraps** into a fresh store may load their server copies over many transactions
+without the search indexes (:func:`drop_search_indexes`, :func:`build_search_indexes`;
+the caller keeps what was dropped in the same transactions).
 
 Every function takes the connection it runs on and does no I/O but SQLite; the
 caller (:class:`~clinik_local.storage.database.Database`) owns the transaction.
@@ -65,17 +71,21 @@ from . import outbox
 from .connection import fetch_all
 
 __all__ = [
+    "BOOTSTRAP_BULK_MIN",
     "BULK_MIN",
     "FTS_OPTIMIZE_AFTER",
     "INSERT_HISTORY",
     "INSERT_TASK",
     "UPDATE_TASK",
     "HistoryRow",
+    "build_search_indexes",
     "count_matching",
     "current",
     "delete_local",
     "delete_server_copy",
+    "drop_search_indexes",
     "get_with_state",
+    "has_no_tasks",
     "history",
     "insert_local",
     "insert_local_many",
@@ -243,7 +253,10 @@ def _insert_derived(conn: apsw.Connection, items: Iterable[tuple[int, Mapping[st
         conn.executemany(_INSERT_REF, refs)
     if io:
         conn.executemany(_INSERT_IO, io)
-    conn.executemany(_INSERT_TEXT, text)
+    if len(text) == 1:
+        conn.execute(_INSERT_TEXT, text[0])
+    else:
+        conn.executemany(_INSERT_TEXT, text)
 
 
 def _write_task_rows(
@@ -258,11 +271,17 @@ def _write_task_rows(
     keep their derived rows in step: the one place task rows are written.
 
     New rows get explicit seqs, max + 1 onwards (the caller holds the write lock), so a
-    batch is one executemany and its derived rows know their seqs. A replaced row keeps
+    batch is one executemany and its derived rows know their seqs; a single new row
+    takes SQLite's own max + 1 (``last_insert_rowid``: one statement fewer). A replaced row keeps
     its seq; its derived rows are rewritten only when the body changed. ``wires`` are
     the wire forms of ``bodies`` when the caller has them (else parsed from the body).
     """
     wire_list = list(wires) if wires is not None else [json.loads(b) for b in bodies]
+    if not exists and len(tasks) == 1:
+        # One row: SQLite picks max + 1 itself, and says which, without a SELECT.
+        conn.execute(INSERT_TASK, task_row(tasks[0], _version_of(tasks[0]), bodies[0]))
+        _insert_derived(conn, [(conn.last_insert_rowid(), wire_list[0])])
+        return
     if not exists:
         first = int(fetch_all(conn, _NEXT_SEQ)[0][0])
         conn.executemany(
@@ -308,10 +327,12 @@ _SELECT_STATS = "SELECT tbl, idx, stat FROM sqlite_stat1"
 _INSERT_STATS = "INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES (?, ?, ?)"
 
 
-def _drop_for_bulk(conn: apsw.Connection, count: int) -> _DroppedIndexes | None:
+def _drop_for_bulk(
+    conn: apsw.Connection, count: int, *, force: bool = False
+) -> _DroppedIndexes | None:
     """For a large batch: drop the search indexes (to build again after the load); None
-    for an ordinary batch, which writes through them."""
-    if count < BULK_MIN or count * 4 < int(fetch_all(conn, _NEXT_SEQ)[0][0]) - 1:
+    for an ordinary batch, which writes through them. ``force``: drop them anyway."""
+    if not force and (count < BULK_MIN or count * 4 < int(fetch_all(conn, _NEXT_SEQ)[0][0]) - 1):
         return None
     indexes = [(str(n), str(sql)) for n, sql in fetch_all(conn, _BULK_INDEXES)]
     stats: list[tuple[object, ...]] = []
@@ -402,7 +423,7 @@ def insert_local(
         conn.execute(INSERT_HISTORY, (task.id, 1, "create", None, task.last_modified, None))
     except apsw.ConstraintError:
         raise TaskExistsError(task.id) from None
-    outbox.enqueue(conn, task.id, "create", body, None, task.last_modified or "")
+    outbox.enqueue(conn, task.id, "create", None, None, task.last_modified or "")
 
 
 def insert_local_many(
@@ -449,10 +470,7 @@ def insert_local_many(
     if synced:
         outbox.mark_known_on_server(conn, [t.id or "" for t in tasks], now)
         return
-    outbox.enqueue_many(
-        conn,
-        [(t.id or "", "create", b, None, now) for t, b in zip(tasks, bodies, strict=True)],
-    )
+    outbox.enqueue_many(conn, [(t.id or "", "create", None, None, now) for t in tasks])
 
 
 def update_local(
@@ -478,7 +496,8 @@ def update_local(
     _write_task_rows(conn, [task], [body], None if wire is None else [wire], exists=exists)
     op = "update" if exists else "create"
     conn.execute(INSERT_HISTORY, (task.id, _version_of(task), op, None, changed_at, reason))
-    outbox.enqueue(conn, task.id, "update", body, base_version, changed_at, patch)
+    assert _version_of(task) == base_version + 1, "the outbox reads the body it wrote"
+    outbox.enqueue(conn, task.id, "update", None, base_version, changed_at, patch)
 
 
 def delete_local(conn: apsw.Connection, task_id: str, body: str, version: int, now: str) -> None:
@@ -614,6 +633,48 @@ def write_new_server_copies(
             [(t.id, 1, "create", None, now, None, "server") for t in tasks],
         )
     return [str(t.id) for t in tasks]
+
+
+#: A bootstrap into an empty store whose first listing page has at least this many tasks
+#: loads without the search indexes (:func:`drop_search_indexes`) and builds them when its
+#: last page is applied: inserting 100,000 tasks through them costs about twice as much.
+BOOTSTRAP_BULK_MIN = 1000
+
+
+def has_no_tasks(conn: apsw.Connection) -> bool:
+    """Whether the store holds no task and no history (a fresh store)."""
+    return not fetch_all(
+        conn,
+        "SELECT EXISTS (SELECT 1 FROM tasks) OR EXISTS (SELECT 1 FROM task_history)",
+    )[0][0]
+
+
+def drop_search_indexes(conn: apsw.Connection) -> str:
+    """Drop the search indexes for a bulk load spanning several transactions (a
+    bootstrap); returns their CREATE texts and statistics as JSON, for the caller to keep
+    in the same transaction and hand to :func:`build_search_indexes` at the end. The
+    primary keys and UNIQUE(id) stay: searches still answer, from scans."""
+    dropped = _drop_for_bulk(conn, BULK_MIN, force=True)
+    assert dropped is not None
+    return json.dumps({"indexes": dropped.indexes, "stats": dropped.stats})
+
+
+def build_search_indexes(conn: apsw.Connection, saved: str) -> None:
+    """Create again what :func:`drop_search_indexes` dropped (an index that exists
+    already is left as it is), restore its statistics, and merge task_text."""
+    kept = json.loads(saved)
+    present = {str(r[0]) for r in fetch_all(conn, "SELECT name FROM sqlite_schema")}
+    indexes = [(str(n), str(sql)) for n, sql in kept["indexes"] if n not in present]
+    names = {n for n, _ in indexes}
+    stats = [tuple(r) for r in kept["stats"] if r[1] in names]
+    if stats and fetch_all(conn, _HAS_STAT1)[0][0]:
+        conn.executemany(
+            "DELETE FROM sqlite_stat1 WHERE tbl = ? AND idx = ?", [r[:2] for r in stats]
+        )
+    else:
+        stats = []
+    _build_again(conn, _DroppedIndexes(indexes, stats))
+    conn.execute("INSERT INTO task_text (task_text) VALUES ('optimize')")
 
 
 def _remove(conn: apsw.Connection, task_id: str, body: str, now: str, origin: str) -> None:

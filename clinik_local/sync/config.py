@@ -224,7 +224,7 @@ class SyncConfig:
     pull_interval: float = attrs.field(
         default=3.0, validator=_positive("pull_interval", 0.01, 86_400)
     )
-    pull_limit: int = attrs.field(default=500, validator=_positive("pull_limit", 1, 1000))
+    pull_limit: int = attrs.field(default=1000, validator=_positive("pull_limit", 1, 1000))
     on_conflict: ConflictPolicy | None = attrs.field(
         default=None, validator=_check_policy, repr=False
     )

@@ -232,6 +232,8 @@ def resolve(
                 task_id, str(local_version), "deleted" if current is None else str(current[1])
             )
         server = _object(conflict.server_body)
+        base = replica.base_of(conn, task_id)
+        base_body = None if base is None else _object(base.body)
         top = rows.top_version(conn, task_id)
         now = timestamps.now()
         generation = replica.read_state(conn).generation
@@ -261,7 +263,7 @@ def resolve(
                 if server is not None:
                     outbox.enqueue(conn, task_id, "delete", None, top, now)
             else:
-                local = json.loads(current[0])
+                local = _local_side(base_body, server, json.loads(current[0]))
                 _write_local(conn, task_id, server, local, top, now, exists=True)
         else:
             task = rows.stamp(merged, top + 1, now)
@@ -269,7 +271,32 @@ def resolve(
             if server is not None:  # fields this version does not know: the server's
                 local.update({k: v for k, v in server.items() if k not in rows.KNOWN_FIELDS})
             _write_local(conn, task_id, server, local, top, now, exists=current is not None)
+        if (
+            keep != "remote"
+            and server is not None
+            and in_scope is not None
+            and not in_scope(server)
+            and not outbox.has_open_changes(conn, task_id)
+        ):
+            # The resolution is the server's task (nothing to send) and it is outside the
+            # scope: removed, as a pulled one would be (it would stay here forever).
+            rows.delete_server_copy(conn, task_id, now=now)
+            replica.drop_base(conn, task_id)
+            outbox.forget_server_version(conn, task_id)
         db.note_change(task_id, origin)
+
+
+def _local_side(
+    base: dict[str, Any] | None, server: dict[str, Any] | None, local: dict[str, Any]
+) -> dict[str, Any]:
+    """What ``keep="local"`` keeps: every field this device changed since the base, with
+    its local value, on top of the server's task. A field only the server changed stays
+    the server's: the whole local snapshot is never squashed onto the server's version
+    (that would revert edits the conflict did not show). No base (a task created here)
+    or no server task: the local task as it is."""
+    if base is None or server is None:
+        return local
+    return {**merge.apply_patch(server, merge.patch_of(base, local)), "id": local["id"]}
 
 
 def _write_local(

@@ -22,6 +22,16 @@
   to ``task_sync``; the next change of that task sends ``If-Match`` with it. The first
   change the server has never acknowledged goes as ``POST`` (a create).
   A delete of a task the server never acknowledged is delivered without a request.
+- **One engine per file.** A pass (push and pull) runs only while this engine holds the
+  file's sync lease (:mod:`.lease`); another engine on the same file (an app's worker
+  and ``clinik-local sync run``) waits in state ``standby`` (``SyncStatus.held_by``
+  names the holder) and takes over when the lease is released or its holder is gone.
+  Answers are recorded, and pulled pages applied, only under the lease, and answers
+  only for rows still ``in_flight``, so a late answer never writes an older server
+  version back.
+- **Callbacks outside every lock.** ``on_status_change`` callbacks run on their own
+  thread, where no engine lock is held: a callback may call ``run_once()``,
+  ``flush()``, ``stop()`` or ``store.close()``.
 
 The engine owns scheduling (the worker thread, backoff, lanes) and status; the parts are
 :mod:`.push` (rows through the remote, outcomes recorded), :mod:`.conflicts` (parked
@@ -49,6 +59,7 @@ lock and any transaction.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -59,13 +70,21 @@ import zlib
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, NoReturn
 
 import attrs
 
 from .. import timestamps
 from ..errors import ClinikError, StorageError
-from ..remotes.base import AuthFailed, PullRemote, Refused, Remote, Transient, Unreachable
+from ..remotes.base import (
+    AuthFailed,
+    Delivered,
+    PullRemote,
+    Refused,
+    Remote,
+    Transient,
+    Unreachable,
+)
 from ..storage import outbox, replica
 from ..storage.database import Database
 from ..storage.outbox import OutboxRow
@@ -74,6 +93,7 @@ from . import pull as _pull
 from . import push, rebase
 from .config import SyncConfig
 from .conflicts import DeadLetter, SyncConflict
+from .lease import EngineLease
 
 __all__ = ["DeadLetter", "EngineState", "SyncConfig", "SyncConflict", "SyncEngine", "SyncStatus"]
 
@@ -81,8 +101,10 @@ _log = logging.getLogger("clinik_local.sync")
 
 #: The engine's state (not a task's sync state, which is ``storage.outbox.TaskSyncState``).
 EngineState = Literal[
-    "offline", "idle", "uploading", "downloading", "backoff", "auth_required", "error"
+    "offline", "idle", "uploading", "downloading", "backoff", "auth_required", "error", "standby"
 ]
+#: How often an engine in ``standby`` looks whether the lease became free (seconds).
+STANDBY_POLL = 1.0
 #: How long a pull may run while local changes wait to be pushed (seconds).
 _PULL_BUDGET = 1.0
 
@@ -95,8 +117,12 @@ class SyncStatus:
     uploading, downloading (pulling), backoff (waiting for a retry timer),
     auth_required (the token was refused twice; call :meth:`SyncEngine.notify_online`
     once the provider has a good one), error (an unexpected local failure, or a read
-    the server refuses; retried). ``next_retry_at`` and ``last_success_at`` are UTC
-    instants or None.
+    the server refuses; retried), standby (another sync engine on this file holds its
+    sync lease, named by ``held_by``; this one sends and pulls nothing and takes over
+    when that one stops or is gone). ``next_retry_at`` and ``last_success_at`` (kept in
+    the file across reopening) are UTC instants or None; ``last_error`` is the last
+    failure since the service last worked (cleared by the next delivered change or
+    complete pull).
 
     Pull side (all False/0/None for a push-only store): ``bootstrapping`` is True until
     the scope's first bootstrap is complete (and again after a ``410`` or a new scope or
@@ -116,6 +142,7 @@ class SyncStatus:
     bootstrapping: bool = False
     tasks_pulled: int = 0
     last_pull_at: str | None = None
+    held_by: str | None = None
 
 
 class _StopPass(Exception):
@@ -129,6 +156,67 @@ def _instant_in(seconds: float) -> str:
 
 def _seconds_until(instant: str) -> float:
     return datetime.fromisoformat(instant).timestamp() - time.time()
+
+
+class _Notifier:
+    """Runs status callbacks on their own thread, in order, where no engine lock is held."""
+
+    def __init__(self, callbacks: list[Callable[[SyncStatus], None]]) -> None:
+        self._callbacks = callbacks
+        self._queue: collections.deque[SyncStatus] = collections.deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._thread: threading.Thread | None = None
+
+    def on_thread(self) -> bool:
+        """Whether the caller is the callback thread (a callback calling back in)."""
+        return self._thread is threading.current_thread()
+
+    def put(self, status: SyncStatus) -> None:
+        """Queue ``status`` for the callbacks (never blocks on them)."""
+        with self._cond:
+            self._queue.append(status)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="clinik-local-sync-status", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+
+    def drain(self, timeout: float = 2.0) -> None:
+        """Wait (up to ``timeout``) until every queued status was delivered; a no-op on
+        the callback thread itself."""
+        if self.on_thread():
+            return
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queue:
+                    self._cond.wait(5.0)
+                    if not self._queue:
+                        self._thread = None
+                        self._cond.notify_all()
+                        return
+                status = self._queue.popleft()
+                self._busy = True
+            try:
+                for callback in list(self._callbacks):
+                    try:
+                        callback(status)
+                    except Exception:
+                        _log.exception("sync status callback failed")
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
 
 
 class SyncEngine:
@@ -145,20 +233,25 @@ class SyncEngine:
         self._progress = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._recovered = False
+        self._prepared = False
+        self._lease = EngineLease(db)
+        self._held_by: str | None = None
         self._state: EngineState = "idle"
         self._auth_paused = False
         self._offline_attempts = 0
         self._offline_until: float | None = None  # time.time() seconds
         self._next_due: float | None = None  # time.time() seconds of the earliest retry
-        self._last_success_at: str | None = None
+        with db.read() as conn:
+            self._last_success_at: str | None = outbox.last_success_at(conn)
         self._last_error: str | None = None
         self._callbacks: list[Callable[[SyncStatus], None]] = []
+        self._notifier = _Notifier(self._callbacks)
+        self._emit_lock = threading.Lock()
         self._last_emitted: SyncStatus | None = None
         self._puller: _pull.Puller | None = None
         if config.pulls:
             assert isinstance(self._remote, PullRemote)
-            self._puller = _pull.Puller(db, self._remote, config)
+            self._puller = _pull.Puller(db, self._remote, config, held=self._lease.still_held)
         self._pull_due: float | None = 0.0  # time.time() seconds of the next pull
         self._pull_attempts = 0
         self._round_seq = 0  # pull rounds started
@@ -171,7 +264,10 @@ class SyncEngine:
     # --- control ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the background worker (no-op if running)."""
+        """Start the background worker (no-op if running); StorageError on a closed store
+        (a worker there could only fail)."""
+        if self._db.closed:
+            raise StorageError("the store is closed; open it again to sync")
         if self._thread is not None and self._thread.is_alive():
             return
         self._stopping = False
@@ -179,7 +275,10 @@ class SyncEngine:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the worker after the request in progress; unsent rows stay queued."""
+        """Stop the worker after the request in progress; unsent rows stay queued.
+
+        Releases the file's sync lease. Safe from a status callback.
+        """
         self._stopping = True
         self._wake.set()
         thread = self._thread
@@ -191,8 +290,16 @@ class SyncEngine:
                 self._pool.shutdown(wait=True)
                 self._pool = None
             self._remote.close()
+            with contextlib.suppress(StorageError):
+                self._lease.release()
         with self._progress:
             self._progress.notify_all()
+        self._notifier.drain()
+
+    def close(self) -> None:
+        """Stop, and forget this engine's claim on the file for good (the store closes)."""
+        self.stop()
+        self._lease.close()
 
     @property
     def running(self) -> bool:
@@ -225,8 +332,12 @@ class SyncEngine:
         self._offline_until = None
         self._pull_due = 0.0
         with self._pass_lock:
-            self._pass()
+            try:
+                self._pass()
+            finally:
+                self._release_if_idle()
         self._after_pass()
+        self._notifier.drain()
         return self.status()
 
     def pull(self) -> SyncStatus:
@@ -236,9 +347,13 @@ class SyncEngine:
         self._offline_until = None
         self._pull_due = 0.0
         with self._pass_lock:
-            if self._ready():
-                self._pull_part(budget=lambda: False)
+            try:
+                if self._ready():
+                    self._pull_part(budget=lambda: False)
+            finally:
+                self._release_if_idle()
         self._after_pass()
+        self._notifier.drain()
         return self.status()
 
     def flush(self, timeout: float = 30.0) -> bool:
@@ -250,6 +365,21 @@ class SyncEngine:
         not count. Without a running worker the passes run on this thread. Returns
         False at once when sync is paused for ``auth_required``.
         """
+        try:
+            return self._flush(timeout)
+        finally:
+            with self._pass_lock:
+                self._release_if_idle()
+            self._notifier.drain()
+
+    def _release_if_idle(self) -> None:
+        """A foreground pass is over: give the lease back unless the worker runs (the
+        caller holds the pass lock), so another engine on the file may go on."""
+        if not self.running and not self._db.closed:
+            with contextlib.suppress(StorageError):
+                self._lease.release()
+
+    def _flush(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         mark = self._round_seq
         self._pull_due = 0.0
@@ -298,6 +428,7 @@ class SyncEngine:
         if due is not None and state in ("offline", "backoff"):
             next_retry = timestamps.format_instant(datetime.fromtimestamp(due, UTC))
         return SyncStatus(
+            held_by=self._held_by if state == "standby" else None,
             state=state,
             pending=int(counts.get("pending", 0)),
             in_flight=int(counts.get("in_flight", 0)),
@@ -317,7 +448,13 @@ class SyncEngine:
         )
 
     def on_status_change(self, callback: Callable[[SyncStatus], None]) -> Callable[[], None]:
-        """Call ``callback(status)`` whenever the status changes; returns an unsubscribe."""
+        """Call ``callback(status)`` whenever the status changes; returns an unsubscribe.
+
+        Callbacks run in order on the engine's callback thread, where no engine lock is
+        held, so one may call ``run_once()``, ``flush()``, ``stop()`` or
+        ``store.close()``. ``run_once()``, ``pull()`` and ``flush()`` return only after
+        the callbacks have seen the status they end with.
+        """
         self._callbacks.append(callback)
 
         def unsubscribe() -> None:
@@ -331,18 +468,15 @@ class SyncEngine:
             self._progress.notify_all()
         if not self._callbacks:
             return
-        try:
-            status = self.status()
-        except StorageError:
-            return
-        if status == self._last_emitted:
-            return
-        self._last_emitted = status
-        for callback in list(self._callbacks):
+        with self._emit_lock:
             try:
-                callback(status)
-            except Exception:
-                _log.exception("sync status callback failed")
+                status = self.status()
+            except StorageError:
+                return
+            if status == self._last_emitted:
+                return
+            self._last_emitted = status
+            self._notifier.put(status)
 
     def _set_state(self, state: EngineState) -> None:
         if state != self._state:
@@ -398,8 +532,10 @@ class SyncEngine:
         """Settle a conflict; the result is based on the server's version in the conflict,
         which becomes the task's base.
 
-        ``keep="local"``: the current local task goes to the server as a new change with
-        ``If-Match`` = the server's version (fields this version does not know are the
+        ``keep="local"``: every field this device changed since the base keeps its local
+        value, put on the server's task (a field only the server changed stays as the
+        server has it) and sent as a new change with ``If-Match`` = the server's version
+        (fields this version does not know are the
         server's). ``keep="remote"``: the local task becomes the server's task (stored
         as sent, also with unknown fields or texts over the local limits); nothing is
         sent. A mapping (a merged wire request; ``versionId``/``lastModified`` in it are
@@ -444,6 +580,8 @@ class SyncEngine:
                 self._wake.wait(wait)
 
     def _wait_seconds(self) -> float | None:
+        if self._state == "standby" and self._next_due is not None:
+            return max(self._next_due - time.time(), 0.0)  # nothing else runs meanwhile
         dues = [d for d in (self._offline_until, self._next_due) if d is not None]
         if self._puller is not None and self._pull_due is not None and self._offline_until is None:
             dues.append(self._pull_due)
@@ -461,19 +599,36 @@ class SyncEngine:
             return outbox.deliverable_count(conn)
 
     def _ready(self) -> bool:
-        """Whether a pass may run now; recovers and prepares the store on the first one."""
+        """Whether a pass may run now: this engine holds the file's sync lease (taking it
+        over puts what the previous holder left in flight back to pending), and the
+        store is prepared for the config's service and scope."""
         if self._auth_paused:
             self._set_state("auth_required")
             return False
         if self._offline_until is not None and self._offline_until > time.time():
             return False
         self._offline_until = None
-        if not self._recovered:
-            with self._db.write() as conn:
-                outbox.recover_in_flight(conn)
+        holder = self._lease.acquire(outbox.recover_in_flight)
+        if holder is not None:
+            self._standby(holder.describe())
+            return False
+        self._held_by = None
+        if not self._prepared:
             _pull.prepare(self._db, self._config)
-            self._recovered = True
+            self._prepared = True
         return True
+
+    def _standby(self, holder: str) -> None:
+        """Another engine holds the lease: send and pull nothing, look again soon."""
+        self._held_by = holder
+        self._next_due = time.time() + STANDBY_POLL
+        self._set_state("standby")
+
+    def _lost_lease(self) -> NoReturn:
+        """Another engine took the lease over: stop; it sends (and records) the rest."""
+        holder = self._lease.holder_now()
+        self._standby(holder.describe() if holder is not None else "another sync engine")
+        raise _StopPass()
 
     def _pass(self) -> None:
         """One pass: the outbox, then the pull side (caller holds the pass lock)."""
@@ -528,11 +683,17 @@ class SyncEngine:
         self._set_state("downloading")
         result = self._puller.run(lambda: self._stopping, budget)
         self._policy_queue.extend(result.conflicts)
+        if result.lost_lease:
+            with contextlib.suppress(_StopPass):
+                self._lost_lease()
+            return
         failure = result.failure
         if failure is None:
             self._offline_attempts = 0
             self._pull_attempts = 0
             if result.at_end:
+                if self._next_due is None:
+                    self._last_error = None  # the service works again
                 self._last_end_round = round_id
                 self._pull_due = time.time() + self._config.pull_interval
             else:
@@ -600,7 +761,11 @@ class SyncEngine:
 
     def _send_batch(self, batch: list[OutboxRow], blocked: set[str]) -> None:
         with self._db.write() as conn:
-            outbox.mark_in_flight(conn, (row.seq for row in batch))
+            held = self._lease.still_held(conn)
+            if held:
+                outbox.mark_in_flight(conn, (row.seq for row in batch))
+        if not held:
+            self._lost_lease()
         halt = threading.Event()
         lanes = self._config.lanes
 
@@ -635,7 +800,8 @@ class SyncEngine:
                 isinstance(item.outcome, Transient) and item.outcome.status is None
             ):
                 self._offline_attempts = 0  # the service answered
-        self._record(sent)
+        if not self._record(sent):
+            self._lost_lease()
         self._emit()
         if halt.is_set():
             raise _StopPass()
@@ -662,16 +828,24 @@ class SyncEngine:
             self._last_error = outcome.error
         return delay
 
-    def _record(self, sent: list[push.Sent]) -> None:
-        """Write the answers of one batch in one short transaction."""
+    def _record(self, sent: list[push.Sent]) -> bool:
+        """Write the answers of one batch in one short transaction; False (nothing
+        written) when this engine no longer holds the lease."""
         now = timestamps.now()
+        if any(isinstance(item.outcome, Delivered) for item in sent):
+            self._last_error = None  # the service works again; later failures set it anew
         with self._db.write() as conn:
+            if not self._lease.still_held(conn):
+                return False
             ctx = rebase.Context(
                 scope=self._config.scope,
                 generation=replica.read_state(conn).generation,
                 pulls=self._puller is not None,
             )
             done = push.record(self._db, conn, ctx, sent, now, self._retry_delay, _instant_in)
+            if done.delivered:
+                outbox.set_last_success_at(conn, now)
         self._policy_queue.extend(done.conflicts)
         if done.delivered:
             self._last_success_at = now
+        return True

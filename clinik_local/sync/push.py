@@ -188,12 +188,17 @@ def record(
 ) -> Recorded:
     """Write the answers of one batch (on the caller's write transaction).
 
-    ``retry_delay`` says how long a transient failure waits. Returns whether any
-    change was delivered and which tasks are now in conflict.
+    ``retry_delay`` says how long a transient failure waits. Only rows still
+    ``in_flight`` are recorded: a late answer for a row another engine took over, or a
+    resolution replaced, changes nothing. Returns whether any change was delivered and
+    which tasks are now in conflict.
     """
     done = Recorded()
+    live = outbox.still_in_flight(conn, (item.row.seq for item in sent))
     for item in sent:
         row, outcome = item.row, item.outcome
+        if row.seq not in live:
+            continue  # no longer in flight (taken over, or replaced): a stale answer
         if outcome is None:
             outbox.record_unsent(conn, row.seq)
         elif isinstance(outcome, Delivered):

@@ -31,7 +31,7 @@ from typing import Any
 import apsw
 import attrs
 
-from .. import merge
+from .. import merge, timestamps
 from ..errors import ValidationError
 from ..remotes.base import LogItem, Scope
 from ..storage import outbox, replica, rows
@@ -287,10 +287,14 @@ def apply_items(
     base = replica.base_of(conn, task_id)
     if base is not None and base.unseen is not None:
         seen = [i for i, item in enumerate(items) if item.version == base.unseen]
-        if not seen:
-            return Accepted()
+        if seen:
+            items = items[seen[-1] + 1 :]
+        else:
+            later = _first_later(base.body, items)
+            if later is None:
+                return Accepted()
+            items = items[later:]
         replica.set_unseen(conn, task_id, None)
-        items = items[seen[-1] + 1 :]
     changed = conflict = False
     for index, item in enumerate(items):
         task = item.task if not item.deleted else None
@@ -304,6 +308,35 @@ def apply_items(
         changed = changed or done.changed
         conflict = conflict or done.conflict
     return Accepted(changed=changed, conflict=conflict)
+
+
+def _first_later(base_body: str, items: list[LogItem]) -> int | None:
+    """The first item stamped strictly later than the unseen base, or None.
+
+    A log that shows only current versions (a FHIR server polled by ``_lastUpdated``)
+    never shows a version another write superseded before the poll: when the version
+    learnt outside the log is missing, an item whose ``lastModified`` is later than that
+    version's is newer than it all the same, so it and what follows are applied (without
+    this they would be skipped as older until the scope is listed again).
+    """
+    base = loads_or_none(base_body)
+    known = _instant(base.get("lastModified")) if isinstance(base, dict) else None
+    if known is None:
+        return None
+    for index, item in enumerate(items):
+        when = item.task.get("lastModified") if item.task is not None else item.modified
+        stamp = _instant(when)
+        if stamp is not None and stamp > known:
+            return index
+    return None
+
+
+def _instant(value: object) -> str | None:
+    """A normalised UTC instant (ordered as text), or None when there is none."""
+    try:
+        return timestamps.parse_instant(value)
+    except timestamps.InstantError:
+        return None
 
 
 def _foreign(

@@ -14,6 +14,9 @@ FHIR remote is proven against both behaviours:
 - ``PUT /Task/<id>`` creates with the client's id (**201** + ``Location``) or updates
   (200); the body's ``id`` must match the URL (400, ``HAPI-0420``); ``If-Match`` on an
   id never stored is 404;
+- ``client_ids=False`` (HAPI's ``ClientIdStrategy NOT_ALLOWED``): a ``PUT`` to an id
+  never stored is 404 ``HAPI-0959`` (client-assigned IDs are not enabled): only
+  ``POST`` creates;
 - ``POST /Task`` gets a server-assigned numeric id; ``If-None-Exist: identifier=s|v``
   answers 200 with the one existing match (412 for several) and creates nothing;
 - ``DELETE`` writes a deletion version: a read is then **410 Gone**, a second ``DELETE``
@@ -333,11 +336,14 @@ class HapiLikeFhirServer:
     ``http://127.0.0.1:<port>/fhir/R4``.
     """
 
-    def __init__(self, *, port: int = 0, token: str | None = None) -> None:
+    def __init__(self, *, port: int = 0, token: str | None = None, client_ids: bool = True) -> None:
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValidationError.single("port", "not a TCP port", port, allowed="0-65535")
+        if not isinstance(client_ids, bool):
+            raise ValidationError.single("client_ids", "expected True or False", client_ids)
         self.base_path = "/fhir/R4"
         self.token = token
+        self.client_ids = client_ids
         self.requests = 0
         self.writes = 0
         self.stats_lock = threading.Lock()
@@ -496,6 +502,13 @@ class HapiLikeFhirServer:
                 "invalid",
             )
         current = self._store.current(task_id)
+        if current is None and not self.client_ids:
+            raise _Answer(
+                404,
+                f"HAPI-0959: No resource exists on this server resource with ID[{task_id}], "
+                "and client-assigned IDs are not enabled.",
+                "not-found",
+            )
         if if_match is not None:
             if current is None:
                 raise _Answer(404, f"HAPI-2001: Resource Task/{task_id} is not known", "not-found")

@@ -155,7 +155,8 @@ def test_a_task_without_inputs_has_no_io_rows_and_no_io_text() -> None:
 
 def test_a_task_without_refs_or_io_derives_text_only_as_the_triggers_do() -> None:
     # The shortcut for the usual task (no basedOn/partOf/input/output, or empty lists).
-    for extra in ({}, {"basedOn": [], "input": []}):
+    extras: list[dict[str, Any]] = [{}, {"basedOn": [], "input": []}]
+    for extra in extras:
         wire = encode_task(
             decode_task(
                 {"status": "requested", "intent": "order", "code": "lab-order", "note": "é"}

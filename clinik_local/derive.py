@@ -111,6 +111,21 @@ def derive_rows(wire: Mapping[str, Any]) -> DerivedRows:
     direction; io_values joins the non-NULL values in the order SQLite reads them
     back through task_io's (seq) index: by (direction, type, value, pos), NULL first.
     """
+    g = wire.get
+    if not (g("basedOn") or g("partOf") or g("input") or g("output")):
+        # Most tasks: no refs, no io rows, text only (what the general path gives them,
+        # without its sets and sorts: a tenth of a create with the CPU caches cold).
+        return DerivedRows(
+            (),
+            (),
+            (
+                _text_or_none(g("description")),
+                _text_or_none(g("note")),
+                _text_or_none(g("businessStatus")),
+                _text_or_none(g("code")),
+                None,
+            ),
+        )
     refs = sorted(
         {("basedOn", str(r)) for r in wire.get("basedOn") or ()}
         | {("partOf", str(r)) for r in wire.get("partOf") or ()}

@@ -32,7 +32,8 @@ def is_valid_id(value: str) -> bool:
     return _ID.fullmatch(value) is not None
 
 
-# Every 10-bit value as its two Crockford characters: 80 random bits are 8 lookups.
+# Every 10-bit value as its two Crockford characters: 80 random bits are 8 lookups, the
+# 48-bit time (10 characters, 50 bits with two leading zeros) 5.
 _PAIRS = tuple(a + b for a in _ALPHABET for b in _ALPHABET)
 _time_cache: tuple[int, str] = (-1, "")
 
@@ -41,12 +42,21 @@ def _encode_time(ms: int) -> str:
     global _time_cache
     cached_ms, text = _time_cache
     if cached_ms != ms:
-        text = _encode_slow(ms, 10)
+        pairs = _PAIRS
+        text = (
+            pairs[(ms >> 40) & 1023]
+            + pairs[(ms >> 30) & 1023]
+            + pairs[(ms >> 20) & 1023]
+            + pairs[(ms >> 10) & 1023]
+            + pairs[ms & 1023]
+        )
         _time_cache = (ms, text)  # ids made in the same millisecond share this prefix
     return text
 
 
 def _encode_slow(number: int, length: int) -> str:
+    """``number`` in ``length`` Crockford characters, one 5-bit digit at a time (the
+    reference :func:`_encode_time` and :func:`_encode_random` are checked against)."""
     chars = []
     for _ in range(length):
         chars.append(_ALPHABET[number & 31])
@@ -66,6 +76,30 @@ def _encode_random(number: int) -> str:
         + pairs[(number >> 10) & 1023]
         + pairs[number & 1023]
     )
+
+
+#: Fresh random parts drawn per ``os.urandom`` call: one syscall per this many new
+#: milliseconds instead of one per id.
+_POOL_SIZE = 256
+_pool: list[int] = []
+_pool_pid = -1
+
+
+def _fresh_random() -> int:
+    """80 fresh bits from the OS's CSPRNG, served from a per-process pool (lock held).
+
+    The pool belongs to the process that filled it: a forked child (whatever forked
+    it: ``os.fork`` runs :func:`_reset_after_fork`, a fork from C code does not, hence
+    the pid) refills before it draws, so it never hands out its parent's bytes.
+    """
+    global _pool, _pool_pid
+    pool = _pool
+    pid = os.getpid()
+    if not pool or _pool_pid != pid:
+        raw = os.urandom(10 * _POOL_SIZE)
+        pool = _pool = [int.from_bytes(raw[i : i + 10], "big") for i in range(0, len(raw), 10)]
+        _pool_pid = pid
+    return pool.pop()
 
 
 def new_task_id() -> str:
@@ -93,16 +127,17 @@ def _ulid() -> str:
             if rnd == 0:
                 ms += 1
         else:
-            rnd = int.from_bytes(os.urandom(10), "big")
+            rnd = _fresh_random()
         _last_ms, _last_random = ms, rnd
     return _encode_time(ms) + _encode_random(rnd)
 
 
 def _reset_after_fork() -> None:
     # A forked child must not continue its parent's sequence (it would repeat ids).
-    global _last_ms, _last_random, _lock
+    global _last_ms, _last_random, _lock, _pool, _pool_pid
     _lock = threading.Lock()
     _last_ms, _last_random = -1, 0
+    _pool, _pool_pid = [], -1  # nor draw the random bytes its parent buffered
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)

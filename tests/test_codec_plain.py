@@ -3,15 +3,26 @@ skipped) gives exactly what the detailed path gives, and leaves every refusal to
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import attrs
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from clinik_local.codec import _get_codec, _structure_detailed, _structure_plain, decode_task
+from clinik_local.codec import (
+    _get_codec,
+    _structure_detailed,
+    _structure_plain,
+    decode_task,
+    encode_task,
+    task_from_stored,
+)
 from clinik_local.errors import ValidationError
 from clinik_local.model import Task
+from clinik_local.storage import rows
+from clinik_local.wire import dumps
 from tests.strategies import invalid_requests, minimal_request, valid_requests
 
 
@@ -87,3 +98,28 @@ def test_cross_field_invariants_are_checked_after_the_plain_path_too() -> None:
 def test_a_dict_subclass_takes_the_detailed_path() -> None:
     odd = _Odd(minimal_request())
     assert decode_task(odd) == _structure_detailed(_get_codec(), odd)
+
+
+@settings(max_examples=150, deadline=None)
+@given(valid_requests(with_id=True), st.integers(1, 50))
+def test_a_stored_body_rebuilds_the_task_its_init_builds_equal_hashed_and_frozen(
+    request: dict[str, Any], version: int
+) -> None:
+    # task_from_stored fills the slots itself (no __init__): the Task must be the one
+    # Task(...) builds from the same values, attribute by attribute, and as frozen.
+    task = rows.stamp(decode_task(request), version, "2030-01-01T00:00:00.000Z")
+    stored = task_from_stored(json.loads(dumps(encode_task(task))))
+    built = Task(**{a.name: getattr(task, a.name) for a in attrs.fields(Task)})
+    assert type(stored) is Task
+    for a in attrs.fields(Task):
+        mine, theirs = getattr(stored, a.name), getattr(built, a.name)
+        assert mine == theirs, a.name
+        assert type(mine) is type(theirs), a.name
+    assert stored == built == task
+    assert hash(stored) == hash(built)
+    assert repr(stored) == repr(built)
+    assert attrs.evolve(stored) == built
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        stored.note = "changed"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        stored.not_a_field = 1  # type: ignore[attr-defined]

@@ -151,3 +151,22 @@ def test_a_task_without_inputs_has_no_io_rows_and_no_io_text() -> None:
     assert rows.io == ()
     assert rows.refs == ()
     assert rows.text == ("Draw labs", None, None, "lab-order", None)
+
+
+def test_a_task_without_refs_or_io_derives_text_only_as_the_triggers_do() -> None:
+    # The shortcut for the usual task (no basedOn/partOf/input/output, or empty lists).
+    extras: list[dict[str, Any]] = [{}, {"basedOn": [], "input": []}]
+    for extra in extras:
+        wire = encode_task(
+            decode_task(
+                {"status": "requested", "intent": "order", "code": "lab-order", "note": "é"}
+            )
+        )
+        wire.update(extra)
+        derived = derive_rows(wire)
+        refs, io, text = _triggered(wire)
+        assert derived.refs == ()
+        assert derived.io == ()
+        assert list(derived.refs) == refs
+        assert list(derived.io) == io
+        assert derived.text == text == (None, "é", None, "lab-order", None)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -255,3 +256,34 @@ def test_context_manager_closes_and_close_is_idempotent(store_path: Path) -> Non
 def test_history_of_unknown_task_is_not_found(file_store: TaskStore) -> None:
     with pytest.raises(NotFoundError):
         file_store.tasks.history("never_existed")
+
+
+def test_a_memory_store_read_translates_sqlite_errors_and_always_releases_its_lock() -> None:
+    store = TaskStore.open(":memory:")
+    db = store._db
+    with pytest.raises(StorageError), db.read() as conn:
+        conn.execute("SELECT * FROM no_such_table")
+    with pytest.raises(KeyError), db.read():
+        raise KeyError("not an SQLite error: passes through as it is")
+    # The lock was released each time: another thread can read (a held lock would block).
+    seen: list[int] = []
+    reader = threading.Thread(target=lambda: seen.append(store.tasks.count().data))
+    reader.start()
+    reader.join(timeout=10)
+    assert seen == [0]
+    store.close()
+    with pytest.raises(ClinikError), db.read():
+        pass  # a closed store refuses the read
+    # ... and did not keep its lock (an RLock: asked from another thread).
+    free: list[bool] = []
+
+    def try_lock() -> None:
+        got = db._lock.acquire(blocking=False)
+        free.append(got)
+        if got:
+            db._lock.release()
+
+    other = threading.Thread(target=try_lock)
+    other.start()
+    other.join(timeout=10)
+    assert free == [True]

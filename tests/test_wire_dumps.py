@@ -7,6 +7,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,3 +34,17 @@ def test_dumps_is_the_same_from_many_threads_at_once() -> None:
     values = [{"id": f"task_{i}", "note": "é" * i, "n": [i, {"k": None}]} for i in range(200)]
     with ThreadPoolExecutor(max_workers=8) as pool:
         assert list(pool.map(dumps, values)) == [_reference(v) for v in values]
+
+
+def test_dumps_refuses_what_json_dumps_refuses_and_keeps_no_state_after_a_refusal() -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+    shared = {"k": [1, 2]}
+    for bad, error in (([1, loop], ValueError), ({"x": object()}, TypeError)):
+        with pytest.raises(error) as mine:
+            dumps(bad)
+        with pytest.raises(error) as theirs:
+            _reference(bad)
+        assert str(mine.value) == str(theirs.value)
+        # A value seen inside the refused one is not taken for a loop next time.
+        assert dumps([shared, shared]) == _reference([shared, shared])

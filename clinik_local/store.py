@@ -86,10 +86,7 @@ class TaskStore:
             if replica.dropped_indexes(conn) is None:
                 return
         with self._db.write() as conn:
-            saved = replica.dropped_indexes(conn)
-            if saved is not None:
-                rows.build_search_indexes(conn, saved)
-                replica.keep_dropped_indexes(conn, None)
+            rows.restore_search_indexes(conn)
 
     @classmethod
     def open(

@@ -67,7 +67,7 @@ from ..merge import MERGE_FIELDS, SERVER_MANAGED
 from ..model import NO_PRIORITY_RANK, Task
 from ..search import CompiledSearch, count_query, page_query
 from ..wire import dumps, without_server_fields
-from . import outbox
+from . import outbox, replica
 from .connection import fetch_all, ids_among
 
 __all__ = [
@@ -90,6 +90,7 @@ __all__ = [
     "insert_local",
     "insert_local_many",
     "known_ids",
+    "restore_search_indexes",
     "search_page",
     "stamp",
     "storable",
@@ -669,6 +670,16 @@ def build_search_indexes(conn: apsw.Connection, saved: str) -> None:
         stats = []
     _build_again(conn, _DroppedIndexes(indexes, stats))
     conn.execute("INSERT INTO task_text (task_text) VALUES ('optimize')")
+
+
+def restore_search_indexes(conn: apsw.Connection) -> None:
+    """Build the search indexes a bootstrap dropped, if it did, and forget that it did
+    (on the caller's write): the one way back for the bootstrap's last page, a store
+    that stops pulling, and a store reopened without sync."""
+    saved = replica.dropped_indexes(conn)
+    if saved is not None:
+        build_search_indexes(conn, saved)
+        replica.keep_dropped_indexes(conn, None)
 
 
 def _remove(conn: apsw.Connection, task_id: str, body: str, now: str, origin: str) -> None:

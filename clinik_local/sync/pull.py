@@ -18,7 +18,7 @@ during a request:
    listing shows is accepted like a pulled one (undelivered changes are rebased on it).
    The next page is read on a prefetch thread while one is applied (:class:`_Prefetch`).
    A large listing into a fresh store loads without the search indexes and builds them
-   with its last page (:func:`restore_indexes`).
+   with its last page (``rows.restore_search_indexes``).
    When the last page is in, local tasks the listing did not show and with no
    undelivered change are removed (deleted on the server, or outside the scope), and the
    log is read from the saved ``changes_cursor``.
@@ -63,7 +63,7 @@ from ..storage.database import Database
 from . import rebase
 from .config import SyncConfig
 
-__all__ = ["PullFailure", "PullResult", "Puller", "monotonic_budget", "prepare", "restore_indexes"]
+__all__ = ["PullFailure", "PullResult", "Puller", "monotonic_budget", "prepare"]
 
 PullFailure = Refused | Transient | AuthFailed | Unreachable
 #: How often a waiting prefetch thread or writer looks whether it should stop (seconds).
@@ -110,15 +110,7 @@ def prepare(db: Database, config: SyncConfig) -> None:
                 conn, scope=scope, cursor=None, bootstrap_next=None, bootstrap_changes=None
             )
         if not config.pulls:
-            restore_indexes(conn)  # a bootstrap left unfinished will not finish now
-
-
-def restore_indexes(conn: apsw.Connection) -> None:
-    """Build the search indexes a bootstrap dropped, if it did (on the caller's write)."""
-    saved = replica.dropped_indexes(conn)
-    if saved is not None:
-        rows.build_search_indexes(conn, saved)
-        replica.keep_dropped_indexes(conn, None)
+            rows.restore_search_indexes(conn)  # a bootstrap left unfinished will not finish now
 
 
 class Puller:
@@ -241,7 +233,7 @@ class Puller:
             result.tasks += len(page.tasks)
             if page.next_cursor is None:
                 self._finish_bootstrap(conn, generation, now)
-                restore_indexes(conn)
+                rows.restore_search_indexes(conn)
                 replica.write_state(
                     conn, cursor=changes_cursor, bootstrap_next=None, bootstrap_changes=None
                 )

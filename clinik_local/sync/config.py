@@ -278,16 +278,9 @@ class SyncConfig:
             return self.remote
         assert self.base_url is not None
         assert self.token_provider is not None
-        if self.remote == "fhir-r4":
-            return FhirR4Remote(
-                self.base_url,
-                self.token_provider,
-                timeout=self.timeout,
-                allow_insecure_http=self.allow_insecure_http,
-                ca_bundle=self.ca_bundle,
-                lanes=self.lanes,
-            )
-        return ClinikRemote(
+        named: type[FhirR4Remote] | type[ClinikRemote]
+        named = FhirR4Remote if self.remote == "fhir-r4" else ClinikRemote
+        return named(
             self.base_url,
             self.token_provider,
             timeout=self.timeout,

@@ -42,11 +42,10 @@ from __future__ import annotations
 import copy
 import json
 import re
-import sys
 import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
@@ -54,7 +53,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 import attrs
 
 from ..errors import ValidationError
-from .server import ServerStoppedError
+from .server import LoopbackHTTPServer, ServerStoppedError, serve_in_thread
 
 __all__ = ["HapiLikeFhirServer"]
 
@@ -314,16 +313,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
+class _HTTPServer(LoopbackHTTPServer):
     owner: HapiLikeFhirServer
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            return
-        super().handle_error(request, client_address)
 
 
 Answer = tuple[int, object, dict[str, str]]
@@ -369,13 +360,7 @@ class HapiLikeFhirServer:
         if self._stopped:
             raise ServerStoppedError("a stopped FHIR server cannot start again")
         if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._httpd.serve_forever,
-                kwargs={"poll_interval": 0.05},
-                name="clinik-hapi-like-fhir",
-                daemon=True,
-            )
-            self._thread.start()
+            self._thread = serve_in_thread(self._httpd, "clinik-hapi-like-fhir")
         return self
 
     def stop(self) -> None:

@@ -102,9 +102,11 @@ __all__ = [
     "READ_FAULT_KINDS",
     "FaultKind",
     "Faults",
+    "LoopbackHTTPServer",
     "ReferenceServer",
     "ServerStoppedError",
     "serve_forever",
+    "serve_in_thread",
 ]
 
 FaultKind = Literal[
@@ -742,17 +744,34 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("PATCH")
 
 
-class _HTTPServer(ThreadingHTTPServer):
+class LoopbackHTTPServer(ThreadingHTTPServer):
+    """The HTTP server under the test servers (this one and the HAPI-like FHIR one):
+    a thread per connection, never holding the process open, a deep accept queue for
+    many sync lanes, and a client that went away mid-answer (killed, timed out) is not
+    an error: it is normal here."""
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
-    owner: ReferenceServer
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that went away mid-answer (killed, timed out) is normal here.
         if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             return
         super().handle_error(request, client_address)
+
+
+def serve_in_thread(httpd: ThreadingHTTPServer, name: str) -> threading.Thread:
+    """Start ``httpd.serve_forever`` on a daemon thread called ``name`` (stopped by
+    ``httpd.shutdown()``); returns the thread, for the caller to join."""
+    thread = threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=name, daemon=True
+    )
+    thread.start()
+    return thread
+
+
+class _HTTPServer(LoopbackHTTPServer):
+    owner: ReferenceServer
 
 
 class _HTTPServer6(_HTTPServer):
@@ -840,13 +859,7 @@ class ReferenceServer:
         if self._state.closed:
             raise ServerStoppedError("a stopped reference server cannot start again")
         if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._httpd.serve_forever,
-                kwargs={"poll_interval": 0.05},
-                name="clinik-reference-server",
-                daemon=True,
-            )
-            self._thread.start()
+            self._thread = serve_in_thread(self._httpd, "clinik-reference-server")
         return self
 
     def serve_forever(self) -> None:

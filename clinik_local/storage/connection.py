@@ -55,7 +55,10 @@ __all__ = [
     "Role",
     "Step",
     "fetch_all",
+    "meta_value",
+    "meta_values",
     "open_connection",
+    "set_meta",
     "storage_error",
     "translated",
     "write_fresh_meta",
@@ -273,6 +276,41 @@ def set_wal(conn: apsw.Connection, opening: Opening) -> None:
     mode = conn.pragma("journal_mode", "wal")
     if mode != "wal":
         raise StorageError(f"could not switch the store to WAL mode (got {mode!r})")
+
+
+def meta_value(conn: apsw.Connection, key: str) -> str | None:
+    """The ``meta`` row ``key``'s value, or None when there is none.
+
+    ``meta`` is one key/value table shared by several owners of keys (the store's
+    identity here, the pull state in replica.py, the sync lease in lease.py, the engine's
+    last success in outbox.py); its SQL is written only here.
+    """
+    found = fetch_all(conn, "SELECT value FROM meta WHERE key = ?", (key,))
+    return str(found[0][0]) if found else None
+
+
+def meta_values(conn: apsw.Connection, prefix: str) -> dict[str, str]:
+    """Every ``meta`` row whose key starts with ``prefix`` (exactly, case and all)."""
+    return {
+        str(k): str(v)
+        for k, v in fetch_all(
+            conn,
+            "SELECT key, value FROM meta WHERE substr(key, 1, length(?1)) = ?1",
+            (prefix,),
+        )
+    }
+
+
+def set_meta(conn: apsw.Connection, key: str, value: str | None) -> None:
+    """Set the ``meta`` row ``key`` (None removes it), on the caller's write."""
+    if value is None:
+        conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+    else:
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
 
 
 def write_fresh_meta(conn: apsw.Connection) -> None:

@@ -17,7 +17,7 @@ import json
 import apsw
 import attrs
 
-from .connection import fetch_all
+from .connection import meta_value, set_meta
 
 __all__ = ["Lease", "current", "release", "write"]
 
@@ -44,11 +44,11 @@ class Lease:
 
 def current(conn: apsw.Connection) -> Lease | None:
     """The lease as stored, or None (no holder, or an unreadable row: free)."""
-    found = fetch_all(conn, "SELECT value FROM meta WHERE key = ?", (_KEY,))
-    if not found:
+    found = meta_value(conn, _KEY)
+    if found is None:
         return None
     try:
-        data = json.loads(found[0][0])
+        data = json.loads(found)
         return Lease(
             holder=str(data["holder"]),
             pid=int(data["pid"]),
@@ -62,15 +62,11 @@ def current(conn: apsw.Connection) -> Lease | None:
 
 def write(conn: apsw.Connection, lease: Lease) -> None:
     """Store ``lease`` as the holder (on the caller's write transaction)."""
-    conn.execute(
-        "INSERT INTO meta (key, value) VALUES (?, ?) "
-        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        (_KEY, json.dumps(attrs.asdict(lease), sort_keys=True)),
-    )
+    set_meta(conn, _KEY, json.dumps(attrs.asdict(lease), sort_keys=True))
 
 
 def release(conn: apsw.Connection, holder: str) -> None:
     """Drop the lease if ``holder`` holds it (on the caller's write transaction)."""
     found = current(conn)
     if found is not None and found.holder == holder:
-        conn.execute("DELETE FROM meta WHERE key = ?", (_KEY,))
+        set_meta(conn, _KEY, None)

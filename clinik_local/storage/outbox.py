@@ -26,7 +26,7 @@ import apsw
 import attrs
 
 from ..ids import new_change_id
-from .connection import fetch_all, ids_among
+from .connection import fetch_all, ids_among, meta_value, set_meta
 
 __all__ = [
     "PAYLOAD",
@@ -625,17 +625,12 @@ _LAST_SUCCESS = "sync_last_success_at"
 
 def last_success_at(conn: apsw.Connection) -> str | None:
     """When a change was last delivered (kept in the file across reopening), or None."""
-    found = fetch_all(conn, "SELECT value FROM meta WHERE key = ?", (_LAST_SUCCESS,))
-    return str(found[0][0]) if found else None
+    return meta_value(conn, _LAST_SUCCESS)
 
 
 def set_last_success_at(conn: apsw.Connection, when: str) -> None:
     """Record a delivery's time (on the caller's write transaction)."""
-    conn.execute(
-        "INSERT INTO meta (key, value) VALUES (?, ?) "
-        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        (_LAST_SUCCESS, when),
-    )
+    set_meta(conn, _LAST_SUCCESS, when)
 
 
 def _conflict(r: tuple[object, ...]) -> ConflictRow:

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import apsw
 import attrs
 
-from .connection import fetch_all, ids_among
+from .connection import fetch_all, ids_among, meta_value, meta_values, set_meta
 
 __all__ = [
     "Base",
@@ -105,7 +105,7 @@ class PullState:
 
 def read_state(conn: apsw.Connection) -> PullState:
     """The pull state (defaults for keys never written)."""
-    found = dict(fetch_all(conn, "SELECT key, value FROM meta WHERE key LIKE 'sync.%'"))
+    found = meta_values(conn, "sync.")
     values: dict[str, object] = {}
     for name, key in _KEYS.items():
         if key in found:
@@ -140,29 +140,17 @@ def write_state(
     for name, value in given.items():
         if value is _UNSET:
             continue
-        key = _KEYS[name]
-        if value is None:
-            conn.execute("DELETE FROM meta WHERE key = ?", (key,))
-        else:
-            conn.execute(
-                "INSERT INTO meta (key, value) VALUES (?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (key, str(value)),
-            )
+        set_meta(conn, _KEYS[name], None if value is None else str(value))
 
 
 def dropped_indexes(conn: apsw.Connection) -> str | None:
     """What a bootstrap under way dropped to load faster (None: nothing is dropped)."""
-    rows = fetch_all(conn, "SELECT value FROM meta WHERE key = ?", (_DROPPED_INDEXES,))
-    return str(rows[0][0]) if rows else None
+    return meta_value(conn, _DROPPED_INDEXES)
 
 
 def keep_dropped_indexes(conn: apsw.Connection, saved: str | None) -> None:
     """Record (None: forget) what a bootstrap dropped, in its page's transaction."""
-    if saved is None:
-        conn.execute("DELETE FROM meta WHERE key = ?", (_DROPPED_INDEXES,))
-    else:
-        conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (_DROPPED_INDEXES, saved))
+    set_meta(conn, _DROPPED_INDEXES, saved)
 
 
 # --- bases ---------------------------------------------------------------------------------

@@ -520,3 +520,17 @@ def test_last_error_of_a_failed_pull_is_cleared_by_the_next_complete_pull(
     assert failed.last_error is not None
     assert store.sync.flush(timeout=10)
     assert store.sync.status().last_error is None
+
+
+@pytest.mark.parametrize("timeout", ["30", None, True, -1, float("nan")])
+def test_flush_refuses_a_timeout_that_is_no_number_of_seconds_naming_it(
+    store: TaskStore, timeout: Any
+) -> None:
+    store.tasks.create(REQUEST)
+    with store.read() as conn:
+        before = conn.execute("SELECT count(*) FROM outbox").fetchall()
+    with pytest.raises(ValidationError) as caught:
+        store.sync.flush(timeout=timeout)
+    assert [e.path for e in caught.value.errors] == ["timeout"]
+    with store.read() as conn:
+        assert conn.execute("SELECT count(*) FROM outbox").fetchall() == before

@@ -33,6 +33,7 @@ __all__ = [
     "ConflictPolicy",
     "ConflictPolicyResult",
     "SyncConfig",
+    "check_range",
     "normalise_scope",
 ]
 
@@ -130,14 +131,17 @@ def _check_policy(_instance: Any, _attribute: Any, value: Any) -> None:
         )
 
 
+def check_range(name: str, value: object, low: float, high: float) -> None:
+    """ValidationError naming ``name`` unless ``value`` is a number (not a bool, not
+    NaN) from ``low`` to ``high``: the one check of every numeric sync setting and
+    argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high):
+        raise ValidationError.single(name, "is out of range", value, f"{low}..{high}")
+
+
 def _positive(name: str, low: float, high: float) -> Callable[[Any, Any, Any], None]:
     def check(_instance: Any, _attribute: Any, value: Any) -> None:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not (low <= value <= high)
-        ):
-            raise ValidationError.single(name, "is out of range", value, f"{low}..{high}")
+        check_range(name, value, low, high)
 
     return check
 

@@ -91,7 +91,7 @@ from ..storage.outbox import OutboxRow
 from . import conflicts as _conflicts
 from . import pull as _pull
 from . import push, rebase
-from .config import SyncConfig
+from .config import SyncConfig, check_range
 from .conflicts import DeadLetter, SyncConflict
 from .lease import EngineLease
 
@@ -365,6 +365,7 @@ class SyncEngine:
         not count. Without a running worker the passes run on this thread. Returns
         False at once when sync is paused for ``auth_required``.
         """
+        check_range("timeout", timeout, 0, math.inf)
         try:
             return self._flush(timeout)
         finally:

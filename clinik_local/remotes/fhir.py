@@ -63,6 +63,7 @@ import binascii
 import hashlib
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -98,7 +99,14 @@ from .base import (
     Unreachable,
 )
 from .clinik import TRANSIENT_STATUSES, parse_retry_after
-from .transport import LazyTransport, Response, Transport, check_base_url, no_answer
+from .transport import (
+    LazyTransport,
+    Response,
+    Transport,
+    check_base_url,
+    check_range,
+    no_answer,
+)
 
 __all__ = [
     "CHANGE_ID_URL",
@@ -518,21 +526,14 @@ class FhirR4Remote:
             raise ValidationError.single(
                 "reference_map", "must be a callable (field, our_id) -> server id", reference_map
             )
-        if not callable(token_provider):
-            raise ValidationError.single(
-                "token_provider", "must be a callable returning the bearer token", token_provider
-            )
         for name, value in (("overlap", overlap), ("reconcile_every", reconcile_every)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValidationError.single(name, "expected seconds (a number >= 0)", value)
+            check_range(name, value, 0, math.inf)  # inf: never
         self.base_url = check_base_url(base_url, allow_insecure_http)
         self.create = create
         self.overlap = float(overlap)
         self.reconcile_every = float(reconcile_every)
         self._history: bool | None = None  # has the server a type-level _history?
         self._reference_map = reference_map
-        if isinstance(lanes, bool) or not isinstance(lanes, int) or not 1 <= lanes <= 16:
-            raise ValidationError.single("lanes", "is out of range", lanes, "1..16")
         self._lanes = lanes
         self._connections = LazyTransport(
             self.base_url,

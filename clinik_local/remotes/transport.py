@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import os
 import ssl
 import threading
 from collections.abc import Callable, Mapping
@@ -34,7 +35,18 @@ import httpx
 from ..errors import AuthError, TransportError, ValidationError
 from .base import AuthFailed, Transient, Unreachable
 
-__all__ = ["ConnectFailed", "LazyTransport", "Response", "Transport", "check_base_url", "no_answer"]
+__all__ = [
+    "ConnectFailed",
+    "LazyTransport",
+    "Response",
+    "Transport",
+    "check_base_url",
+    "check_connection",
+    "check_flag",
+    "check_range",
+    "no_answer",
+    "tls_verify",
+]
 
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
 
@@ -110,6 +122,67 @@ def check_base_url(base_url: object, allow_insecure_http: bool) -> str:
     return base_url.rstrip("/")
 
 
+def check_range(name: str, value: object, low: float, high: float, *, whole: bool = False) -> None:
+    """ValidationError naming ``name`` unless ``value`` is a number (not a bool, not
+    NaN; an ``int`` where ``whole``) from ``low`` to ``high``: the one check of every
+    numeric setting of the remotes and of sync, and of the engine's arguments."""
+    kinds = int if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not (low <= value <= high):
+        allowed = f"a whole number {low:g}..{high:g}" if whole else f"{low}..{high}"
+        raise ValidationError.single(name, "is out of range", value, allowed)
+
+
+def check_flag(name: str, value: object) -> None:
+    """ValidationError naming ``name`` unless ``value`` is True or False (a truthy
+    string such as ``"no"`` must not switch a security setting on)."""
+    if not isinstance(value, bool):
+        raise ValidationError.single(name, "expected True or False", value)
+
+
+def tls_verify(ca_bundle: object) -> ssl.SSLContext | bool:
+    """What the clients verify TLS with: the system's CAs (True), or a context trusting
+    the PEM file ``ca_bundle``, read now, so a missing or unreadable file is a
+    ValidationError naming ``ca_bundle`` when the settings are made, not an OSError on
+    the first request."""
+    if ca_bundle is None:
+        return True
+    if not isinstance(ca_bundle, (str, os.PathLike)) or isinstance(ca_bundle, bytes):
+        raise ValidationError.single(
+            "ca_bundle", "expected the path of a PEM CA file, or None", type(ca_bundle)
+        )
+    path = os.fspath(ca_bundle)
+    try:
+        return ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ValidationError.single(
+            "ca_bundle", f"cannot be read as a PEM CA file ({type(exc).__name__})", path
+        ) from None
+
+
+def check_connection(
+    token_provider: object,
+    *,
+    timeout: object,
+    allow_insecure_http: object,
+    lanes: object,
+    http_transport: object,
+) -> None:
+    """The connection settings every remote takes (beside ``base_url`` and
+    ``ca_bundle``, checked by :func:`check_base_url` and :func:`tls_verify`): each bad
+    one a ValidationError naming it, before anything is sent."""
+    if not callable(token_provider):
+        raise ValidationError.single(
+            "token_provider", "must be a callable returning the bearer token", type(token_provider)
+        )
+    check_range("timeout", timeout, 0.001, 3600)
+    check_flag("allow_insecure_http", allow_insecure_http)
+    check_range("lanes", lanes, 1, 16, whole=True)
+    if http_transport is not None and not isinstance(http_transport, httpx.BaseTransport):
+        raise ValidationError.single(
+            "http_transport", "expected an httpx.BaseTransport, or None", type(http_transport)
+        )
+
+
 class Transport:
     """Sends requests to the remote service over keep-alive connections, one per lane.
 
@@ -124,7 +197,7 @@ class Transport:
         *,
         timeout: float,
         allow_insecure_http: bool = False,
-        ca_bundle: str | None = None,
+        verify: ssl.SSLContext | bool = True,
         lanes: int = 1,
         http_transport: httpx.BaseTransport | None = None,
     ) -> None:
@@ -132,9 +205,6 @@ class Transport:
         self._provider = token_provider
         self._token: str | None = None
         self._token_lock = threading.Lock()
-        verify: ssl.SSLContext | bool = True
-        if ca_bundle is not None:
-            verify = ssl.create_default_context(cafile=ca_bundle)
         self._clients = [
             httpx.Client(
                 timeout=httpx.Timeout(timeout),
@@ -225,7 +295,9 @@ class LazyTransport:
     (the next use makes a new one); safe from the engine's lanes at once.
 
     What every remote holds of its connections: a remote built in a config opens no
-    socket until the engine sends or reads.
+    socket until the engine sends or reads. Its settings are checked here, when the
+    remote is made (:func:`check_connection`, :func:`tls_verify`), so a bad one is a
+    ValidationError naming it then, never a TypeError or OSError in the sync worker.
     """
 
     def __init__(
@@ -239,13 +311,20 @@ class LazyTransport:
         lanes: int = 1,
         http_transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self._make = functools.partial(
-            Transport,
-            base_url,
+        check_connection(
             token_provider,
             timeout=timeout,
             allow_insecure_http=allow_insecure_http,
-            ca_bundle=ca_bundle,
+            lanes=lanes,
+            http_transport=http_transport,
+        )
+        self._make = functools.partial(
+            Transport,
+            check_base_url(base_url, allow_insecure_http),
+            token_provider,
+            timeout=timeout,
+            allow_insecure_http=allow_insecure_http,
+            verify=tls_verify(ca_bundle),
             lanes=lanes,
             http_transport=http_transport,
         )

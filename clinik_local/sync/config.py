@@ -11,6 +11,7 @@ its own, or a test double), and then ``base_url``/``token_provider`` are not nee
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
@@ -22,7 +23,7 @@ from ..model import TaskPriority, TaskStatus
 from ..remotes.base import SCOPE_FILTERS, Remote, Scope, is_pull_remote
 from ..remotes.clinik import ClinikRemote
 from ..remotes.fhir import FhirR4Remote
-from ..remotes.transport import check_base_url
+from ..remotes.transport import check_base_url, check_flag, check_range, tls_verify
 from ..wire import dumps
 
 if TYPE_CHECKING:
@@ -131,19 +132,30 @@ def _check_policy(_instance: Any, _attribute: Any, value: Any) -> None:
         )
 
 
-def check_range(name: str, value: object, low: float, high: float) -> None:
-    """ValidationError naming ``name`` unless ``value`` is a number (not a bool, not
-    NaN) from ``low`` to ``high``: the one check of every numeric sync setting and
-    argument."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high):
-        raise ValidationError.single(name, "is out of range", value, f"{low}..{high}")
-
-
-def _positive(name: str, low: float, high: float) -> Callable[[Any, Any, Any], None]:
+def _positive(
+    name: str, low: float, high: float, *, whole: bool = False
+) -> Callable[[Any, Any, Any], None]:
     def check(_instance: Any, _attribute: Any, value: Any) -> None:
-        check_range(name, value, low, high)
+        check_range(name, value, low, high, whole=whole)
 
     return check
+
+
+def _check_flag(_instance: Any, attribute: Any, value: Any) -> None:
+    check_flag(attribute.name, value)
+
+
+def _check_ca_bundle(_instance: Any, _attribute: Any, value: Any) -> None:
+    tls_verify(value)  # read now: a missing or unreadable file is refused here
+
+
+def _path_text(value: object) -> object:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def _check_seed(_instance: Any, _attribute: Any, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValidationError.single("jitter_seed", "expected a whole number or None", value)
 
 
 def _check_provider(instance: Any, _attribute: Any, value: Any) -> None:
@@ -213,22 +225,28 @@ class SyncConfig:
         default=None, validator=_check_provider, repr=False
     )
     timeout: float = attrs.field(default=10.0, validator=_positive("timeout", 0.001, 3600))
-    batch_size: int = attrs.field(default=200, validator=_positive("batch_size", 1, 10_000))
-    lanes: int = attrs.field(default=2, validator=_positive("lanes", 1, 16))
+    batch_size: int = attrs.field(
+        default=200, validator=_positive("batch_size", 1, 10_000, whole=True)
+    )
+    lanes: int = attrs.field(default=2, validator=_positive("lanes", 1, 16, whole=True))
     backoff_base: float = attrs.field(default=1.0, validator=_positive("backoff_base", 0, 3600))
     backoff_cap: float = attrs.field(default=300.0, validator=_positive("backoff_cap", 0, 86_400))
     max_retry_after: float = attrs.field(
         default=3600.0, validator=_positive("max_retry_after", 0, 86_400)
     )
-    allow_insecure_http: bool = False
-    ca_bundle: str | None = None
-    jitter_seed: int | None = None
-    pull: bool = attrs.field(default=True)
+    allow_insecure_http: bool = attrs.field(default=False, validator=_check_flag)
+    ca_bundle: str | None = attrs.field(
+        default=None, converter=_path_text, validator=_check_ca_bundle
+    )
+    jitter_seed: int | None = attrs.field(default=None, validator=_check_seed)
+    pull: bool = attrs.field(default=True, validator=_check_flag)
     scope: Scope | None = attrs.field(default=None, converter=normalise_scope)
     pull_interval: float = attrs.field(
         default=3.0, validator=_positive("pull_interval", 0.01, 86_400)
     )
-    pull_limit: int = attrs.field(default=1000, validator=_positive("pull_limit", 1, 1000))
+    pull_limit: int = attrs.field(
+        default=1000, validator=_positive("pull_limit", 1, 1000, whole=True)
+    )
     on_conflict: ConflictPolicy | None = attrs.field(
         default=None, validator=_check_policy, repr=False
     )
@@ -236,8 +254,6 @@ class SyncConfig:
     def __attrs_post_init__(self) -> None:
         if self.remote is None or isinstance(self.remote, str) or self.base_url is not None:
             check_base_url(self.base_url, self.allow_insecure_http)
-        if not isinstance(self.pull, bool):
-            raise ValidationError.single("pull", "expected True or False", self.pull)
         if (
             self.scope
             and self.remote is not None

@@ -37,6 +37,26 @@ __all__ = ["MEMORY", "Durability", "TaskStore"]
 _DEFAULT_OPTIONS = ConnectionOptions()
 
 
+def _file_path(path: object) -> str:
+    """``path`` as text: a ValidationError naming ``path`` for anything that is not a
+    file path (``str`` or a ``str`` ``os.PathLike``) or that SQLite could not open by
+    name (a NUL character)."""
+    text = os.fspath(path) if isinstance(path, os.PathLike) else path
+    if not isinstance(text, str):
+        raise ValidationError.single(
+            "path", "expected a file path (str or os.PathLike) or ':memory:'", type(text)
+        )
+    if "\x00" in text:
+        raise ValidationError.single("path", "contains a NUL character", text)
+    return text
+
+
+def _sync_config_type() -> type[SyncConfig]:
+    from .sync import SyncConfig
+
+    return SyncConfig
+
+
 class TaskStore:
     """A local clinik Tasks store on one SQLite file, or in memory.
 
@@ -55,6 +75,9 @@ class TaskStore:
         key: KeyProvider | None = None,
     ) -> None:
         """Prefer :meth:`TaskStore.open`; the arguments are the same."""
+        path = _file_path(path)
+        if sync is not None and not isinstance(sync, _sync_config_type()):
+            raise ValidationError.single("sync", "expected a SyncConfig, or None", type(sync))
         if key is not None and path == MEMORY:
             raise ValidationError.single(
                 "key",
@@ -73,7 +96,11 @@ class TaskStore:
         if sync is not None:
             from .sync import SyncEngine
 
-            self._sync = SyncEngine(self._db, sync)
+            try:
+                self._sync = SyncEngine(self._db, sync)
+            except BaseException:
+                self._db.close()  # a store that failed to open holds no connection
+                raise
         if path != MEMORY and (sync is None or not sync.pulls):
             self._restore_search_indexes()
 
@@ -114,7 +141,7 @@ class TaskStore:
         each leaves the file untouched. ``":memory:"`` with a key is a ValidationError.
         """
         return cls(
-            os.fspath(path), durability=durability, busy_timeout=busy_timeout, sync=sync, key=key
+            _file_path(path), durability=durability, busy_timeout=busy_timeout, sync=sync, key=key
         )
 
     def _local_change(self) -> None:

@@ -240,3 +240,45 @@ def test_fhir_reconcile_every_may_be_infinite_but_never_nan(base_url: str) -> No
     with pytest.raises(ValidationError) as caught:
         _fhir(base_url, reconcile_every=math.nan)
     assert caught.value.paths == ("reconcile_every",)
+
+
+OPEN_SETTINGS = ["path", "durability", "busy_timeout", "sync", "key"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(field=st.sampled_from(OPEN_SETTINGS), value=HOSTILE)
+def test_open_refuses_a_hostile_argument_naming_it_and_creates_no_file(
+    tmp_path_factory: pytest.TempPathFactory, field: str, value: object
+) -> None:
+    folder = tmp_path_factory.mktemp("open")
+    arguments: dict[str, Any] = {"path": folder / "store.db", field: value}
+    if field == "path" and isinstance(value, str) and value not in ("", ":memory:"):
+        arguments["path"] = folder / value.replace("/", "_")  # never outside tmp
+    refused: ClinikError | None = None
+    try:
+        TaskStore.open(**arguments).close()
+    except ClinikError as exc:
+        refused = exc
+    except Exception as exc:  # pragma: no cover - the failure this test exists for
+        pytest.fail(f"open({field}={value!r}) raised {type(exc).__name__}: {exc}")
+    if isinstance(refused, ValidationError):
+        assert _named(refused, field), (field, value, refused.paths)
+    if refused is not None:
+        assert list(folder.iterdir()) == [], (field, value, refused)
+
+
+@pytest.mark.parametrize("path", [None, 5, b"store.db", ["store.db"], "a\x00b.db"])
+def test_open_refuses_a_path_that_is_no_path_naming_path(path: object) -> None:
+    with pytest.raises(ValidationError) as caught:
+        TaskStore.open(path)  # type: ignore[arg-type]
+    assert caught.value.paths == ("path",)
+
+
+@pytest.mark.parametrize("sync", [True, "https://clinic.example/api", {"base_url": "x"}])
+def test_open_refuses_a_sync_that_is_no_sync_config_naming_sync(
+    tmp_path: Path, sync: object
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        TaskStore.open(tmp_path / "store.db", sync=sync)  # type: ignore[arg-type]
+    assert caught.value.paths == ("sync",)
+    assert list(tmp_path.iterdir()) == []

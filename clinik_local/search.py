@@ -252,12 +252,18 @@ def count_query(compiled: CompiledSearch, at_most: int | None) -> tuple[str, tup
     return compiled.bounded_count_sql, (*compiled.count_params, at_most)
 
 
+#: The largest integer SQLite binds (a bound beyond it is refused, not an OverflowError).
+_INT64 = 2**63 - 1
+
+
 def check_at_most(at_most: object) -> None:
     """ValidationError unless ``at_most`` is None or a positive integer (a count bound)."""
     if at_most is None:
         return
-    if isinstance(at_most, bool) or not isinstance(at_most, int) or at_most < 1:
-        raise ValidationError.single("at_most", "expected a positive integer", at_most, ">= 1")
+    if isinstance(at_most, bool) or not isinstance(at_most, int) or not 1 <= at_most <= _INT64:
+        raise ValidationError.single(
+            "at_most", "expected a positive integer", at_most, f"1..{_INT64}"
+        )
 
 
 def normalise_filters(

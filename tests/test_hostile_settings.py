@@ -1,20 +1,22 @@
-"""Hostile settings: every keyword of SyncConfig and of the remotes, checked when the
-settings are made.
+"""Hostile settings and arguments: every keyword of SyncConfig, of the remotes and of
+TaskStore.open, checked when the settings are made; the ids the sync engine's calls take.
 
 Before, a float ``lanes`` escaped as a TypeError, a missing ``ca_bundle`` file as a
 FileNotFoundError from ``run_once``, a float ``batch_size`` as a "datatype mismatch"
 StorageError, ``http_transport="x"`` parked the change as a dead letter and then made
 ``close()`` raise AttributeError, and ``allow_insecure_http="no"`` (a truthy string)
-switched plain http on. Now each is a ValidationError naming the setting, raised by the
-constructor, and a setting that is accepted never makes the sync worker raise anything
-but the library's own errors.
+switched plain http on; ``TaskStore.open(None)`` was a TypeError, ``open("a\\x00b")`` a
+ValueError, ``open(path, sync="https://...")`` an AttributeError; ``sync.retry([])`` a
+TypeError and ``count(at_most=2**64)`` an OverflowError. Now each is a ValidationError
+naming the setting or argument, raised before anything is written, and a setting that
+is accepted never makes the sync worker raise anything but the library's own errors.
 """
 
 from __future__ import annotations
 
 import math
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -282,3 +284,48 @@ def test_open_refuses_a_sync_that_is_no_sync_config_naming_sync(
         TaskStore.open(tmp_path / "store.db", sync=sync)  # type: ignore[arg-type]
     assert caught.value.paths == ("sync",)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def syncing_store() -> Iterator[TaskStore]:
+    config = SyncConfig(base_url=f"http://127.0.0.1:{_closed_port()}/api", token_provider=_token)
+    store = TaskStore.open(":memory:", sync=config)
+    store.tasks.create(UNREFERENCED)
+    yield store
+    store.close()
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(method=st.sampled_from(["retry", "discard", "resolve"]), value=HOSTILE)
+def test_an_engine_call_with_a_hostile_id_raises_only_clinik_errors_naming_it(
+    syncing_store: TaskStore, method: str, value: object
+) -> None:
+    engine = syncing_store.sync
+    name = "task_id" if method == "resolve" else "change_id"
+    refused: ClinikError | None = None
+    try:
+        if method == "resolve":
+            engine.resolve(value, "local")  # type: ignore[arg-type]
+        else:
+            getattr(engine, method)(value)
+    except ClinikError as exc:
+        refused = exc
+    except Exception as exc:  # pragma: no cover - the failure this test exists for
+        pytest.fail(f"{method}({value!r}) raised {type(exc).__name__}: {exc}")
+    if not isinstance(value, str):
+        assert isinstance(refused, ValidationError), (method, value, refused)
+        assert refused.paths == (name,)
+
+
+@pytest.mark.parametrize("at_most", [2**63, 10**30])
+def test_a_count_bound_beyond_sqlite_integers_is_refused_naming_at_most(
+    syncing_store: TaskStore, at_most: int
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        syncing_store.tasks.count(at_most=at_most)
+    assert caught.value.paths == ("at_most",)
+    assert syncing_store.tasks.count(at_most=2**63 - 1).data == 1

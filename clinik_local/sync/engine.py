@@ -75,7 +75,7 @@ from typing import Literal, NoReturn
 import attrs
 
 from .. import timestamps
-from ..errors import ClinikError, StorageError
+from ..errors import ClinikError, StorageError, ValidationError
 from ..remotes.base import (
     AuthFailed,
     Delivered,
@@ -217,6 +217,13 @@ class _Notifier:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+
+def _check_text(name: str, value: object) -> None:
+    """ValidationError naming ``name`` unless ``value`` is text (an id the caller got
+    from this library: a dead letter's change id, a conflict's task id)."""
+    if not isinstance(value, str):
+        raise ValidationError.single(name, "expected the id as text", type(value))
 
 
 class SyncEngine:
@@ -496,6 +503,7 @@ class SyncEngine:
         The change goes under a new change id (returned): a server may replay a stored
         refusal for the old key.
         """
+        _check_text("change_id", change_id)
         fresh = _conflicts.retry(self._db, change_id)
         self._wake.set()
         return fresh
@@ -509,6 +517,7 @@ class SyncEngine:
 
     def discard(self, change_id: str) -> None:
         """Drop a dead letter for good (the local task keeps its state)."""
+        _check_text("change_id", change_id)
         _conflicts.discard(self._db, change_id)
         self._wake.set()
 
@@ -547,6 +556,7 @@ class SyncEngine:
         if the local task changed since (an edit the conflict you looked at did not
         show), VersionConflictError and nothing changes.
         """
+        _check_text("task_id", task_id)
         _conflicts.resolve(
             self._db, task_id, keep, local_version=local_version, in_scope=self._in_scope()
         )

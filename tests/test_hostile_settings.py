@@ -329,3 +329,12 @@ def test_a_count_bound_beyond_sqlite_integers_is_refused_naming_at_most(
         syncing_store.tasks.count(at_most=at_most)
     assert caught.value.paths == ("at_most",)
     assert syncing_store.tasks.count(at_most=2**63 - 1).data == 1
+
+
+@pytest.mark.parametrize("callback", [None, 5, "print", object()])
+def test_a_status_callback_that_cannot_be_called_is_refused_when_subscribed(
+    syncing_store: TaskStore, callback: object
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        syncing_store.sync.on_status_change(callback)  # type: ignore[arg-type]
+    assert caught.value.paths == ("callback",)

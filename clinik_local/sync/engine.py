@@ -463,6 +463,10 @@ class SyncEngine:
         ``store.close()``. ``run_once()``, ``pull()`` and ``flush()`` return only after
         the callbacks have seen the status they end with.
         """
+        if not callable(callback):
+            raise ValidationError.single(
+                "callback", "must be a callable taking a SyncStatus", type(callback)
+            )
         self._callbacks.append(callback)
 
         def unsubscribe() -> None:

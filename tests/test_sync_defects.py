@@ -118,6 +118,13 @@ def test_a_second_engine_on_the_file_stands_by_naming_the_holder_and_resets_noth
     second.close()
 
 
+def _lease_holder(store: TaskStore) -> str | None:
+    """Who holds the store file's sync lease now (its row in meta), if anyone."""
+    with store.read() as conn:
+        found = lease.current(conn)
+    return None if found is None else found.holder
+
+
 def test_a_second_engine_on_the_file_pulls_nothing_while_the_first_holds_the_lease(
     tmp_path: Path, server: ReferenceServer
 ) -> None:
@@ -125,7 +132,9 @@ def test_a_second_engine_on_the_file_pulls_nothing_while_the_first_holds_the_lea
     with TaskStore.open(path, sync=config(server)) as holder:
         holder.tasks.create(REQUEST)
         assert holder.sync.flush(timeout=10)
-        holder.sync.start()  # a running worker keeps the lease
+        holder.sync.start()  # a running worker keeps the lease...
+        # ...once its first pass has taken it (flush left the state "idle" already).
+        assert wait_for(lambda: _lease_holder(holder) == holder.sync._lease.holder)
         assert wait_for(lambda: holder.sync.status().state == "idle")
         seed(server, 12)
         other_remote = GatedRemote(server)

@@ -55,8 +55,8 @@ CREATE TABLE tasks (
 --   sort use tasks_by_due, on ifnull(period_end, '~'): '~' sorts after every
 --   instant, so a task without a due date sorts last ascending and keyset cursors never
 --   compare NULLs. tasks_open_by_due holds only tasks not in a terminal status
---   (search.py writes the same `status NOT IN (...)` term, so the planner matches
---   it): overdue / dueBefore seek it, and its size is the open work, not the history.
+--   (search.py writes the same `status <> ... AND ...` terms, so the planner
+--   matches it): overdue / dueBefore seek it, and its size is the open work, not the history.
 -- * Sorts not listed (e.g. `status` alone, mixed directions, a range filter on
 --   another date than authoredOn) may sort the matching rows in a temp b-tree; the
 --   filter itself is still index-served (see search.py's docstring).
@@ -69,7 +69,8 @@ CREATE INDEX tasks_by_modified    ON tasks (last_modified, id);
 CREATE INDEX tasks_by_period_start ON tasks (period_start, id);
 CREATE INDEX tasks_by_due         ON tasks (ifnull(period_end, '~'), id);
 CREATE INDEX tasks_open_by_due    ON tasks (ifnull(period_end, '~'), id)
-    WHERE status NOT IN ('cancelled', 'completed', 'failed', 'rejected');
+    WHERE status <> 'cancelled' AND status <> 'completed' AND status <> 'failed'
+      AND status <> 'rejected';
 CREATE INDEX tasks_by_patient     ON tasks (patient_id, authored_on, id);
 CREATE INDEX tasks_by_owner       ON tasks (owner_id, authored_on, id);
 CREATE INDEX tasks_worklist       ON tasks (owner_id, priority_rank, authored_on, id);
@@ -135,7 +136,7 @@ CREATE VIRTUAL TABLE task_text_terms USING fts5vocab(task_text, 'row');
 CREATE TABLE task_history (
     task_id         TEXT NOT NULL,
     version         INTEGER NOT NULL,
-    op              TEXT NOT NULL CHECK (op IN ('create', 'update', 'delete')),
+    op              TEXT NOT NULL CHECK (op = 'create' OR op = 'update' OR op = 'delete'),
     body            TEXT,                -- wire JSON of this version; NULL: it is in tasks.body
     changed_at      TEXT NOT NULL,
     override_reason TEXT,
@@ -155,14 +156,15 @@ CREATE TABLE outbox (
     seq             INTEGER PRIMARY KEY AUTOINCREMENT,
     change_id       TEXT NOT NULL UNIQUE,
     task_id         TEXT NOT NULL,
-    op              TEXT NOT NULL CHECK (op IN ('create', 'update', 'delete')),
+    op              TEXT NOT NULL CHECK (op = 'create' OR op = 'update' OR op = 'delete'),
     payload         TEXT,                -- wire JSON for create/update; NULL for delete
     base_version    INTEGER,             -- local version the change was made on; NULL for create
     created_at      TEXT NOT NULL,
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at TEXT,
     state           TEXT NOT NULL DEFAULT 'pending'
-                    CHECK (state IN ('pending', 'in_flight', 'dead', 'conflict')),
+                    CHECK (state = 'pending' OR state = 'in_flight' OR state = 'dead'
+                           OR state = 'conflict'),
     last_error      TEXT,
     last_status     INTEGER,             -- HTTP status of the last answer, if any
     last_body       TEXT                 -- server's body of the last answer (dead letters)
@@ -208,7 +210,7 @@ ALTER TABLE outbox ADD COLUMN patch TEXT;
 -- server copy: pulled, listed, or a resolution keeping the server's task) or 'merge'
 -- (undelivered local changes replayed on a newer server version).
 ALTER TABLE task_history ADD COLUMN origin TEXT NOT NULL DEFAULT 'local'
-    CHECK (origin IN ('local', 'server', 'merge'));
+    CHECK (origin = 'local' OR origin = 'server' OR origin = 'merge');
 -- sync_bases: the last server copy of each task this device accepted, the base of
 -- every merge. body is the server's wire JSON exactly as sent (unknown fields and
 -- over-long texts included); version_id its versionId. unseen: a versionId this device
@@ -236,3 +238,14 @@ CREATE TABLE sync_bases (
 -- (storage/outbox.py PAYLOAD reads it back). Other rows (a rebase's merged change,
 -- rows of older files) carry their own payload. No statement: the version
 -- number makes an older clinik-local refuse a file whose NULL payloads it would misread.
+
+-- ====================================================================================
+-- Schema version 5 (issues 16 and 17): no IN list of three or more constants where a
+-- row is written. SQLite evaluates `x IN ('a', 'b', 'c')` in a CHECK constraint or a
+-- partial index's WHERE by filling a throwaway b-tree with the constants for every row
+-- (about 4x the instructions of the same test spelt as an OR chain: ~3 us per
+-- constraint per row). The CHECKs of task_history.op and .origin and of outbox.op and
+-- .state, and the WHERE of tasks_open_by_due, are spelt as OR / AND chains above (the
+-- same rules: every column is NOT NULL); search.py's open-task term is the same AND
+-- chain, so the planner still matches the partial index. storage/migrations.py
+-- rebuilds an older file's two tables and the index into exactly this text.

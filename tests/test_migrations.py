@@ -142,7 +142,7 @@ def test_a_version_1_file_opens_migrated_and_keeps_every_row_and_text_match(
     assert all(before[f"text:{w}"] for w in ("cbc", "lipid")), "the fixture must match text"
 
     with TaskStore.open(path) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 4
+        assert store.schema_version() == SCHEMA_VERSION == 5
         for wire in live[::17]:
             got = store.tasks.get(wire["id"]).data
             assert encode_task(got) == wire
@@ -163,7 +163,7 @@ def test_a_version_1_file_opens_migrated_and_keeps_every_row_and_text_match(
         store.tasks.delete(str(created.id))
 
     after = _snapshot(path)
-    assert after["version"] == 4
+    assert after["version"] == SCHEMA_VERSION
     assert "prefix" not in str(after["schema"])
     for key, value in before.items():
         if key in ("version", "schema"):
@@ -260,7 +260,7 @@ def test_a_version_3_outbox_row_with_its_own_payload_is_read_as_stored(
     conn.pragma("user_version", 3)
     conn.close()
     with TaskStore.open(path) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 4
+        assert store.schema_version() == SCHEMA_VERSION == 5
         created = store.tasks.create({"status": "draft", "intent": "order"}).data
         with store.read() as conn:
             old, new = outbox.select_sendable(conn, 0, 10)
@@ -268,3 +268,72 @@ def test_a_version_3_outbox_row_with_its_own_payload_is_read_as_stored(
     assert json.loads(str(old.payload)) == stored  # read as stored
     assert payloads[1] is None  # a new local create shares its history's body
     assert json.loads(str(new.payload)) == encode_task(created)
+
+
+def test_version_5_keeps_every_outbox_row_and_never_reuses_a_change_sequence_number(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v4.db"
+    with TaskStore.open(path) as store:
+        ids = [
+            str(store.tasks.create({"status": "draft", "intent": "order"}).data.id)
+            for _ in range(6)
+        ]
+    conn = apsw.Connection(str(path))
+    # Four changes delivered (removed), one parked as dead: the high-water mark is 6.
+    conn.execute("DELETE FROM outbox WHERE seq IN (3, 4, 5, 6)")
+    conn.execute("UPDATE outbox SET state = 'dead', attempts = 3 WHERE seq = 2")
+    kept = conn.execute("SELECT * FROM outbox ORDER BY seq").fetchall()
+    history = conn.execute("SELECT * FROM task_history ORDER BY task_id, version").fetchall()
+    conn.pragma("user_version", 4)
+    conn.close()
+    with TaskStore.open(path) as store:
+        assert store.schema_version() == 5
+        with store.read() as conn:
+            assert conn.execute("SELECT * FROM outbox ORDER BY seq").fetchall() == kept
+            assert (
+                conn.execute("SELECT * FROM task_history ORDER BY task_id, version").fetchall()
+                == history
+            )
+        store.tasks.update(ids[0], {"status": "ready", "intent": "order"})
+        with store.read() as conn:
+            newest = conn.execute("SELECT max(seq) FROM outbox").fetchall()[0][0]
+    assert newest == 7  # after the delivered 3..6, never one of them again
+
+
+@pytest.mark.parametrize(
+    ("table", "column", "bad"),
+    [("task_history", "op", "merge"), ("task_history", "origin", "remote"),
+     ("outbox", "op", "patch"), ("outbox", "state", "sent")],
+)  # fmt: skip
+def test_version_5_checks_refuse_what_the_in_lists_refused(
+    tmp_path: Path, table: str, column: str, bad: str
+) -> None:
+    path = tmp_path / "store.db"
+    with TaskStore.open(path) as store:
+        store.tasks.create({"status": "draft", "intent": "order"})
+    conn = apsw.Connection(str(path))
+    try:
+        with pytest.raises(apsw.ConstraintError, match="CHECK"):
+            conn.execute(f"UPDATE {table} SET {column} = ?", (bad,))
+        conn.execute(f"UPDATE {table} SET {column} = {column}")  # a good value passes
+    finally:
+        conn.close()
+
+
+def test_no_row_write_evaluates_an_in_list_of_three_or_more_constants() -> None:
+    """The rule of version 5 (schema.sql): an IN list of 3+ constants in a CHECK or a
+    partial index costs a throwaway b-tree per row written."""
+    import re
+
+    lists = re.findall(r"\bIN\s*\(([^()]*)\)", schema_sql_text())
+    assert lists  # the two-value lists of task_refs.kind and task_io.direction remain
+    assert [items for items in lists if items.count(",") >= 2] == []
+
+
+def schema_sql_text() -> str:
+    from clinik_local.storage.migrations import schema_sql
+
+    return "\n".join(
+        line.split("--")[0] for line in schema_sql().splitlines()
+    )  # SQL only, not the comments that explain it

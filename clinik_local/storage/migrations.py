@@ -26,7 +26,7 @@ __all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_VERSION", "schema_sql"]
 #: ``PRAGMA application_id`` of every clinik-local store: ASCII "Clnk".
 APPLICATION_ID = 0x436C6E6B
 #: The schema version this release writes and fully understands.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: Version 2 (issue 16, a lean write path): no triggers (storage/rows.py writes the
 #: derived rows beside every task row, from derive.py); task_text without prefix
@@ -98,8 +98,73 @@ CREATE TABLE sync_bases (
 #: it would send a NULL payload.
 _SHARED_PAYLOAD = "-- no statement: outbox rows of older versions read as they are\n"
 
+#: Version 5 (issues 16 and 17): no IN list of three or more constants is evaluated
+#: where a row is written (SQLite fills a throwaway b-tree with the constants for every
+#: row: ~3 us per list per row). task_history and outbox are copied into tables whose
+#: CHECKs are the same rules spelt as OR chains (SQLite cannot alter a CHECK), every
+#: row as it was, and tasks_open_by_due is built again with an AND chain for its WHERE
+#: (search.py's open-task term is the same text). The outbox keeps its AUTOINCREMENT
+#: high-water mark, so no change sequence number is ever reused. Each statement is
+#: spelt exactly as in schema.sql, so a migrated file and a new one have the same
+#: schema text. The index is created even in a store whose bootstrap dropped the
+#: search indexes (rows.build_search_indexes leaves an existing index as it is).
+_OR_CHAINS = """
+ALTER TABLE task_history RENAME TO task_history_v4;
+CREATE TABLE task_history (
+    task_id         TEXT NOT NULL,
+    version         INTEGER NOT NULL,
+    op              TEXT NOT NULL CHECK (op = 'create' OR op = 'update' OR op = 'delete'),
+    body            TEXT,                -- wire JSON of this version; NULL: it is in tasks.body
+    changed_at      TEXT NOT NULL,
+    override_reason TEXT,
+    PRIMARY KEY (task_id, version)
+) WITHOUT ROWID;
+ALTER TABLE task_history ADD COLUMN origin TEXT NOT NULL DEFAULT 'local'
+    CHECK (origin = 'local' OR origin = 'server' OR origin = 'merge');
+INSERT INTO task_history (task_id, version, op, body, changed_at, override_reason, origin)
+SELECT task_id, version, op, body, changed_at, override_reason, origin
+FROM task_history_v4 ORDER BY task_id, version;
+DROP TABLE task_history_v4;
+ALTER TABLE outbox RENAME TO outbox_v4;
+CREATE TABLE outbox (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    change_id       TEXT NOT NULL UNIQUE,
+    task_id         TEXT NOT NULL,
+    op              TEXT NOT NULL CHECK (op = 'create' OR op = 'update' OR op = 'delete'),
+    payload         TEXT,                -- wire JSON for create/update; NULL for delete
+    base_version    INTEGER,             -- local version the change was made on; NULL for create
+    created_at      TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at TEXT,
+    state           TEXT NOT NULL DEFAULT 'pending'
+                    CHECK (state = 'pending' OR state = 'in_flight' OR state = 'dead'
+                           OR state = 'conflict'),
+    last_error      TEXT,
+    last_status     INTEGER,             -- HTTP status of the last answer, if any
+    last_body       TEXT                 -- server's body of the last answer (dead letters)
+);
+ALTER TABLE outbox ADD COLUMN patch TEXT;
+INSERT INTO outbox (seq, change_id, task_id, op, payload, base_version, created_at, attempts,
+                    next_attempt_at, state, last_error, last_status, last_body, patch)
+SELECT seq, change_id, task_id, op, payload, base_version, created_at, attempts,
+       next_attempt_at, state, last_error, last_status, last_body, patch
+FROM outbox_v4 ORDER BY seq;
+INSERT INTO sqlite_sequence (name, seq)
+SELECT 'outbox', 0 WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'outbox');
+UPDATE sqlite_sequence
+SET seq = max(seq, ifnull((SELECT seq FROM sqlite_sequence WHERE name = 'outbox_v4'), 0))
+WHERE name = 'outbox';
+DROP TABLE outbox_v4;
+CREATE INDEX outbox_by_task  ON outbox (task_id, seq);
+CREATE INDEX outbox_by_state ON outbox (state, seq);
+DROP INDEX IF EXISTS tasks_open_by_due;
+CREATE INDEX tasks_open_by_due    ON tasks (ifnull(period_end, '~'), id)
+    WHERE status <> 'cancelled' AND status <> 'completed' AND status <> 'failed'
+      AND status <> 'rejected';
+"""
+
 #: SQL that upgrades a store *to* each version from the one before it.
-MIGRATIONS: Mapping[int, str] = {2: _TO_2, 3: _SYNC_PULL, 4: _SHARED_PAYLOAD}
+MIGRATIONS: Mapping[int, str] = {2: _TO_2, 3: _SYNC_PULL, 4: _SHARED_PAYLOAD, 5: _OR_CHAINS}
 
 
 @functools.cache

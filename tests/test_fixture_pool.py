@@ -475,7 +475,7 @@ def test_a_memory_stores_meta_rows_are_a_new_files_own(tmp_path: Any) -> None:
 
     def meta(store: TaskStore) -> dict[str, str]:
         with store._db.read() as conn:
-            rows = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            rows = {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM meta")}
         assert str(rows.pop("created_at")) >= before
         return rows
 
@@ -499,7 +499,11 @@ def test_a_closed_store_without_sync_is_freed_without_the_cyclic_gc() -> None:
         store.tasks.create(REQUEST)
         store.tasks.search(patientId="pt_1")
         store.close()
-        refs = [weakref.ref(store), weakref.ref(store._db), weakref.ref(store.tasks)]
+        refs: list[weakref.ref[object]] = [
+            weakref.ref(store),
+            weakref.ref(store._db),
+            weakref.ref(store.tasks),
+        ]
         del store
         assert [ref() for ref in refs] == [None, None, None]
     finally:

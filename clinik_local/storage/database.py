@@ -361,24 +361,27 @@ class _MemoryPool:
     def template(self, options: ConnectionOptions) -> _MemoryTemplate:
         """The template, built on first use (by whichever options come first)."""
         with self._lock:
-            self._check_fork()
-            template = self._template
-            if template is None:
-                template = self._template = _MemoryTemplate(options)
-                if template.poolable:
-                    self._idle.setdefault(options, []).append(template.first)
-                else:
-                    template.first.close()
-            return template
+            return self._template_locked(options)
+
+    def _template_locked(self, options: ConnectionOptions) -> _MemoryTemplate:
+        """(Under the lock.) :meth:`template`."""
+        self._check_fork()
+        template = self._template
+        if template is None:
+            template = self._template = _MemoryTemplate(options)
+            if template.poolable:
+                self._idle.setdefault(options, []).append(template.first)
+            else:
+                template.first.close()
+        return template
 
     def acquire(self, options: ConnectionOptions) -> tuple[apsw.Connection, bool]:
         """A connection holding exactly what a new in-memory store holds, and whether it
         is pooled (then inside the store's transaction, see :meth:`release`)."""
-        template = self.template(options)
         conn: apsw.Connection | None = None
-        if template.poolable:
-            with self._lock:
-                self._check_fork()
+        with self._lock:  # once: the template and an idle connection
+            template = self._template_locked(options)
+            if template.poolable:
                 idle = self._idle.get(options)
                 if idle:
                     conn = idle.pop()  # last in, first out: the one most likely cached

@@ -289,9 +289,10 @@ def _fts5_tables(conn: apsw.Connection) -> list[str]:
 #: A pooled store's writes: savepoints inside the store's transaction. A COMMIT makes
 #: FTS5 write its pending terms to its tables; a RELEASE does not, but opening a
 #: savepoint does: so the shadow tables after each write are what a COMMIT leaves
-#: (``store.table_counts()`` counts them).
+#: (``store.table_counts()`` counts them). The flushing savepoint is opened inside the
+#: write's and released with it: two statements, not three.
 _SAVEPOINT = "SAVEPOINT clinik_write"
-_RELEASE = "RELEASE clinik_write; SAVEPOINT clinik_flush; RELEASE clinik_flush"
+_RELEASE = "SAVEPOINT clinik_flush; RELEASE clinik_write"
 _ROLLBACK_TO = "ROLLBACK TO clinik_write; RELEASE clinik_write"
 #: What a connection must still show after the rollback to be pooled again: the schema
 #: of the image (``schema_version`` moves on any DDL that was not rolled back), no TEMP

@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 #: The measured loop (run as ``python -c LOOP MODE N``); the warm-up builds the template.
 LOOP = """
@@ -64,6 +65,7 @@ def _counts(python: str, mode: str, n: int) -> dict[str, int]:
         capture_output=True,
         text=True,
         check=True,
+        cwd=tempfile.gettempdir(),  # not a checkout: `-c` puts the cwd first on sys.path
         env={"PYTHONHASHSEED": "0", "PATH": "/usr/bin:/bin"},
     )
     found: dict[str, int] = {}

@@ -92,7 +92,12 @@ class TaskStore:
         self.durability: Durability = durability
         self._db = Database(path, options)
         self._sync: SyncEngine | None = None
-        self.tasks: TasksResource = TasksResource(self._db, on_change=self._local_change)
+        # Only a syncing store has anyone to wake. Without sync there is no callback,
+        # and so no cycle store -> tasks -> bound method -> store: a closed store is
+        # freed at once by its reference count, not left to the cyclic GC (a test's
+        # store per test would otherwise add to every collection's work).
+        on_change = self._local_change if sync is not None else None
+        self.tasks: TasksResource = TasksResource(self._db, on_change=on_change)
         if sync is not None:
             from .sync import SyncEngine
 

@@ -9,9 +9,11 @@ TEMP table, a pragma or a function on it, ran two-way sync, or was never closed.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import textwrap
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -464,6 +466,48 @@ def test_ids_versions_sequences_and_created_at_start_as_in_a_new_store() -> None
         assert str(created[0][0]) >= before  # the store's own, not the pool's or the template's
     finally:
         again.close()
+
+
+def test_a_memory_stores_meta_rows_are_a_new_files_own(tmp_path: Any) -> None:
+    """A memory store writes only its created_at at open (the image holds the rest): its
+    meta rows are still exactly those of a brand-new file, whose schema install wrote
+    them all (the baseline of the other tests is a memory store too, so it cannot tell)."""
+
+    def meta(store: TaskStore) -> dict[str, str]:
+        with store._db.read() as conn:
+            rows = {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM meta")}
+        assert str(rows.pop("created_at")) >= before
+        return rows
+
+    for _ in range(2):  # a connection never used, then a pooled one
+        before = ts.now()
+        with (
+            TaskStore.open(tmp_path / f"new{_}.db") as on_file,
+            TaskStore.open(":memory:") as memory,
+        ):
+            assert meta(memory) == meta(on_file)
+            memory.tasks.create(REQUEST)
+
+
+def test_a_closed_store_without_sync_is_freed_without_the_cyclic_gc() -> None:
+    """A test's store holds no reference cycle: closed and dropped, it is gone at once,
+    so a session of such tests adds nothing to the garbage collector's work."""
+    gc.collect()
+    gc.disable()
+    try:
+        store = TaskStore.open(":memory:")
+        store.tasks.create(REQUEST)
+        store.tasks.search(patientId="pt_1")
+        store.close()
+        refs: list[weakref.ref[object]] = [
+            weakref.ref(store),
+            weakref.ref(store._db),
+            weakref.ref(store.tasks),
+        ]
+        del store
+        assert [ref() for ref in refs] == [None, None, None]
+    finally:
+        gc.enable()
 
 
 def test_a_store_that_synced_both_ways_hands_on_a_clean_connection(

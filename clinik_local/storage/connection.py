@@ -59,6 +59,7 @@ __all__ = [
     "meta_values",
     "open_connection",
     "set_meta",
+    "stamp_memory_store",
     "storage_error",
     "translated",
     "write_fresh_meta",
@@ -316,9 +317,10 @@ def set_meta(conn: apsw.Connection, key: str, value: str | None) -> None:
 def write_fresh_meta(conn: apsw.Connection) -> None:
     """Write the ``meta`` rows a brand-new store has, with values made now (one statement).
 
-    The one list of them: a new file gets them in :func:`install_schema`, and every
-    in-memory store gets them again when it opens (it starts from a prepared image or a
-    pooled connection, both made earlier), so its ``created_at`` is its own.
+    The one list of them: a new file gets them in :func:`install_schema` (so does the
+    image every in-memory store starts from), and every in-memory store writes its
+    ``created_at`` again when it opens (:func:`stamp_memory_store`: the image and a
+    pooled connection were made earlier), so its ``created_at`` is its own.
     """
     conn.execute(_FRESH_META_SQL, ("created_at", timestamps.now(), *_FIXED_META))
 
@@ -326,6 +328,21 @@ def write_fresh_meta(conn: apsw.Connection) -> None:
 #: meta rows whose value is the same in every new store of this release.
 _FIXED_META = ("schema_created", str(SCHEMA_VERSION))
 _FRESH_META_SQL = "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?), (?, ?)"
+_CREATED_AT_SQL = "INSERT OR REPLACE INTO meta(key, value) VALUES ('created_at', ?)"
+_BEGIN_AND_CREATED_AT_SQL = "BEGIN; " + _CREATED_AT_SQL
+
+
+def stamp_memory_store(conn: apsw.Connection, *, begin: bool) -> None:
+    """An in-memory store's opening write: its own ``created_at`` (made now), after a
+    ``BEGIN`` of its pool transaction when ``begin`` (one call into SQLite for both).
+
+    Its connection holds an image made by :func:`install_schema`, which wrote every
+    row of :func:`write_fresh_meta`; the others' values are the same in every new store
+    of this release (and a pooled connection's are back at the image's after the
+    rollback), so only ``created_at`` is written again. Per store, on a test's set-up
+    path: one row and one statement fewer than :func:`write_fresh_meta`.
+    """
+    conn.execute(_BEGIN_AND_CREATED_AT_SQL if begin else _CREATED_AT_SQL, (timestamps.now(),))
 
 
 def install_schema(conn: apsw.Connection, opening: Opening) -> None:

@@ -40,9 +40,9 @@ from .connection import (
     ConnectionOptions,
     fetch_all,
     open_connection,
+    stamp_memory_store,
     storage_error,
     translated,
-    write_fresh_meta,
 )
 from .encryption import KeyProvider, fsync_directory, rekey_connection
 
@@ -289,9 +289,10 @@ def _fts5_tables(conn: apsw.Connection) -> list[str]:
 #: A pooled store's writes: savepoints inside the store's transaction. A COMMIT makes
 #: FTS5 write its pending terms to its tables; a RELEASE does not, but opening a
 #: savepoint does: so the shadow tables after each write are what a COMMIT leaves
-#: (``store.table_counts()`` counts them).
+#: (``store.table_counts()`` counts them). The flushing savepoint is opened inside the
+#: write's and released with it: two statements, not three.
 _SAVEPOINT = "SAVEPOINT clinik_write"
-_RELEASE = "RELEASE clinik_write; SAVEPOINT clinik_flush; RELEASE clinik_flush"
+_RELEASE = "SAVEPOINT clinik_flush; RELEASE clinik_write"
 _ROLLBACK_TO = "ROLLBACK TO clinik_write; RELEASE clinik_write"
 #: What a connection must still show after the rollback to be pooled again: the schema
 #: of the image (``schema_version`` moves on any DDL that was not rolled back), no TEMP
@@ -326,7 +327,7 @@ class _MemoryTemplate:
             conn.close()
         self.first = open_connection(MEMORY, "writer", options, image=self.image)
         with translated(MEMORY):
-            self.state = tuple(row[0] for row in fetch_all(self.first, _STATE_SQL))
+            self.state = fetch_all(self.first, _STATE_SQL)
             ddl = fetch_all(self.first, "SELECT sql FROM sqlite_schema WHERE sql IS NOT NULL")
         self.poolable = not any(_DEFERRED_FK.search(str(sql)) for (sql,) in ddl)
 
@@ -361,34 +362,37 @@ class _MemoryPool:
     def template(self, options: ConnectionOptions) -> _MemoryTemplate:
         """The template, built on first use (by whichever options come first)."""
         with self._lock:
-            self._check_fork()
-            template = self._template
-            if template is None:
-                template = self._template = _MemoryTemplate(options)
-                if template.poolable:
-                    self._idle.setdefault(options, []).append(template.first)
-                else:
-                    template.first.close()
-            return template
+            return self._template_locked(options)
+
+    def _template_locked(self, options: ConnectionOptions) -> _MemoryTemplate:
+        """(Under the lock.) :meth:`template`."""
+        self._check_fork()
+        template = self._template
+        if template is None:
+            template = self._template = _MemoryTemplate(options)
+            if template.poolable:
+                self._idle.setdefault(options, []).append(template.first)
+            else:
+                template.first.close()
+        return template
 
     def acquire(self, options: ConnectionOptions) -> tuple[apsw.Connection, bool]:
         """A connection holding exactly what a new in-memory store holds, and whether it
         is pooled (then inside the store's transaction, see :meth:`release`)."""
-        template = self.template(options)
         conn: apsw.Connection | None = None
-        if template.poolable:
-            with self._lock:
-                self._check_fork()
+        with self._lock:  # once: the template and an idle connection
+            template = self._template_locked(options)
+            if template.poolable:
                 idle = self._idle.get(options)
                 if idle:
                     conn = idle.pop()  # last in, first out: the one most likely cached
         if conn is None:
             conn = open_connection(MEMORY, "writer", options, image=template.image)
         try:
-            with translated(MEMORY):
-                if template.poolable:
-                    conn.execute("BEGIN")
-                write_fresh_meta(conn)
+            stamp_memory_store(conn, begin=template.poolable)
+        except apsw.Error as exc:
+            conn.close()
+            raise storage_error(exc, MEMORY) from exc
         except BaseException:
             conn.close()
             raise
@@ -408,7 +412,7 @@ class _MemoryPool:
             )
             if reusable:
                 assert template is not None
-                state = tuple(row[0] for row in fetch_all(conn, _ROLLBACK_AND_STATE_SQL))
+                state = conn.execute(_ROLLBACK_AND_STATE_SQL).fetchall()
                 conn.set_last_insert_rowid(0)
                 reusable = state == template.state
         except apsw.Error as exc:
@@ -567,8 +571,7 @@ class Database:
         if self._closed:
             raise StorageError("the store is closed")
 
-    @contextlib.contextmanager
-    def write(self) -> Iterator[apsw.Connection]:
+    def write(self) -> contextlib.AbstractContextManager[apsw.Connection]:
         """A ``BEGIN IMMEDIATE`` transaction on the writer connection; commits on success.
 
         Anything raised inside rolls the whole transaction back. apsw errors come out
@@ -576,44 +579,11 @@ class Database:
         the block run after a successful commit, outside the lock. No network I/O in here.
         Inside :func:`writes_only_if`, the caller is asked (after the locks are taken,
         before the block runs) whether it still wants the write.
+
+        A pooled store's write is a savepoint in its transaction (rolled back when it
+        closes); a write inside a write is refused by ``BEGIN``, as in any store.
         """
-        callbacks: list[Callable[[], None]]
-        still_wanted = _still_wanted.get()
-        with self._lock:
-            self._check_open()
-            conn = self._conn
-            # A pooled store's write is a savepoint in its transaction (rolled back when
-            # it closes); a write inside a write is refused by BEGIN, as in any store.
-            savepoint = self._pooled and not self._writing
-            with translated(self.path):
-                conn.execute(_SAVEPOINT if savepoint else "BEGIN IMMEDIATE")
-            self._writing += 1
-            try:
-                # Asked only now that both locks are held: a caller that gave up while
-                # waiting for them (this process's writer or another process's) never writes.
-                if still_wanted is not None and not still_wanted():
-                    raise WriteAbandonedError("the caller gave up before the write started")
-                with translated(self.path):  # no apsw error escapes the block either
-                    yield conn
-                    conn.execute(_RELEASE if savepoint else "COMMIT")
-            except BaseException:
-                # (A store closed inside the block closed its connection: nothing to undo.)
-                with contextlib.suppress(apsw.Error):
-                    if savepoint:
-                        conn.execute(_ROLLBACK_TO)
-                    elif not conn.get_autocommit():
-                        conn.execute("ROLLBACK")
-                self._after_commit.clear()
-                self._changes.clear()
-                raise
-            finally:
-                self._writing -= 1
-            callbacks, self._after_commit = self._after_commit, []
-            changes, self._changes = self._changes, []
-        if changes:
-            self.feed.publish(changes)
-        for callback in callbacks:
-            callback()
+        return _Write(self)
 
     def note_change(self, task_id: str, origin: ChangeOrigin) -> None:
         """The current write changes ``task_id``: watchers hear of it after the commit."""
@@ -808,6 +778,92 @@ class Database:
                 quoted = '"' + name.replace('"', '""') + '"'
                 counts[name] = int(fetch_all(conn, f"SELECT count(*) FROM {quoted}")[0][0])
         return counts
+
+
+class _Write:
+    """``Database.write()``: its lock, transaction (or savepoint), commit and rollback.
+
+    A plain class rather than a ``contextlib.contextmanager`` (which, with the two
+    ``translated`` blocks it needed inside, was three generators per write): a fixture
+    store's every create goes through here, and with the CPU caches cold, as between two
+    pytest tests, that machinery cost more than the empty write's own SQL.
+    """
+
+    __slots__ = ("_conn", "_db", "_savepoint")
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def __enter__(self) -> apsw.Connection:
+        db = self._db
+        still_wanted = _still_wanted.get()
+        db._lock.acquire()
+        try:
+            db._check_open()
+            conn = self._conn = db._conn
+            savepoint = self._savepoint = db._pooled and not db._writing
+            try:
+                conn.execute(_SAVEPOINT if savepoint else "BEGIN IMMEDIATE")
+            except apsw.Error as exc:
+                raise storage_error(exc, db.path) from exc
+        except BaseException:
+            db._lock.release()
+            raise
+        db._writing += 1
+        if still_wanted is not None:
+            # Asked only now that both locks are held: a caller that gave up while
+            # waiting for them (this process's writer or another process's) never writes.
+            try:
+                if not still_wanted():
+                    raise WriteAbandonedError("the caller gave up before the write started")
+            except BaseException:
+                self._undo()
+                raise
+        return conn
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        db = self._db
+        if exc is None:
+            try:
+                self._conn.execute(_RELEASE if self._savepoint else "COMMIT")
+            except BaseException as failure:
+                self._undo()
+                if isinstance(failure, apsw.Error):
+                    raise storage_error(failure, db.path) from failure
+                raise
+            db._writing -= 1
+            callbacks, db._after_commit = db._after_commit, []
+            changes, db._changes = db._changes, []
+            db._lock.release()
+            if changes:
+                db.feed.publish(changes)
+            for callback in callbacks:
+                callback()
+            return
+        self._undo()
+        if isinstance(exc, apsw.Error):  # no apsw error escapes the block either
+            raise storage_error(exc, db.path) from exc
+
+    def _undo(self) -> None:
+        """Roll the write back, forget its callbacks and changes, and release the lock.
+
+        (A store closed inside the block closed its connection: nothing to undo.)
+        """
+        db = self._db
+        conn = self._conn
+        try:
+            with contextlib.suppress(apsw.Error):
+                if self._savepoint:
+                    conn.execute(_ROLLBACK_TO)
+                elif not conn.get_autocommit():
+                    conn.execute("ROLLBACK")
+            db._after_commit.clear()
+            db._changes.clear()
+        finally:
+            db._writing -= 1
+            db._lock.release()
 
 
 class _MemoryRead:

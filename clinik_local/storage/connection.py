@@ -55,6 +55,7 @@ __all__ = [
     "Role",
     "Step",
     "fetch_all",
+    "fetch_among",
     "meta_value",
     "meta_values",
     "open_connection",
@@ -160,6 +161,10 @@ def translated(path: str = "") -> Iterator[None]:
         raise storage_error(exc, path) from exc
 
 
+#: Ids bound in one statement by :func:`fetch_among` (SQLite allows 32,766 parameters).
+IDS_PER_STATEMENT = 5000
+
+
 def fetch_all(
     conn: apsw.Connection, sql: str, params: tuple[object, ...] = ()
 ) -> list[tuple[Any, ...]]:
@@ -168,18 +173,23 @@ def fetch_all(
     return rows
 
 
-def ids_among(conn: apsw.Connection, sql: str, ids: Sequence[str]) -> set[str]:
-    """Which of ``ids`` a query finds (its first column, as strings), in one statement.
-
-    ``sql`` holds ``{ids}`` where the list goes (``... WHERE id IN ({ids})``), as often
-    as it needs; each one becomes a placeholder per id, so every value stays bound.
-    """
-    if not ids:
-        return set()
+def fetch_among(conn: apsw.Connection, sql: str, ids: Sequence[str]) -> list[tuple[Any, ...]]:
+    """The rows a query finds for a list of ids, the list bound where ``sql`` holds
+    ``{ids}`` (``... WHERE id IN ({ids})``, as often as it needs): each becomes a
+    placeholder per id, so every value stays bound. A long list is asked in chunks of
+    :data:`IDS_PER_STATEMENT` (the rows of all chunks, in order)."""
     uses = sql.count("{ids}")
-    marks = ",".join("?" * len(ids))
-    found = fetch_all(conn, sql.replace("{ids}", marks), tuple(ids) * uses)
-    return {str(r[0]) for r in found}
+    found: list[tuple[Any, ...]] = []
+    for start in range(0, len(ids), IDS_PER_STATEMENT):
+        part = tuple(ids[start : start + IDS_PER_STATEMENT])
+        marks = ",".join("?" * len(part))
+        found.extend(fetch_all(conn, sql.replace("{ids}", marks), part * uses))
+    return found
+
+
+def ids_among(conn: apsw.Connection, sql: str, ids: Sequence[str]) -> set[str]:
+    """Which of ``ids`` a query finds (its first column, as strings): :func:`fetch_among`."""
+    return {str(r[0]) for r in fetch_among(conn, sql, ids)}
 
 
 # --- the set-up steps -----------------------------------------------------------------

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import apsw
 import attrs
 
-from .connection import fetch_all, ids_among, meta_value, meta_values, set_meta
+from .connection import fetch_all, fetch_among, ids_among, meta_value, meta_values, set_meta
 
 __all__ = [
     "Base",
@@ -47,6 +47,7 @@ __all__ = [
     "set_bases_many",
     "set_unseen",
     "unlisted_tasks",
+    "versions_among",
     "write_state",
 ]
 
@@ -199,6 +200,15 @@ def set_bases_many(
         "listed = max(listed, excluded.listed)",
         [(task_id, version, body, listed) for task_id, version, body in bases],
     )
+
+
+def versions_among(
+    conn: apsw.Connection, task_ids: Sequence[str]
+) -> dict[str, tuple[str | None, str | None]]:
+    """The ``(version_id, unseen)`` of the bases of these tasks (one query; bodies are not
+    read): what a page needs to know of each task's base before it applies the task."""
+    sql = "SELECT task_id, version_id, unseen FROM sync_bases WHERE task_id IN ({ids})"
+    return {str(r[0]): (r[1], r[2]) for r in fetch_among(conn, sql, task_ids)}
 
 
 def based_ids(conn: apsw.Connection, task_ids: Sequence[str]) -> set[str]:

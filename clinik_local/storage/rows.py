@@ -10,7 +10,7 @@ connection of the caller's open ``BEGIN IMMEDIATE`` transaction, so the three co
 together or not at all.
 
 **Server copies** (:func:`write_server_copy`, :func:`delete_server_copy`,
-:func:`write_new_server_copies`) store what the server said: the task row and a history
+:func:`write_server_copies`) store what the server said: the task row and a history
 row marked ``origin = 'server'`` (or ``'merge'`` for a rebase's merged task), and *no*
 outbox row, since there is nothing to send back. Pulled and listed tasks, 412 rebases
 and conflict resolution ("keep the server's version") land through them. A server copy
@@ -60,7 +60,7 @@ import attrs
 
 from .. import timestamps
 from ..codec import decode_task, encode_task, task_from_stored
-from ..derive import derive_rows
+from ..derive import DerivedRows, derive_rows
 from ..errors import TaskExistsError, ValidationError
 from ..ids import new_task_id
 from ..merge import MERGE_FIELDS, SERVER_MANAGED
@@ -68,7 +68,7 @@ from ..model import NO_PRIORITY_RANK, Task
 from ..search import CompiledSearch, count_query, page_query
 from ..wire import dumps, without_server_fields
 from . import outbox, replica
-from .connection import fetch_all, ids_among
+from .connection import fetch_all, fetch_among, ids_among
 
 __all__ = [
     "BOOTSTRAP_BULK_MIN",
@@ -76,7 +76,6 @@ __all__ = [
     "FTS_OPTIMIZE_AFTER",
     "INSERT_HISTORY",
     "INSERT_TASK",
-    "UPDATE_TASK",
     "HistoryRow",
     "build_search_indexes",
     "count_matching",
@@ -97,7 +96,7 @@ __all__ = [
     "task_row",
     "top_version",
     "update_local",
-    "write_new_server_copies",
+    "write_server_copies",
     "write_server_copy",
 ]
 
@@ -108,14 +107,6 @@ _COLUMNS = (
 )
 #: Insert one task row; parameters as :func:`task_row` builds them.
 INSERT_TASK = f"INSERT INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * 18)})"
-#: Replace a task row; parameters: :func:`task_row` without the id, then the id.
-UPDATE_TASK = """
-UPDATE tasks SET version = ?, status = ?, intent = ?, priority = ?, priority_rank = ?,
-    code = ?, patient_id = ?, owner_id = ?, requester_id = ?, encounter_id = ?,
-    focus_id = ?, business_status = ?, authored_on = ?, last_modified = ?,
-    period_start = ?, period_end = ?, body = ?
-WHERE id = ?
-"""
 #: Insert one history row: (task_id, version, op, body, changed_at, override_reason);
 #: body None for the task's current version (its body is in tasks).
 INSERT_HISTORY = """
@@ -213,7 +204,9 @@ def _version_of(task: Task) -> int:
 
 _INSERT_TASK_AT = f"INSERT INTO tasks (seq, {_COLUMNS}) VALUES ({', '.join('?' * 19)})"
 _NEXT_SEQ = "SELECT coalesce(max(seq), 0) + 1 FROM tasks"
-_SELECT_SEQ_BODY = "SELECT seq, body FROM tasks WHERE id = ?"
+#: The row a replacement replaces: its seq, then the columns of :data:`INSERT_TASK`.
+_SELECT_OLD_ROW = f"SELECT seq, {_COLUMNS} FROM tasks WHERE id = ?"
+_COLUMN_NAMES = tuple(c.strip() for c in _COLUMNS.split(","))
 _DELETE_TASK_RETURNING = "DELETE FROM tasks WHERE id = ? RETURNING seq, body"
 _INSERT_REF = "INSERT INTO task_refs (kind, ref, seq) VALUES (?, ?, ?)"
 _INSERT_IO = "INSERT INTO task_io (direction, type, value, seq, pos) VALUES (?, ?, ?, ?, ?)"
@@ -242,22 +235,54 @@ FTS_OPTIMIZE_AFTER = 10_000
 
 def _insert_derived(conn: apsw.Connection, items: Iterable[tuple[int, Mapping[str, Any]]]) -> None:
     """task_refs, task_io and task_text rows of each (seq, wire task), as derive_rows says."""
-    refs: list[tuple[object, ...]] = []
-    io: list[tuple[object, ...]] = []
-    text: list[tuple[object, ...]] = []
-    for seq, wire in items:
-        derived = derive_rows(wire)
-        refs.extend((kind, ref, seq) for kind, ref in derived.refs)
-        io.extend((d, t, v, seq, pos) for d, t, v, pos in derived.io)
-        text.append((seq, *derived.text))
+    _insert_rows(conn, [(seq, derive_rows(wire)) for seq, wire in items])
+
+
+def _insert_rows(
+    conn: apsw.Connection, items: Sequence[tuple[int, DerivedRows]], *, text: bool = True
+) -> None:
+    """Bind derived rows (each (seq, rows)); ``text=False``: not their task_text rows."""
+    refs = [(kind, ref, seq) for seq, d in items for kind, ref in d.refs]
+    io = [(dr, t, v, seq, pos) for seq, d in items for dr, t, v, pos in d.io]
     if refs:
         conn.executemany(_INSERT_REF, refs)
     if io:
         conn.executemany(_INSERT_IO, io)
-    if len(text) == 1:
-        conn.execute(_INSERT_TEXT, text[0])
+    if not text or not items:
+        return
+    if len(items) == 1:
+        seq, d = items[0]
+        conn.execute(_INSERT_TEXT, (seq, *d.text))
     else:
-        conn.executemany(_INSERT_TEXT, text)
+        conn.executemany(_INSERT_TEXT, [(seq, *d.text) for seq, d in items])
+
+
+def _rewrite_derived(
+    conn: apsw.Connection, items: Sequence[tuple[int, Mapping[str, Any], str]]
+) -> None:
+    """Bring the derived rows of replaced task rows (each (seq, new wire, old body)) in
+    step, table by table: only a table whose rows differ from the old body's is
+    rewritten. The old rows are what derive_rows made of the old body (the one writer
+    wrote them so), and a task_text row is the costliest to replace (an FTS5 delete
+    reads the row's doclists back): a pulled status or owner change leaves it be."""
+    refs: list[tuple[int, DerivedRows]] = []
+    io: list[tuple[int, DerivedRows]] = []
+    text: list[tuple[int, DerivedRows]] = []
+    for seq, wire, old_body in items:
+        new, old = derive_rows(wire), derive_rows(json.loads(old_body))
+        if new.refs != old.refs:
+            refs.append((seq, new))
+        if new.io != old.io:
+            io.append((seq, new))
+        if new.text != old.text:
+            text.append((seq, new))
+    for sql, part in zip(_DELETE_DERIVED, (refs, io, text), strict=True):
+        if part:
+            conn.executemany(sql, [(seq,) for seq, _ in part])
+    _insert_rows(conn, [(seq, attrs.evolve(d, io=())) for seq, d in refs], text=False)
+    _insert_rows(conn, [(seq, attrs.evolve(d, refs=())) for seq, d in io], text=False)
+    if text:
+        _insert_rows(conn, [(seq, attrs.evolve(d, refs=(), io=())) for seq, d in text])
 
 
 def _write_task_rows(
@@ -267,15 +292,20 @@ def _write_task_rows(
     wires: Sequence[Mapping[str, Any]] | None,
     *,
     exists: bool,
+    olds: Sequence[tuple[Any, ...]] | None = None,
 ) -> None:
     """Write task rows (new ones, or ``exists``: replacing the row of the same id) and
     keep their derived rows in step: the one place task rows are written.
 
     New rows get explicit seqs, max + 1 onwards (the caller holds the write lock), so a
     batch is one executemany and its derived rows know their seqs; a single new row
-    takes SQLite's own max + 1 (``last_insert_rowid``: one statement fewer). A replaced row keeps
-    its seq; its derived rows are rewritten only when the body changed. ``wires`` are
-    the wire forms of ``bodies`` when the caller has them (else parsed from the body).
+    takes SQLite's own max + 1 (``last_insert_rowid``: one statement fewer). A replaced
+    row keeps its seq, and only its changed columns are set (:func:`_update_changed`),
+    only its changed derived rows rewritten (:func:`_rewrite_derived`). ``olds``: the
+    rows replaced, as :data:`_SELECT_OLD_ROW` reads them, when the caller has read them
+    already (else read here); a batch of replacements is one executemany per statement.
+    ``wires`` are the wire forms of ``bodies`` when the caller has them (else parsed
+    from the body).
     """
     wire_list = list(wires) if wires is not None else [json.loads(b) for b in bodies]
     if not exists and len(tasks) == 1:
@@ -294,14 +324,43 @@ def _write_task_rows(
         )
         _insert_derived(conn, enumerate(wire_list, first))
         return
-    for task, body, wire in zip(tasks, bodies, wire_list, strict=True):
-        seq, old_body = fetch_all(conn, _SELECT_SEQ_BODY, (task.id,))[0]
-        conn.execute(_KEEP_SUPERSEDED, (old_body, task.id))
-        conn.execute(UPDATE_TASK, (*task_row(task, _version_of(task), body)[1:], task.id))
-        if old_body != body:
-            for sql in _DELETE_DERIVED:
-                conn.execute(sql, (seq,))
-            _insert_derived(conn, [(int(seq), wire)])
+    if olds is None:
+        olds = [fetch_all(conn, _SELECT_OLD_ROW, (t.id,))[0] for t in tasks]
+    conn.executemany(_KEEP_SUPERSEDED, [(o[-1], t.id) for t, o in zip(tasks, olds, strict=True)])
+    _update_changed(
+        conn, [task_row(t, _version_of(t), b) for t, b in zip(tasks, bodies, strict=True)], olds
+    )
+    _rewrite_derived(
+        conn,
+        [
+            (int(old[0]), wire, str(old[-1]))
+            for old, body, wire in zip(olds, bodies, wire_list, strict=True)
+            if old[-1] != body
+        ],
+    )
+
+
+def _update_changed(
+    conn: apsw.Connection, new_rows: Sequence[tuple[object, ...]], olds: Sequence[tuple[Any, ...]]
+) -> None:
+    """Replace task rows (``new_rows`` as :func:`task_row` builds them) setting only the
+    columns whose value changed, one executemany per set of changed columns.
+
+    SQLite rewrites the entry of every index on a column an UPDATE sets, equal value or
+    not: a full-row UPDATE of a pulled version that changed its note and lastModified
+    rewrote all 17 index entries of the task, and cost ten times one that sets version,
+    last_modified and body (benchmarks/bench_store.py, pulled updates). ``olds``: the
+    rows replaced, as :data:`_SELECT_OLD_ROW` reads them (seq first).
+    """
+    groups: dict[tuple[int, ...], list[tuple[object, ...]]] = {}
+    for new, old in zip(new_rows, olds, strict=True):
+        # new[0] / old[1] is the id, the same on both; old[0] is the seq
+        changed = tuple(i for i in range(1, len(new)) if new[i] != old[i + 1])
+        if changed:
+            groups.setdefault(changed, []).append((*(new[i] for i in changed), old[0]))
+    for changed, params in groups.items():
+        sets = ", ".join(f"{_COLUMN_NAMES[i]} = ?" for i in changed)  # names from _COLUMNS
+        conn.executemany(f"UPDATE tasks SET {sets} WHERE seq = ?", params)
 
 
 def _delete_task_row(conn: apsw.Connection, task_id: str) -> bool:
@@ -576,18 +635,18 @@ def write_server_copy(
     a rebase's merged task. Returns the task as stored, or None when the copy cannot
     be read as a Task here (then the local task, if any, is removed: the base keeps it).
     """
-    found = current(conn, task_id)
+    olds = fetch_all(conn, _SELECT_OLD_ROW, (task_id,))  # read once, for the update too
     made = storable(task_id, wire_task)
     if made is None:
-        if found is not None:
-            _remove(conn, task_id, found[0], now, origin)
+        if olds:
+            _remove(conn, task_id, str(olds[0][-1]), now, origin)
         return None
     task, body_map = made
     version = top_version(conn, task_id) + 1
     modified = _server_instant(wire_task.get("lastModified"), now)
     body = _stamped(task, body_map, task_id, version, modified)
-    _write_task_rows(conn, [task], [body], [body_map], exists=found is not None)
-    op = "update" if found is not None else "create"
+    _write_task_rows(conn, [task], [body], [body_map], exists=bool(olds), olds=olds or None)
+    op = "update" if olds else "create"
     conn.execute(_INSERT_HISTORY_FROM, (task_id, version, op, None, now, reason, origin))
     return task
 
@@ -602,32 +661,55 @@ def known_ids(conn: apsw.Connection, task_ids: Sequence[str]) -> set[str]:
     )
 
 
-def write_new_server_copies(
+_CURRENT_AMONG = f"SELECT seq, {_COLUMNS} FROM tasks WHERE id IN ({{ids}})"
+_TOP_AMONG = (
+    "SELECT task_id, max(version) FROM task_history WHERE task_id IN ({ids}) GROUP BY task_id"
+)
+
+
+def write_server_copies(
     conn: apsw.Connection, copies: Sequence[tuple[str, Mapping[str, Any]]], *, now: str
 ) -> list[str]:
-    """Server copies of tasks this store has never had (:func:`known_ids` says none of
-    them), written in bulk: what a bootstrap lists into an empty store. Returns the ids
-    written (a copy that cannot be read as a Task here is left out, as in
-    :func:`write_server_copy`)."""
-    tasks: list[Task] = []
-    bodies: list[str] = []
-    wires: list[dict[str, Any]] = []
+    """:func:`write_server_copy` (origin ``'server'``, no reason) for many tasks of
+    distinct ids, new here or not, in a few statements: what a pull page or a listing
+    page applies. Each copy lands exactly as :func:`write_server_copy` would land it
+    (the next local version, the same rows); the local rows and top versions of all of
+    them are read in two queries, and the new rows, the replaced rows and the history
+    rows are each written by one executemany. Returns the ids written (a copy that
+    cannot be read as a Task here is left out, its local task removed)."""
+    ids = [task_id for task_id, _ in copies]
+    found = {str(r[1]): r for r in fetch_among(conn, _CURRENT_AMONG, ids)}
+    tops = {str(r[0]): int(r[1]) for r in fetch_among(conn, _TOP_AMONG, ids)}
+    new: tuple[list[Task], list[str], list[dict[str, Any]]] = ([], [], [])
+    known: tuple[list[Task], list[str], list[dict[str, Any]]] = ([], [], [])
+    olds: list[tuple[Any, ...]] = []
+    history: list[tuple[object, ...]] = []
     for task_id, wire_task in copies:
+        old = found.get(task_id)
         made = storable(task_id, wire_task)
         if made is None:
+            if old is not None:
+                _remove(conn, task_id, str(old[-1]), now, "server")
             continue
         task, body_map = made
+        version = tops.get(task_id, 0) + 1
         modified = _server_instant(wire_task.get("lastModified"), now)
-        bodies.append(_stamped(task, body_map, task_id, 1, modified))
-        tasks.append(task)
-        wires.append(body_map)
-    if tasks:
-        _write_task_rows(conn, tasks, bodies, wires, exists=False)
-        conn.executemany(
-            _INSERT_HISTORY_FROM,
-            [(t.id, 1, "create", None, now, None, "server") for t in tasks],
-        )
-    return [str(t.id) for t in tasks]
+        body = _stamped(task, body_map, task_id, version, modified)
+        into = new if old is None else known
+        into[0].append(task)
+        into[1].append(body)
+        into[2].append(body_map)
+        if old is not None:
+            olds.append(old)
+        op = "update" if old is not None else "create"
+        history.append((task_id, version, op, None, now, None, "server"))
+    if new[0]:
+        _write_task_rows(conn, *new, exists=False)
+    if known[0]:
+        _write_task_rows(conn, *known, exists=True, olds=olds)
+    if history:
+        conn.executemany(_INSERT_HISTORY_FROM, history)
+    return [str(row[0]) for row in history]
 
 
 #: A bootstrap into an empty store whose first listing page has at least this many tasks

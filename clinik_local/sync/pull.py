@@ -23,7 +23,7 @@ during a request:
    undelivered change are removed (deleted on the server, or outside the scope), and the
    log is read from the saved ``changes_cursor``.
 3. **The log.** Each page's items are applied, task by task
-   (:func:`.rebase.apply_items`), and the cursor advanced in one transaction;
+   (:func:`.rebase.apply_page`), and the cursor advanced in one transaction;
    applying a page twice changes nothing. ``410``
    (:class:`~clinik_local.remotes.base.CursorExpired`) starts a new bootstrap; pending
    local changes are kept (they are rebased on what the listing shows).
@@ -51,7 +51,6 @@ from ..remotes.base import (
     CursorExpired,
     ListedPage,
     ListOutcome,
-    LogItem,
     PullRemote,
     Refused,
     Scope,
@@ -280,11 +279,8 @@ class Puller:
             if again.cursor != state.cursor:
                 return None  # another engine applied this page: read again
             ctx = self.context(again.generation)
-            by_task: dict[str, list[LogItem]] = {}
-            for item in page.items:
-                by_task.setdefault(item.task_id, []).append(item)
-            for task_id, items in by_task.items():
-                accepted = rebase.apply_items(self._db, conn, ctx, items, now)
+            applied = rebase.apply_page(self._db, conn, ctx, page.items, now)
+            for task_id, accepted in applied.items():
                 if accepted.conflict:
                     result.conflicts.append(task_id)
                 if accepted.changed:

@@ -21,10 +21,17 @@ bootstrap, the ``data`` of a ``412`` answer. What happens depends on the task's 
 
 :func:`apply_items` and :func:`apply_listed` add what the log and the listing need on top:
 own changes coming back, versions already known, and versions learnt outside the log.
+A page is applied whole (:func:`apply_page` for the log, :func:`apply_listing` for a
+listing): its plain server copies (no open change, no mark, a new version in the scope:
+most of a page) are written together, a few statements for the page
+(``rows.write_server_copies``, ``replica.set_bases_many``,
+``outbox.set_server_versions``), and the other tasks one at a time, as before; the
+rows each task ends with are the same either way (tests/test_pull_page.py).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -46,6 +53,7 @@ __all__ = [
     "apply_items",
     "apply_listed",
     "apply_listing",
+    "apply_page",
     "local_changes",
 ]
 
@@ -392,36 +400,106 @@ def _own_change(
     return Accepted()
 
 
+def _plain(
+    ctx: Context,
+    base: tuple[str | None, str | None] | None,
+    task: Mapping[str, Any] | None,
+    version: str | None,
+) -> bool:
+    """Whether accepting this server version of a task WITHOUT open changes is a plain
+    server copy (:func:`accept`'s first case, written as one): a task in the scope, not
+    a deletion, whose base (``(version_id, unseen)``, None: no base) has no unseen mark
+    and is not at this version already (that asks whether the local task is in step,
+    one task at a time)."""
+    if task is None or not scope_matches(ctx.scope, task):
+        return False
+    if base is None:
+        return True
+    base_version, unseen = base
+    return unseen is None and (version is None or base_version != version)
+
+
+def _accept_plain(
+    db: Database,
+    conn: apsw.Connection,
+    ctx: Context,
+    copies: Sequence[tuple[str, Mapping[str, Any], str | None]],
+    now: str,
+) -> None:
+    """:func:`accept` of many ``(task_id, server task, version)`` for which :func:`_plain`
+    holds, in bulk: the server copies (``rows.write_server_copies``), their bases (the
+    JSON as sent) and server versions, each one executemany."""
+    rows.write_server_copies(conn, [(i, t) for i, t, _ in copies], now=now)
+    replica.set_bases_many(conn, [(i, v, dumps(t)) for i, t, v in copies], listed=ctx.generation)
+    outbox.set_server_versions(conn, [(i, v, t.get("lastModified")) for i, t, v in copies], now)
+    db.note_changes([i for i, _, _ in copies], "pulled")
+
+
+def apply_page(
+    db: Database, conn: apsw.Connection, ctx: Context, items: Sequence[LogItem], now: str
+) -> dict[str, Accepted]:
+    """Apply one page of the change log: :func:`apply_items` for each task's items, in
+    the page's order, what it did per task id (in the order the tasks first appear).
+
+    The bases and open changes of the page's tasks are read in two queries; a task with
+    no open change whose last item :func:`_plain` says is a plain server copy (what a
+    page mostly holds) is written with the others in bulk (:func:`_accept_plain`),
+    exactly as :func:`apply_items` would write it (its earlier items are superseded,
+    and none can be an own change: there is none open); the rest take
+    :func:`apply_items`. Idempotent like it: a page applied again finds every base at
+    its version, and changes nothing."""
+    by_task: dict[str, list[LogItem]] = {}
+    for item in items:
+        by_task.setdefault(item.task_id, []).append(item)
+    ids = list(by_task)
+    pending = outbox.tasks_with_open_changes(conn, ids)
+    bases = replica.versions_among(conn, ids)
+    plain: dict[str, tuple[str, Mapping[str, Any], str | None]] = {}
+    for task_id, group in by_task.items():
+        last = group[-1]
+        task = None if last.deleted else last.task
+        if (
+            task is not None
+            and task_id not in pending
+            and _plain(ctx, bases.get(task_id), task, last.version)
+        ):
+            plain[task_id] = (task_id, task, last.version)
+    if plain:
+        _accept_plain(db, conn, ctx, list(plain.values()), now)
+    return {
+        task_id: Accepted(changed=True)
+        if task_id in plain
+        else apply_items(db, conn, ctx, group, now)
+        for task_id, group in by_task.items()
+    }
+
+
 def apply_listing(
     db: Database, conn: apsw.Connection, ctx: Context, tasks: Sequence[dict[str, Any]], now: str
 ) -> list[Accepted]:
-    """Apply a whole listing page; :func:`apply_listed` per task, except that tasks this
-    store has never seen (no local task or history, no base, no open change) and in the
-    scope are written in bulk (a bootstrap into an empty store)."""
+    """Apply a whole listing page; :func:`apply_listed` per task, except that the tasks
+    with no open change that the page shows once and :func:`_plain` says are plain
+    server copies (every task of a bootstrap into an empty store) are written in bulk
+    (:func:`_accept_plain`) first."""
     ids = [str(t["id"]) for t in tasks]
-    taken = rows.known_ids(conn, ids) | replica.based_ids(conn, ids)
-    taken |= outbox.tasks_with_open_changes(conn, ids)
-    fresh: dict[str, dict[str, Any]] = {}
+    once = {i for i, n in Counter(ids).items() if n == 1}
+    pending = outbox.tasks_with_open_changes(conn, ids)
+    bases = replica.versions_among(conn, ids)
+    plain: dict[str, tuple[str, Mapping[str, Any], str | None]] = {}
     for task_id, task in zip(ids, tasks, strict=True):
-        if task_id not in taken and task_id not in fresh and scope_matches(ctx.scope, task):
-            fresh[task_id] = task
-    results: list[Accepted] = []
-    if fresh:
-        written = rows.write_new_server_copies(conn, list(fresh.items()), now=now)
-        bodies = [(i, _text(t.get("versionId")), dumps(t)) for i, t in fresh.items()]
-        replica.set_bases_many(conn, bodies, listed=ctx.generation)
-        outbox.set_server_versions(
-            conn,
-            [(i, _text(t.get("versionId")), t.get("lastModified")) for i, t in fresh.items()],
-            now,
-        )
-        db.note_changes(written, "pulled")
-    for task_id, task in zip(ids, tasks, strict=True):
-        if task_id in fresh:
-            results.append(Accepted(changed=True))
-        else:
-            results.append(apply_listed(db, conn, ctx, task, now))
-    return results
+        version = _text(task.get("versionId"))
+        if (
+            task_id in once
+            and task_id not in pending
+            and _plain(ctx, bases.get(task_id), task, version)
+        ):
+            plain[task_id] = (task_id, task, version)
+    if plain:
+        _accept_plain(db, conn, ctx, list(plain.values()), now)
+    return [
+        Accepted(changed=True) if task_id in plain else apply_listed(db, conn, ctx, task, now)
+        for task_id, task in zip(ids, tasks, strict=True)
+    ]
 
 
 def _text(value: object) -> str | None:

@@ -28,13 +28,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import apsw
+from bench_store import (
+    _ANCHOR_OUTBOX,
+    _ANCHOR_TASK,
+    anchor_bulk,
+    anchor_row,
+    open_anchor,
+    prepared_rows,
+)
 
 from clinik_local import TaskStore
 from clinik_local.demo import SEED_LAB_ORDER, generate_requests
 from clinik_local.ids import new_change_id
-
-from bench_store import _ANCHOR_OUTBOX, _ANCHOR_TASK, anchor_bulk, anchor_row, open_anchor
-from bench_store import prepared_rows
 
 _WAL_HEADER = 32
 _FRAME_HEADER = 24

@@ -1294,16 +1294,24 @@ _ASCII_WORD = re.compile(r"[a-z0-9]+")
 #: A text word whose prefix is the start of more vocabulary terms than this is left to
 #: the sparse plan (one FTS5 OR-query of that many exact terms per probe is too many).
 _MAX_TERMS = 64
-#: The exact index terms a word is the prefix of, as an FTS5 OR-query (the word itself,
-#: matching nothing, when there are none). task_text_terms is the fts5vocab view of
-#: task_text: a prefix query ("lipid"*) cannot seek a rowid, its exact terms can.
+#: The exact index terms a word is the prefix of, as an FTS5 OR-query: the word itself
+#: (which matches nothing when it is no term) OR every longer term it starts. A prefix
+#: query ("lipid"*) cannot seek a rowid, its exact terms can. task_text_terms is the
+#: fts5vocab view of task_text; it reads the whole doclist of every term it yields, so
+#: the range starts just after the word (``word || char(0)``: no term holds a NUL) and
+#: the word's own doclist, a third of all tasks for a common word, is never read there.
 _TERMS_OR = (
-    "(SELECT ifnull('(' || group_concat('\"' || replace(term, '\"', '\"\"') || '\"', ' OR ') "
-    "|| ')', '\"' || ? || '\"') FROM task_text_terms WHERE term >= ? AND term < ?)"
+    "(SELECT '(\"' || ? || '\"' || ifnull(group_concat(' OR \"' || replace(term, '\"', "
+    "'\"\"') || '\"', ''), '') || ')' FROM task_text_terms WHERE term >= ? AND term < ?)"
 )
+#: A word's estimated documents: those of its longer terms (fts5vocab's doc counts) plus
+#: those of the word itself, counted by a bounded FTS5 query of the exact term (it stops
+#: at the threshold, ``?{t}``); 0 when the word starts more than _MAX_TERMS terms.
 _TERM_DOCS = (
-    "(SELECT CASE WHEN count(*) > {limit} THEN 0 ELSE ifnull(sum(doc), 0) END "
-    "FROM (SELECT doc FROM task_text_terms WHERE term >= ? AND term < ? LIMIT {over}))"
+    "(SELECT CASE WHEN n + (e > 0) > {limit} THEN 0 ELSE s + e END FROM (SELECT count(*) AS n, "
+    "ifnull(sum(doc), 0) AS s, (SELECT count(*) FROM (SELECT 1 FROM task_text WHERE task_text "
+    "MATCH ?{m} LIMIT ?{t})) AS e FROM (SELECT doc FROM task_text_terms WHERE term >= ?{lo} "
+    "AND term < ?{hi} LIMIT {over})))"
 )
 
 
@@ -1312,14 +1320,27 @@ def _dense_text(words: list[str]) -> tuple[str, tuple[object, ...], str, list[ob
 
     The probe estimates the matches: the fewest documents of any word (the sum over its
     exact terms; 0 when it has too many terms), capped at the threshold page_query
-    binds last. The MATCH expression ANDs, per word, the OR of its exact terms.
+    binds last (the probe numbers its parameters, as the threshold is used per word).
+    The MATCH expression ANDs, per word, the OR of its exact terms.
     """
-    ranges = [(w, w[:-1] + chr(ord(w[-1]) + 1)) for w in words]
-    docs = _TERM_DOCS.format(limit=_MAX_TERMS, over=_MAX_TERMS + 1)
-    probe = f"SELECT min({', '.join([docs] * len(words))}, ?)"
-    probe_params = tuple(p for lo_hi in ranges for p in lo_hi)
+    # (word, just after it, just after every term it starts): [lo, hi) are its longer terms.
+    ranges = [(w, w + "\x00", w[:-1] + chr(ord(w[-1]) + 1)) for w in words]
+    threshold = 3 * len(words) + 1
+    docs = [
+        _TERM_DOCS.format(
+            limit=_MAX_TERMS,
+            over=_MAX_TERMS + 1,
+            m=3 * i + 1,
+            lo=3 * i + 2,
+            hi=3 * i + 3,
+            t=threshold,
+        )
+        for i in range(len(words))
+    ]
+    probe = f"SELECT min({', '.join(docs)}, ?{threshold})"
+    probe_params = tuple(p for w, lo, hi in ranges for p in (f'"{w}"', lo, hi))
     match_sql = "(" + " || ' AND ' || ".join([_TERMS_OR] * len(words)) + ")"
-    match_params: list[object] = [p for w, hi in ranges for p in (w, w, hi)]
+    match_params: list[object] = [p for w_lo_hi in ranges for p in w_lo_hi]
     return probe, probe_params, match_sql, match_params
 
 

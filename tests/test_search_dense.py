@@ -9,15 +9,25 @@ sorting every match. Both variants must return exactly the same pages.
 from __future__ import annotations
 
 import random
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import apsw
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clinik_local import TaskStore
 from clinik_local.errors import ValidationError
-from clinik_local.search import compile_search, count_query, normalise_filters, page_query
+from clinik_local.search import (
+    _MAX_TERMS,
+    CompiledSearch,
+    compile_search,
+    count_query,
+    normalise_filters,
+    page_query,
+)
 
 WORDS = ["lipid", "lipids", "panel", "referral", "draw", "cbc", "naïve", "x9"]
 
@@ -172,3 +182,80 @@ def test_the_vocabulary_view_exists_and_sees_the_indexed_terms(store: TaskStore)
         ).fetchall()
     assert [t[0] for t in terms] == ["lipid", "lipids"]
     assert isinstance(apsw.sqlite_lib_version(), str)
+
+
+def _old_estimate(conn: apsw.Connection, words: list[str]) -> int:
+    """The density estimate as first defined, straight from the vocabulary: per word
+    the sum of its exact terms' documents (0 past _MAX_TERMS terms), the fewest of any."""
+    estimates = []
+    for word in words:
+        hi = word[:-1] + chr(ord(word[-1]) + 1)
+        docs = [
+            int(str(d))
+            for (d,) in conn.execute(
+                "SELECT doc FROM task_text_terms WHERE term >= ? AND term < ?", (word, hi)
+            )
+        ]
+        estimates.append(0 if len(docs) > _MAX_TERMS else sum(docs))
+    return min(estimates)
+
+
+def _probe(conn: apsw.Connection, compiled: CompiledSearch, threshold: int) -> int:
+    assert compiled.dense is not None
+    probe_sql, probe_params, _, _ = compiled.dense
+    return int(str(conn.execute(probe_sql, (*probe_params, threshold)).fetchall()[0][0]))
+
+
+TERMS = ["ab", "abc", "abcd", "abd", "b", "ba", "bab", "c9", "c90"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    texts=st.lists(st.lists(st.sampled_from(TERMS), min_size=1, max_size=3), max_size=30),
+    deleted=st.sets(st.integers(0, 29)),
+    query=st.lists(
+        st.sampled_from(["a", "ab", "abc", "abcde", "b", "ba", "c", "c9", "d"]),
+        min_size=1,
+        max_size=2,
+    ),
+    threshold=st.integers(1, 40),
+)
+def test_the_text_probe_estimates_as_the_vocabulary_and_both_plans_agree(
+    texts: list[list[str]], deleted: set[int], query: list[str], threshold: int
+) -> None:
+    """The probe counts a word's own documents with a bounded FTS5 query and only its
+    longer terms through fts5vocab; its verdict at any threshold is the vocabulary's,
+    and the dense page (word OR its longer terms) is the sparse prefix query's page."""
+    with tempfile.TemporaryDirectory() as tmp, TaskStore.open(Path(tmp) / "p.db") as s:
+        created = s.tasks.create_many(
+            [{"status": "ready", "intent": "order", "description": " ".join(t)} for t in texts]
+        ).data
+        for i in sorted(deleted):
+            if i < len(created):
+                s.tasks.delete(str(created[i].id))
+        compiled, _ = compile_search(
+            normalise_filters({"text": " ".join(query), "limit": 1000}, {})
+        )
+        assert compiled.dense is not None
+        with s.read() as conn:
+            got = _probe(conn, compiled, threshold)
+            assert got == min(_old_estimate(conn, query), threshold)
+            dense = conn.execute(compiled.dense[2], compiled.dense[3]).fetchall()
+            sparse = conn.execute(compiled.page_sql, compiled.page_params).fetchall()
+        assert dense == sparse
+
+
+def test_a_word_past_the_term_limit_counting_itself_keeps_the_sparse_plan(
+    tmp_path: Path,
+) -> None:
+    """``zq`` starting 64 longer terms may walk; once ``zq`` is a term too, it has 65."""
+    with TaskStore.open(tmp_path / "t.db") as s:
+        s.tasks.create_many(
+            [{"status": "ready", "intent": "order", "description": f"zq{n:02d}"} for n in range(64)]
+        )
+        compiled, _ = compile_search(normalise_filters({"text": "zq"}, {}))
+        with s.read() as conn:
+            assert _probe(conn, compiled, 1000) == 64
+        s.tasks.create({"status": "ready", "intent": "order", "description": "zq"})
+        with s.read() as conn:
+            assert _probe(conn, compiled, 1000) == 0

@@ -138,9 +138,7 @@ _MAX_ARMS = 16
 _MAX_TEXT = 256
 _MAX_WORDS = 16
 
-#: Open work: the WHERE of the tasks_open_by_due partial index, spelt the same so the
-#: planner matches it (an AND chain, not NOT IN: see schema.sql, version 5).
-_NOT_TERMINAL = " AND ".join(f"status <> {s!r}" for s in TERMINAL_STATUSES)
+_NOT_TERMINAL = f"status NOT IN ({', '.join(repr(s) for s in TERMINAL_STATUSES)})"
 #: The due sort key and periodEnd filter column; matches the tasks_by_due index.
 DUE_KEY = "ifnull(period_end, '~')"
 

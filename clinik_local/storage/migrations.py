@@ -98,16 +98,14 @@ CREATE TABLE sync_bases (
 #: it would send a NULL payload.
 _SHARED_PAYLOAD = "-- no statement: outbox rows of older versions read as they are\n"
 
-#: Version 5 (issues 16 and 17): no IN list of three or more constants is evaluated
-#: where a row is written (SQLite fills a throwaway b-tree with the constants for every
-#: row: ~3 us per list per row). task_history and outbox are copied into tables whose
-#: CHECKs are the same rules spelt as OR chains (SQLite cannot alter a CHECK), every
-#: row as it was, and tasks_open_by_due is built again with an AND chain for its WHERE
-#: (search.py's open-task term is the same text). The outbox keeps its AUTOINCREMENT
-#: high-water mark, so no change sequence number is ever reused. Each statement is
-#: spelt exactly as in schema.sql, so a migrated file and a new one have the same
-#: schema text. The index is created even in a store whose bootstrap dropped the
-#: search indexes (rows.build_search_indexes leaves an existing index as it is).
+#: Version 5 (issues 16 and 17): no CHECK evaluates an IN list of three or more
+#: constants (SQLite fills a throwaway b-tree with the constants for every row written:
+#: ~3 us per list per row). task_history and outbox are copied into tables whose CHECKs
+#: are the same rules spelt as OR chains (SQLite cannot alter a CHECK), every row as it
+#: was. The outbox keeps its AUTOINCREMENT high-water mark, so no change sequence number
+#: is ever reused. Each statement is spelt exactly as in schema.sql, so a migrated file
+#: and a new one have the same schema text. (tasks_open_by_due keeps its NOT IN: see
+#: the end of schema.sql.)
 _OR_CHAINS = """
 ALTER TABLE task_history RENAME TO task_history_v4;
 CREATE TABLE task_history (
@@ -157,10 +155,6 @@ WHERE name = 'outbox';
 DROP TABLE outbox_v4;
 CREATE INDEX outbox_by_task  ON outbox (task_id, seq);
 CREATE INDEX outbox_by_state ON outbox (state, seq);
-DROP INDEX IF EXISTS tasks_open_by_due;
-CREATE INDEX tasks_open_by_due    ON tasks (ifnull(period_end, '~'), id)
-    WHERE status <> 'cancelled' AND status <> 'completed' AND status <> 'failed'
-      AND status <> 'rejected';
 """
 
 #: SQL that upgrades a store *to* each version from the one before it.

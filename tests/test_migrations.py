@@ -9,6 +9,7 @@ version-1 task_text, exactly as a version-1 clinik-local left them.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -325,17 +326,8 @@ def test_no_check_evaluates_an_in_list_of_three_or_more_constants() -> None:
     """The rule of version 5 (schema.sql): an IN list of 3+ constants in a CHECK costs a
     throwaway b-tree per row written. The one such list left is tasks_open_by_due's
     WHERE, kept on purpose (its text decides the overdue plan: schema.sql)."""
-    import re
-
-    lists = re.findall(r"\b(NOT )?IN\s*\(([^()]*)\)", schema_sql_text())
+    sql = "\n".join(line.split("--")[0] for line in migrations_module.schema_sql().splitlines())
+    lists = re.findall(r"\b(NOT )?IN\s*\(([^()]*)\)", sql)  # SQL only, not its comments
     assert lists  # the two-value lists of task_refs.kind and task_io.direction remain
     long_lists = [(neg, items) for neg, items in lists if items.count(",") >= 2]
     assert long_lists == [("NOT ", "'cancelled', 'completed', 'failed', 'rejected'")]
-
-
-def schema_sql_text() -> str:
-    from clinik_local.storage.migrations import schema_sql
-
-    return "\n".join(
-        line.split("--")[0] for line in schema_sql().splitlines()
-    )  # SQL only, not the comments that explain it

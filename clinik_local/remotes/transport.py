@@ -320,7 +320,7 @@ class LazyTransport:
         )
         self._make = functools.partial(
             Transport,
-            check_base_url(base_url, allow_insecure_http),
+            base_url,  # checked by the remote that holds this, and by Transport
             token_provider,
             timeout=timeout,
             allow_insecure_http=allow_insecure_http,

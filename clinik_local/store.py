@@ -67,7 +67,7 @@ class TaskStore:
 
     def __init__(
         self,
-        path: str,
+        path: str | os.PathLike[str],
         *,
         durability: Durability = "normal",
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
@@ -75,7 +75,7 @@ class TaskStore:
         key: KeyProvider | None = None,
     ) -> None:
         """Prefer :meth:`TaskStore.open`; the arguments are the same."""
-        path = _file_path(path)
+        path = _file_path(path)  # the one check, for open() and a direct call alike
         if sync is not None and not isinstance(sync, _sync_config_type()):
             raise ValidationError.single("sync", "expected a SyncConfig, or None", type(sync))
         if key is not None and path == MEMORY:
@@ -145,9 +145,7 @@ class TaskStore:
         plaintext file opened with one :class:`~clinik_local.errors.NotEncryptedError`;
         each leaves the file untouched. ``":memory:"`` with a key is a ValidationError.
         """
-        return cls(
-            _file_path(path), durability=durability, busy_timeout=busy_timeout, sync=sync, key=key
-        )
+        return cls(path, durability=durability, busy_timeout=busy_timeout, sync=sync, key=key)
 
     def _local_change(self) -> None:
         """A local edit committed: wake the sync worker, if there is one."""

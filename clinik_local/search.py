@@ -393,6 +393,10 @@ class _Equality:
     include: tuple[object, ...] | None
     exclude: tuple[object, ...]
     missing: bool | None
+    #: Whether ``include`` is written into the SQL as literals: "not these" on a finite
+    #: domain, whose any-of list the planner must see to seek the index (the list may
+    #: span most rows; see :func:`_date_term`).
+    literal: bool = False
 
 
 def _parse_equality(name: str, spec: _Field, raw: object) -> _Equality:
@@ -434,11 +438,15 @@ def _parse_equality(name: str, spec: _Field, raw: object) -> _Equality:
         exclude = []
         if not include:
             raise ValidationError.single(name, "excludes every value: matches nothing", raw)
+        literal = True
+    else:
+        literal = False
     return _Equality(
         spec,
         None if include is None else tuple(_sort_values(include)),
         tuple(_sort_values(exclude)),
         missing,
+        literal,
     )
 
 
@@ -451,6 +459,9 @@ def _equality_arms(eq: _Equality) -> list[tuple[str, list[object]]]:
     for value in eq.include:
         if value is None:
             arms.append((f"{col} IS NULL", []))
+        elif eq.literal:
+            assert isinstance(value, str | int)
+            arms.append((f"{col} = {sql_literal(value)}", []))
         else:
             arms.append((f"{col} = ?", [value]))
     return arms
@@ -563,19 +574,37 @@ def _split_prefix(name: str, text: str) -> tuple[str, str]:
 
 
 def _date_term(column: str, prefix: str, lo: str, hi: str) -> tuple[str, list[object]]:
+    """A date filter's term, its bounds written into the SQL as literals.
+
+    Every connection plans a statement once, whatever is bound to it (the planner
+    stability guarantee, ``storage.connection.plan_once``); a range's plan depends on
+    how many rows it spans (seek the column's index, or walk the sort's index and
+    test), so the planner must see the bounds. They are normalised instants
+    (:func:`parse_date_range`), so the SQL stays safe, and a repeated range reuses its
+    cached statement.
+    """
     # NULL never compares true; only the due key turns a missing end into '~'.
     due_guard = "period_end IS NOT NULL AND " if column == DUE_KEY else ""
+    lo, hi = sql_literal(lo), sql_literal(hi)
     if prefix == "eq":
-        return f"({column} >= ? AND {column} < ?)", [lo, hi]
+        return f"({column} >= {lo} AND {column} < {hi})", []
     if prefix == "ne":
-        return f"({due_guard}({column} < ? OR {column} >= ?))", [lo, hi]
+        return f"({due_guard}({column} < {lo} OR {column} >= {hi}))", []
     if prefix in ("lt", "eb"):
-        return f"{column} < ?", [lo]
+        return f"{column} < {lo}", []
     if prefix == "le":
-        return f"{column} < ?", [hi]
+        return f"{column} < {hi}", []
     if prefix in ("gt", "sa"):
-        return f"({due_guard}{column} >= ?)", [hi]
-    return f"({due_guard}{column} >= ?)", [lo]  # ge
+        return f"({due_guard}{column} >= {hi})", []
+    return f"({due_guard}{column} >= {lo})", []  # ge
+
+
+def sql_literal(value: str | int) -> str:
+    """``value`` as an SQL literal, for a value the planner must see (see
+    :func:`_date_term`); only the library's own normalised values and enum members."""
+    if isinstance(value, int):
+        return str(int(value))
+    return "'" + value.replace("'", "''") + "'"
 
 
 def _parse_date(name: str, column: str, raw: object) -> tuple[str, list[object], object]:
@@ -1168,12 +1197,17 @@ def _compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str |
         if len(arms) == 1:
             terms.append(arms[0])
         elif arms:
-            non_null = [p[0] for sql, p in arms if p]
+            include = eq_or_none.include or ()
+            non_null = [v for v in include if v is not None]
             col = eq_or_none.spec.column
             parts = []
-            if non_null:
+            if eq_or_none.literal:  # a finite domain's values: never NULL
+                literals = ", ".join(sql_literal(v) for v in non_null)  # type: ignore[arg-type]
+                parts.append(f"{col} IN ({literals})")
+                non_null = []
+            elif non_null:
                 parts.append(f"{col} IN ({', '.join('?' * len(non_null))})")
-            if len(non_null) < len(arms):
+            if None in include:
                 parts.append(f"{col} IS NULL")
             terms.append(("(" + " OR ".join(parts) + ")", non_null))
     arm_list: list[tuple[str, list[object]]] = (

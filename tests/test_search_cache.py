@@ -173,3 +173,72 @@ def test_one_shape_serves_searches_with_other_values_and_their_cursors_page_on()
         with pytest.raises(ValidationError) as info:  # a cursor is bound to its filters
             store.tasks.search(patientId="pt_b", limit=2, cursor=cursors["pt_a"])
         assert info.value.paths == ("cursor",)
+
+
+# --- a search statement is planned once, not at every call ---------------------------
+#
+# SQLite re-plans a cached statement at its next step whenever a value is bound to a
+# parameter the planner looked at (``LIMIT ?``, ``col = ? ... ORDER BY``) unless the
+# connection has the planner stability guarantee (``connection.plan_once``). The
+# authorizer is called only while SQLite compiles a statement, so counting its calls
+# counts compilations.
+
+
+def _compilations(conn: Any, run: Any) -> int:
+    calls: list[int] = []
+
+    def authorizer(*args: object) -> int:
+        calls.append(1)
+        return 0  # SQLITE_OK
+
+    conn.authorizer = authorizer  # expires every statement: the next step recompiles
+    try:
+        run()  # compiled again once (the authorizer expired it)
+        calls.clear()
+        run()
+        run()
+        return len(calls)
+    finally:
+        conn.authorizer = None
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {"patientId": "pt_1"},  # col = ? ... ORDER BY ... LIMIT ?
+        {"status": "ready", "sort": "-priority,authoredOn"},
+        {"ownerId": ["pr_1", "pr_2"]},
+        {"lastModified": "lt2025-06"},  # a range: its bounds are literals in the SQL
+        {"status": {"not": ["completed", "cancelled"]}},  # the complement: literals too
+    ],
+)
+@pytest.mark.parametrize("kind", ["memory", "file"])
+def test_a_repeated_search_runs_its_cached_statement_without_compiling_it_again(
+    filters: dict[str, object], kind: str, tmp_path: Any
+) -> None:
+    store = TaskStore.open(":memory:" if kind == "memory" else tmp_path / "s.db")
+    try:
+        store.tasks.create({"status": "ready", "intent": "order", "patientId": "pt_1"})
+        with store.read() as conn:  # the connection this thread's searches run on
+
+            def search() -> None:
+                store.tasks.search(filters)
+                store.tasks.count(filters)
+
+            assert _compilations(conn, search) == 0
+    finally:
+        store.close()
+
+
+def test_every_connection_has_the_planner_stability_guarantee(tmp_path: Any) -> None:
+    import apsw
+
+    from clinik_local.storage.connection import ConnectionOptions, open_connection
+
+    path = str(tmp_path / "s.db")
+    for where, role in [(":memory:", "writer"), (path, "writer"), (path, "reader")]:
+        conn = open_connection(where, role, ConnectionOptions())  # type: ignore[arg-type]
+        try:
+            assert conn.config(apsw.SQLITE_DBCONFIG_ENABLE_QPSG, -1) == 1, (where, role)
+        finally:
+            conn.close()

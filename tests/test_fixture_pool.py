@@ -32,7 +32,7 @@ from clinik_local import (
     ValidationError,
 )
 from clinik_local import timestamps as ts
-from clinik_local.storage import database
+from clinik_local.storage import connection, database
 from clinik_local.storage.connection import ConnectionOptions
 
 pytest_plugins = ["pytester"]
@@ -487,6 +487,24 @@ def test_a_memory_stores_meta_rows_are_a_new_files_own(tmp_path: Any) -> None:
         ):
             assert meta(memory) == meta(on_file)
             memory.tasks.create(REQUEST)
+
+
+def test_memory_stores_use_small_pages_and_answer_as_a_file_store_does(tmp_path: Any) -> None:
+    """Memory stores have 1 KiB pages (less to journal and roll back per test), files
+    SQLite's 4 KiB; a task far larger than a page (overflow chains) reads back, and is
+    found, the same in both."""
+    long_text = " ".join(f"word{i}" for i in range(1500))  # about 12 KB
+    request = {**REQUEST, "description": long_text, "note": long_text}
+    with TaskStore.open(tmp_path / "f.db") as on_file, TaskStore.open(":memory:") as memory:
+        for store, size in [(memory, connection.MEMORY_PAGE_SIZE), (on_file, 4096)]:
+            with store._db.read() as conn:
+                assert conn.pragma("page_size") == size
+        assert connection.MEMORY_PAGE_SIZE == 1024
+        made = [store.tasks.create(request).data for store in (memory, on_file)]
+        for store, task in zip((memory, on_file), made, strict=True):
+            assert store.tasks.get(str(task.id)).data == task
+            assert store.tasks.search(text="word1499").data == [task]
+        assert made[0].description == made[1].description == long_text
 
 
 def test_a_closed_store_without_sync_is_freed_without_the_cyclic_gc() -> None:

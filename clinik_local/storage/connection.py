@@ -251,6 +251,28 @@ def load_memory_image(conn: apsw.Connection, opening: Opening) -> None:
         conn.deserialize("main", opening.image)
 
 
+#: The page size of in-memory stores (files keep SQLite's 4096).
+MEMORY_PAGE_SIZE = 1024
+
+
+def size_memory_pages(conn: apsw.Connection, opening: Opening) -> None:
+    """1 KiB pages for an in-memory store (its image is made with them, so every copy
+    has them too).
+
+    A memory store is mostly a store per test, a few tasks in a transaction rolled back
+    at close (``database._MemoryPool``): the journal copies each page a write touches
+    before changing it, and copies it back at the rollback. A create touches about 30
+    pages of an empty store (a root page per index), so the page size is most of that
+    copying: the fixture's whole test, open + create + search + close, counts 733k
+    instructions with 4 KiB pages and 634k with 1 KiB (cachegrind, 400 vs 0 loops).
+    Measured no slower in bulk: ``create_many`` of 20,000 tasks and 600 searches on
+    them took the same time within noise, in 10% more memory. Files keep 4 KiB pages:
+    shallower b-trees on disk, and full-text segments (about 4 KB each) fit a page.
+    """
+    if opening.image is None:  # a new, empty database: the size can still be chosen
+        conn.pragma("page_size", MEMORY_PAGE_SIZE)
+
+
 def check_identity(conn: apsw.Connection, opening: Opening) -> None:
     """Refuse a file that is not ours, or ours from a newer release, before any write.
 
@@ -469,6 +491,7 @@ SETUP: tuple[Step, ...] = (
     Step(apply_key, memory=False),
     Step(plan_once),
     Step(load_memory_image, _WRITER, files=False),
+    Step(size_memory_pages, _WRITER, files=False),
     Step(check_identity, _WRITER),
     Step(set_wal, _WRITER, memory=False),
     Step(install_schema, _WRITER),

@@ -393,9 +393,9 @@ class _Equality:
     include: tuple[object, ...] | None
     exclude: tuple[object, ...]
     missing: bool | None
-    #: Whether ``include`` is written into the SQL as literals: "not these" on a finite
-    #: domain, whose any-of list the planner must see to seek the index (the list may
-    #: span most rows; see :func:`_date_term`).
+    #: Whether ``include`` is written into the SQL as literals: the values of a finite
+    #: domain (status, intent, priority), whose plan depends on how many rows they
+    #: match (see :func:`_date_term`).
     literal: bool = False
 
 
@@ -438,15 +438,14 @@ def _parse_equality(name: str, spec: _Field, raw: object) -> _Equality:
         exclude = []
         if not include:
             raise ValidationError.single(name, "excludes every value: matches nothing", raw)
-        literal = True
-    else:
-        literal = False
     return _Equality(
         spec,
         None if include is None else tuple(_sort_values(include)),
         tuple(_sort_values(exclude)),
         missing,
-        literal,
+        # A finite domain's values are few, and how many rows one matches decides the
+        # plan (a common status walks the sort's index, a rare one seeks its own).
+        spec.kind in ("enum", "priority"),
     )
 
 
@@ -1157,14 +1156,16 @@ def _compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str |
             if not isinstance(raw, str):
                 raise ValidationError.single(name, "expected a date or date-time", raw)
             lo, _ = parse_date_range(name, raw)
-            terms.append((f"{DUE_KEY} < ? AND {_NOT_TERMINAL}", [lo]))
+            terms.append((f"{DUE_KEY} < {sql_literal(lo)} AND {_NOT_TERMINAL}", []))
             canonical[name] = lo
         elif name == "overdue":
             if not _parse_flag(name, raw):
                 raise ValidationError.single(
                     name, "only overdue=true is a filter", raw, "true (or leave it out)"
                 )
-            terms.append((f"{DUE_KEY} < ? AND {_NOT_TERMINAL}", [timestamps.now()]))
+            # A literal, as a date range's bounds are (see _date_term): bound, the
+            # planner took tasks_open_by_due and a temp b-tree for the default sort.
+            terms.append((f"{DUE_KEY} < {sql_literal(timestamps.now())} AND {_NOT_TERMINAL}", []))
             canonical[name] = True
         else:
             raise ValidationError.single(name, "is not a search filter", raw, ", ".join(_ALL_NAMES))

@@ -151,6 +151,12 @@ class _Field:
     nullable: bool = True
 
 
+#: The kinds of equality filter with a finite domain. Their values are checked against
+#: it, and written into the SQL as literals: they are few, and how many rows one
+#: matches decides the plan (a common status walks the sort's index, a rare one seeks
+#: its own).
+_FINITE_KINDS = ("enum", "priority")
+
 #: Equality filters: name -> column and value kind. Order = preference for the
 #: UNION ALL expansion (most selective first).
 FILTERS: Mapping[str, _Field] = {
@@ -370,7 +376,7 @@ def _check_value(name: str, spec: _Field, value: object) -> object:
         raise ValidationError.single(name, f"expected a string, not {type(value).__name__}", value)
     if spec.kind == "id" and not is_valid_id(value):
         raise ValidationError.single(name, "is not a well-formed id", value, ID_PATTERN)
-    if spec.kind in ("enum", "priority") and value not in spec.allowed:
+    if spec.kind in _FINITE_KINDS and value not in spec.allowed:
         raise ValidationError.single(
             name, "is not an allowed value", value, ", ".join(sorted(spec.allowed))
         )
@@ -429,7 +435,7 @@ def _parse_equality(name: str, spec: _Field, raw: object) -> _Equality:
             missing = flag
     else:
         include = [_check_value(name, spec, v) for v in _split(name, raw, allow_none=True)]
-    if spec.kind in ("enum", "priority") and exclude and missing is None:
+    if spec.kind in _FINITE_KINDS and exclude and missing is None:
         # A finite domain: "not these" is "any of the others", which seeks the index.
         domain: list[object] = (
             list(spec.allowed) if spec.kind == "enum" else list(range(_NO_PRIORITY + 1))
@@ -443,9 +449,7 @@ def _parse_equality(name: str, spec: _Field, raw: object) -> _Equality:
         None if include is None else tuple(_sort_values(include)),
         tuple(_sort_values(exclude)),
         missing,
-        # A finite domain's values are few, and how many rows one matches decides the
-        # plan (a common status walks the sort's index, a rare one seeks its own).
-        spec.kind in ("enum", "priority"),
+        spec.kind in _FINITE_KINDS,
     )
 
 
@@ -966,7 +970,7 @@ def compile_search(merged: Mapping[str, object]) -> tuple[CompiledSearch, str | 
     filters are all single-value equality filters (``patientId="pt_7"``) reuses the
     SQL compiled for its shape (see :func:`_shape_of`) and binds its values.
     """
-    # Never cached: ``overdue`` binds the current time, and a cursor is used once
+    # Never cached: ``overdue`` holds the current time, and a cursor is used once
     # (caching each page's would only evict the entries that repeat).
     if "overdue" in merged or "cursor" in merged:
         return _compile_search(merged)
@@ -981,7 +985,8 @@ def _shape_of(key: tuple[tuple[Hashable, Hashable], ...]) -> tuple[Hashable, ...
     """The shape of a search whose filters are all equality filters with one text value
     each (``patientId="pt_1"``), beside any limit, sort and total: the filter names in
     order, with the values of limit/sort/total (they shape the SQL). None for any other
-    search (those are cached on their exact filters)."""
+    search (those are cached on their exact filters), and for a filter whose value is a
+    literal in the SQL (:data:`_FINITE_KINDS`): its SQL differs from value to value."""
     shape: list[Hashable] = []
     for name_key, value_key in key:
         name = name_key[1]  # type: ignore[index]
@@ -989,7 +994,7 @@ def _shape_of(key: tuple[tuple[Hashable, Hashable], ...]) -> tuple[Hashable, ...
             kind: type
             value: Any
             kind, value = value_key  # type: ignore[misc]
-            if kind is not str or "," in value:
+            if kind is not str or "," in value or FILTERS[name].kind in _FINITE_KINDS:
                 return None
             shape.append(name)
         elif name in ("limit", "sort", "total"):
@@ -1017,7 +1022,7 @@ def _canonical_text(parts: tuple[str | int, ...], values: tuple[object, ...]) ->
 
 
 #: Placeholder values of each kind of equality filter, to compile a shape's template.
-_PLACEHOLDER = {"id": "x", "text": "x", "enum": None, "priority": "routine"}
+_PLACEHOLDER = {"id": "x", "text": "x"}
 
 
 @functools.lru_cache(maxsize=COMPILE_CACHE_SIZE)
@@ -1029,7 +1034,7 @@ def _shaped(shape: tuple[Hashable, ...]) -> _Shaped | None:
     for part in shape:
         if isinstance(part, str):
             spec = FILTERS[part]
-            merged[part] = _PLACEHOLDER[spec.kind] or spec.allowed[0]
+            merged[part] = _PLACEHOLDER[spec.kind]
         else:
             name: str
             frozen: Hashable

@@ -349,16 +349,21 @@ def test_a_lent_connection_behaves_as_an_unpooled_one_and_is_never_reused(
 def test_a_connection_with_hooks_or_pragmas_set_behind_the_api_is_closed(
     fresh: dict[str, Any],
 ) -> None:
-    for change in ("trace", "pragma", "committed"):
+    changes = ("trace", "pragma", "foreign keys", "committed", "committed and begun again")
+    for change in changes:
         store = TaskStore.open(":memory:")
         conn = store._db._conn
         if change == "trace":
             conn.exec_trace = lambda *_: True
         elif change == "pragma":
             conn.execute("PRAGMA recursive_triggers = ON")
-        else:
+        elif change == "foreign keys":  # (no PRAGMA can: it is a no-op in a transaction)
+            conn.config(apsw.SQLITE_DBCONFIG_ENABLE_FKEY, 0)
+        elif change == "committed":
             conn.execute("COMMIT")  # the store's transaction ended behind its back
             conn.execute("INSERT INTO meta VALUES ('committed', 'x')")
+        else:  # ... and a new one looks like it: only the commit itself tells
+            conn.execute("COMMIT; INSERT INTO meta VALUES ('committed', 'x'); BEGIN")
         store.close()
         again, before = opened()
         try:

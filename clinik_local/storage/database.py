@@ -294,16 +294,42 @@ def _fts5_tables(conn: apsw.Connection) -> list[str]:
 _SAVEPOINT = "SAVEPOINT clinik_write"
 _RELEASE = "SAVEPOINT clinik_flush; RELEASE clinik_write"
 _ROLLBACK_TO = "ROLLBACK TO clinik_write; RELEASE clinik_write"
-#: What a connection must still show after the rollback to be pooled again: the schema
-#: of the image (``schema_version`` moves on any DDL that was not rolled back), no TEMP
-#: object, and the connection-level settings a transaction does not undo. (Pages,
-#: ``defer_foreign_keys`` and everything else transactional the rollback restores.)
+#: What a connection must still show after the rollback to be pooled again: no TEMP
+#: object, and the connection-level settings SQL can change inside a transaction, which
+#: the rollback does not undo. (Pages, the schema, ``defer_foreign_keys`` and everything
+#: else transactional the rollback restores; ``foreign_keys`` cannot change inside a
+#: transaction, and :func:`_pool_state` reads it without compiling a statement; a
+#: commit, after which pages and schema are no longer the image's whatever a rollback
+#: does, is seen by the connection's :class:`_CommitWatch`.) A PRAGMA is compiled
+#: again at every run, so each one read here costs about 7k instructions per store.
 #: ``TaskStore.read`` never hands out a pooled connection (see Database.lend).
-_STATE_SQL = (
-    "PRAGMA main.schema_version; PRAGMA foreign_keys; PRAGMA query_only; "
-    "PRAGMA recursive_triggers; SELECT count(*) FROM temp.sqlite_schema"
-)
+_STATE_SQL = "PRAGMA query_only; PRAGMA recursive_triggers; SELECT count(*) FROM temp.sqlite_schema"
 _ROLLBACK_AND_STATE_SQL = "ROLLBACK; " + _STATE_SQL
+
+
+def _pool_state(conn: apsw.Connection, sql: str) -> tuple[object, ...]:
+    """``sql``'s rows (:data:`_STATE_SQL`, after a ROLLBACK if it starts with one) and
+    whether foreign keys are enforced: what :meth:`_MemoryPool.release` compares."""
+    rows = conn.execute(sql).fetchall()
+    return (*rows, conn.config(apsw.SQLITE_DBCONFIG_ENABLE_FKEY, -1))
+
+
+class _CommitWatch:
+    """A pooled connection's commit hook: notes that the connection committed (a store's
+    transaction ended behind the pool's back: its pages are no longer the image's) and
+    lets the commit go ahead. Never called while the connection serves stores as the
+    pool means it to: their writes are savepoints inside one transaction."""
+
+    __slots__ = ("committed",)
+
+    def __init__(self) -> None:
+        self.committed = False
+
+    def __call__(self) -> bool:
+        self.committed = True
+        return False  # go ahead: lend() commits on purpose (and the pool then closes it)
+
+
 #: A deferred foreign key is checked at COMMIT, never at a savepoint's RELEASE: a store
 #: whose schema has one could commit in the pool what a new store refuses.
 _DEFERRED_FK = re.compile(r"\bDEFERRABLE\s+INITIALLY\s+DEFERRED\b", re.IGNORECASE)
@@ -327,7 +353,7 @@ class _MemoryTemplate:
             conn.close()
         self.first = open_connection(MEMORY, "writer", options, image=self.image)
         with translated(MEMORY):
-            self.state = fetch_all(self.first, _STATE_SQL)
+            self.state = _pool_state(self.first, _STATE_SQL)
             ddl = fetch_all(self.first, "SELECT sql FROM sqlite_schema WHERE sql IS NOT NULL")
         self.poolable = not any(_DEFERRED_FK.search(str(sql)) for (sql,) in ddl)
 
@@ -349,6 +375,17 @@ class _MemoryPool:
         self._pid = os.getpid()
         self._template: _MemoryTemplate | None = None
         self._idle: dict[ConnectionOptions, list[apsw.Connection]] = {}
+        #: The commit hook of each poolable connection (it lives as long as its connection).
+        self._watches: weakref.WeakKeyDictionary[apsw.Connection, _CommitWatch] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _watch(self, conn: apsw.Connection) -> apsw.Connection:
+        """(Under the lock.) Give a connection about to serve pooled stores its commit
+        hook; returns it."""
+        watch = self._watches[conn] = _CommitWatch()
+        conn.set_commit_hook(watch)
+        return conn
 
     def _check_fork(self) -> None:
         """(Under the lock.) In a forked child, forget the parent's connections: never
@@ -357,6 +394,7 @@ class _MemoryPool:
             _abandoned.append((self._template, self._idle))
             self._template = None
             self._idle = {}
+            self._watches = weakref.WeakKeyDictionary()
             self._pid = os.getpid()
 
     def template(self, options: ConnectionOptions) -> _MemoryTemplate:
@@ -371,7 +409,7 @@ class _MemoryPool:
         if template is None:
             template = self._template = _MemoryTemplate(options)
             if template.poolable:
-                self._idle.setdefault(options, []).append(template.first)
+                self._idle.setdefault(options, []).append(self._watch(template.first))
             else:
                 template.first.close()
         return template
@@ -388,6 +426,9 @@ class _MemoryPool:
                     conn = idle.pop()  # last in, first out: the one most likely cached
         if conn is None:
             conn = open_connection(MEMORY, "writer", options, image=template.image)
+            if template.poolable:
+                with self._lock:
+                    self._watch(conn)
         try:
             stamp_memory_store(conn, begin=template.poolable)
         except apsw.Error as exc:
@@ -403,16 +444,19 @@ class _MemoryPool:
         or close it if it is not provably what a new store's is."""
         template = self._template
         try:
+            watch = self._watches.get(conn)
             reusable = (
                 template is not None
-                and not conn.get_autocommit()  # still in the store's transaction
+                and watch is not None
+                and not watch.committed  # the store's transaction never ended
+                and not conn.get_autocommit()  # and still runs
                 and conn.exec_trace is None
                 and conn.row_trace is None
                 and conn.authorizer is None
             )
             if reusable:
                 assert template is not None
-                state = conn.execute(_ROLLBACK_AND_STATE_SQL).fetchall()
+                state = _pool_state(conn, _ROLLBACK_AND_STATE_SQL)
                 conn.set_last_insert_rowid(0)
                 reusable = state == template.state
         except apsw.Error as exc:

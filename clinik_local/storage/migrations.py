@@ -26,7 +26,7 @@ __all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_VERSION", "schema_sql"]
 #: ``PRAGMA application_id`` of every clinik-local store: ASCII "Clnk".
 APPLICATION_ID = 0x436C6E6B
 #: The schema version this release writes and fully understands.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: Version 2 (issue 16, a lean write path): no triggers (storage/rows.py writes the
 #: derived rows beside every task row, from derive.py); task_text without prefix
@@ -104,8 +104,8 @@ _SHARED_PAYLOAD = "-- no statement: outbox rows of older versions read as they a
 #: are the same rules spelt as OR chains (SQLite cannot alter a CHECK), every row as it
 #: was. The outbox keeps its AUTOINCREMENT high-water mark, so no change sequence number
 #: is ever reused. Each statement is spelt exactly as in schema.sql, so a migrated file
-#: and a new one have the same schema text. (tasks_open_by_due keeps its NOT IN: see
-#: the end of schema.sql.)
+#: and a new one have the same schema text. (tasks_open_by_due kept its NOT IN until
+#: version 6.)
 _OR_CHAINS = """
 ALTER TABLE task_history RENAME TO task_history_v4;
 CREATE TABLE task_history (
@@ -157,8 +157,24 @@ CREATE INDEX outbox_by_task  ON outbox (task_id, seq);
 CREATE INDEX outbox_by_state ON outbox (state, seq);
 """
 
+#: Version 6 (issue 17): tasks_open_by_due's WHERE without its NOT IN list (a throwaway
+#: b-tree per task row written), as one NOT of an OR chain: the same rows, the same
+#: plans (search.py writes the same text). SQLite cannot alter an index: it is dropped
+#: and built again, spelt exactly as in schema.sql.
+_OPEN_BY_DUE = """
+DROP INDEX tasks_open_by_due;
+CREATE INDEX tasks_open_by_due    ON tasks (ifnull(period_end, '~'), id)
+    WHERE NOT (status = 'cancelled' OR status = 'completed' OR status = 'failed' OR status = 'rejected');
+"""
+
 #: SQL that upgrades a store *to* each version from the one before it.
-MIGRATIONS: Mapping[int, str] = {2: _TO_2, 3: _SYNC_PULL, 4: _SHARED_PAYLOAD, 5: _OR_CHAINS}
+MIGRATIONS: Mapping[int, str] = {
+    2: _TO_2,
+    3: _SYNC_PULL,
+    4: _SHARED_PAYLOAD,
+    5: _OR_CHAINS,
+    6: _OPEN_BY_DUE,
+}
 
 
 @functools.cache

@@ -334,7 +334,8 @@ def test_no_row_write_evaluates_an_in_list_of_three_or_more_constants() -> None:
 
 def _sql_of(store: TaskStore, name: str) -> str:
     with store.read() as conn:
-        return str(conn.execute("SELECT sql FROM sqlite_schema WHERE name = ?", (name,)).fetchall()[0][0])
+        found = conn.execute("SELECT sql FROM sqlite_schema WHERE name = ?", (name,)).fetchall()
+    return str(found[0][0])
 
 
 _V5_OPEN_BY_DUE = (
@@ -367,3 +368,40 @@ def test_version_6_builds_the_open_work_index_again_without_its_in_list(tmp_path
             ).fetchall()
         assert rows == [("open",)]  # the index holds the open work, built again
         assert [t.id for t in store.tasks.search(overdue=True).data] == ["open"]
+
+
+def test_a_task_row_written_builds_no_throwaway_b_tree() -> None:
+    """What the rule is for, seen in the programs SQLite runs: no statement a create, an
+    update or a delete runs opens an ephemeral table, except to hold a RETURNING's rows.
+    (With version 5's schema, the tasks INSERT and a status UPDATE each opened one, for
+    tasks_open_by_due's NOT IN list.)"""
+    store = TaskStore.open(":memory:")
+    try:
+        conn = store._db._conn
+        written: list[str] = []
+
+        def trace(_cursor: apsw.Cursor, sql: str, _bindings: object) -> bool:
+            written.extend(s.strip() for s in sql.split(";") if s.strip())
+            return True
+
+        conn.exec_trace = trace
+        task_id = str(
+            store.tasks.create(
+                {"status": "requested", "intent": "order", "note": "a", "basedOn": ["task_x"]}
+            ).data.id
+        )
+        store.tasks.update(task_id, {"status": "accepted"})
+        store.tasks.update(task_id, {"note": "b"})
+        store.tasks.delete(task_id)
+        conn.exec_trace = None
+        writes = {s for s in written if s.split()[0].upper() in ("INSERT", "UPDATE", "DELETE")}
+        assert any(s.startswith("INSERT INTO tasks") for s in writes)
+        assert any(s.startswith("UPDATE tasks") for s in writes)
+        ephemeral = []
+        for sql in sorted(writes):
+            program = conn.execute("EXPLAIN " + sql, (None,) * sql.count("?")).fetchall()
+            if any(op == "OpenEphemeral" for _, op, *_ in program) and "RETURNING" not in sql:
+                ephemeral.append(sql)
+        assert ephemeral == []
+    finally:
+        store.close()

@@ -161,11 +161,12 @@ CREATE INDEX outbox_by_state ON outbox (state, seq);
 #: b-tree per task row written), as one NOT of an OR chain: the same rows, the same
 #: plans (search.py writes the same text). SQLite cannot alter an index: it is dropped
 #: and built again, spelt exactly as in schema.sql.
-_OPEN_BY_DUE = """
-DROP INDEX tasks_open_by_due;
-CREATE INDEX tasks_open_by_due    ON tasks (ifnull(period_end, '~'), id)
-    WHERE NOT (status = 'cancelled' OR status = 'completed' OR status = 'failed' OR status = 'rejected');
-"""
+_OPEN_BY_DUE = (
+    "DROP INDEX tasks_open_by_due;\n"
+    "CREATE INDEX tasks_open_by_due    ON tasks (ifnull(period_end, '~'), id)\n"
+    "    WHERE NOT (status = 'cancelled' OR status = 'completed' OR status = 'failed' "
+    "OR status = 'rejected');\n"
+)
 
 #: SQL that upgrades a store *to* each version from the one before it.
 MIGRATIONS: Mapping[int, str] = {

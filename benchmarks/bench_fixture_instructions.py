@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 #: The measured loop (run as ``python -c LOOP MODE N GC``); the warm-up builds the
 #: template. The cyclic GC is off (GC ``off``): a collection falls in one run's count
@@ -48,6 +49,12 @@ for _ in range(n):
     store.close()
 """
 MODES = ("open+close", "create", "full")
+#: Where and with what environment every run of :data:`LOOP` runs, counted or not: not
+#: a checkout (``-c`` puts the cwd first on sys.path), a fixed hash seed, no PYTHON*.
+_RUN_IN: dict[str, Any] = {
+    "cwd": tempfile.gettempdir(),
+    "env": {"PYTHONHASHSEED": "0", "PATH": "/usr/bin:/bin"},
+}
 COUNTS = {"instr": "I   refs", "I1 miss": "I1  misses", "D1 miss": "D1  misses"}
 
 
@@ -71,8 +78,7 @@ def _counts(python: str, mode: str, n: int, gc: str = "off") -> dict[str, int]:
         capture_output=True,
         text=True,
         check=True,
-        cwd=tempfile.gettempdir(),  # not a checkout: `-c` puts the cwd first on sys.path
-        env={"PYTHONHASHSEED": "0", "PATH": "/usr/bin:/bin"},
+        **_RUN_IN,
     )
     found: dict[str, int] = {}
     for name, label in COUNTS.items():
@@ -90,8 +96,7 @@ def _warm(python: str) -> None:
         [python, "-c", LOOP, "full", "1", "off"],
         check=True,
         capture_output=True,
-        cwd=tempfile.gettempdir(),
-        env={"PYTHONHASHSEED": "0", "PATH": "/usr/bin:/bin"},
+        **_RUN_IN,
     )
 
 

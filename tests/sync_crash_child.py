@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import apsw
+
 from clinik_local import TaskStore
 from clinik_local.codec import encode_task
 from clinik_local.sync import SyncConfig
@@ -114,7 +116,34 @@ def sync_problems(
         problems.append(f"keys applied other than once: {twice[:5]}")
     if len(counts) != history:
         problems.append(f"{history} local changes but {len(counts)} applied")
+        problems.extend(_history_against_log(path, server))
     return problems, len(local)
+
+
+def _history_against_log(path: Path, server: ReferenceServer) -> list[str]:
+    """Per task, where the local history and the server's applied writes part ways:
+    each task's (op, origin) history next to the methods applied for it."""
+    methods = {"POST": "create", "PUT": "update", "DELETE": "delete"}
+    applied: dict[str, list[str]] = {}
+    for _, task_id, method in server.applied_log():
+        applied.setdefault(task_id, []).append(methods.get(method, method))
+    history: dict[str, list[tuple[str, str]]] = {}
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        for task_id, op, origin in conn.execute(
+            "SELECT task_id, op, origin FROM task_history ORDER BY task_id, version"
+        ):
+            history.setdefault(str(task_id), []).append((str(op), str(origin)))
+    finally:
+        conn.close()
+    parted = [
+        f"{task_id}: history {history.get(task_id, [])} applied {applied.get(task_id, [])}"
+        for task_id in sorted(set(history) | set(applied))
+        if [op for op, origin in history.get(task_id, []) if origin == "local"]
+        != applied.get(task_id, [])
+        or any(origin != "local" for _, origin in history.get(task_id, []))
+    ]
+    return parted[:10]
 
 
 if __name__ == "__main__":

@@ -313,6 +313,30 @@ def test_own_changes_coming_back_in_the_log_never_flicker(
         assert server.tasks()[task_id]["note"] == "v5"
 
 
+@pytest.mark.parametrize("pull_limit", [1, 2])
+def test_a_task_deleted_here_never_comes_back_from_log_pages_older_than_the_delete(
+    tmp_path: Path, server: ReferenceServer, pull_limit: int
+) -> None:
+    # create, update and delete all delivered before the pull reads them back; pages of
+    # one or two items end before the delete's item, and must not bring the task back.
+    with TaskStore.open(tmp_path / "a.db", sync=config(server, pull_limit=pull_limit)) as a:
+        assert a.sync.flush(timeout=10)
+        task_id = str(a.tasks.create({**REQUEST, "note": "made"}).data.id)
+        a.tasks.update(task_id, {"note": "edited"})
+        a.tasks.delete(task_id)
+        events: list[tuple[str, ...]] = []
+        a.tasks.watch(lambda event: None if event.local else events.append(event.task_ids))
+        assert a.sync.flush(timeout=10)
+        assert [(h.op, h.origin) for h in a.tasks.history(task_id).data] == [
+            ("create", "local"),
+            ("update", "local"),
+            ("delete", "local"),
+        ]
+        assert events == []  # no server copy written, so no pulled change announced
+        assert a.table_counts()["sync_bases"] == 0  # the log's delete cleared the tombstone
+        assert server.tasks() == {}
+
+
 def test_an_answer_lost_after_the_server_applied_it_is_settled_by_the_log(
     tmp_path: Path, server: ReferenceServer
 ) -> None:

@@ -159,7 +159,7 @@ def _delivered(
     if outcome.gone:
         rows_left = outbox.has_open_changes(conn, row.task_id)
         if not rows_left:
-            rebase.replica_forget(conn, row.task_id)
+            rebase.record_delivered_delete(conn, ctx, row.task_id)
         return
     task = outcome.task
     if task is None:  # no body in the answer: the server holds what was sent

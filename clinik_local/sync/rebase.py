@@ -281,7 +281,8 @@ def apply_items(
 
     - a version learnt outside the log (``unseen``) makes the items before it older than
       what this device knows: they are skipped, and the mark is cleared by its own item
-      (a page without it is all older);
+      (a page without it is all older); a tombstone (this device's delete, taken by the
+      server) likewise skips every item before the first delete item, which clears it;
     - an item of one of this store's own open changes (the server applied it; its answer
       was lost) settles that change: it is delivered, the item's task becomes the base
       and its version the next ``If-Match``; the local task, which already holds the
@@ -293,7 +294,14 @@ def apply_items(
         return Accepted()
     task_id = items[0].task_id
     base = replica.base_of(conn, task_id)
-    if base is not None and base.unseen is not None:
+    if base is not None and base.unseen == replica.DELETED_HERE:
+        deletes = [i for i, item in enumerate(items) if item.deleted]
+        if not deletes:
+            return Accepted()  # older than the delete this device made
+        replica.drop_base(conn, task_id)
+        items = items[deletes[0] + 1 :]
+        base = None
+    elif base is not None and base.unseen is not None:
         seen = [i for i, item in enumerate(items) if item.version == base.unseen]
         if seen:
             items = items[seen[-1] + 1 :]
@@ -540,6 +548,16 @@ def record_delivered_base(
 ) -> None:
     """A 2xx answer's task becomes the base, marked ``unseen`` until the log shows it."""
     _record_server(conn, ctx, task_id, task, dumps(task), version, now, unseen=True)
+
+
+def record_delivered_delete(conn: apsw.Connection, ctx: Context, task_id: str) -> None:
+    """The server took this device's delete (or had the task gone already): the base
+    becomes a tombstone until the log shows the delete (log items older than it would
+    otherwise bring the task back); with no pulling, it is simply forgotten."""
+    if ctx.pulls:
+        replica.mark_deleted(conn, task_id)
+    else:
+        replica.drop_base(conn, task_id)
 
 
 def replica_forget(conn: apsw.Connection, task_id: str) -> None:

@@ -8,10 +8,8 @@ over-long texts included), its ``versionId``, and two marks:
   ``412`` answer) that the log has not shown yet. The log is in commit order, so the
   task's log items before that version are older than what this device knows, and are
   skipped (no flicker back to an older version); the item with that version clears it.
-  :data:`DELETED_HERE` in its place marks a *tombstone*: this device deleted the task and
-  the server took the delete, which the log has not shown yet; every item of the task
-  before the first delete item is older than that, and is skipped (without it, a page
-  that ends before the delete would bring the deleted task back until the next page).
+  A task this device deleted keeps its base (and mark) until the log shows a delete of
+  it, so the log items before the delete are known to be older than it.
 - ``listed``: the bootstrap generation that last saw the task (a listing page, or any
   server copy accepted while that bootstrap was current). When a bootstrap ends, local
   tasks it did not see and with no undelivered change are removed: the server no longer
@@ -36,7 +34,6 @@ import attrs
 from .connection import fetch_all, fetch_among, ids_among, meta_value, meta_values, set_meta
 
 __all__ = [
-    "DELETED_HERE",
     "Base",
     "PullState",
     "base_of",
@@ -47,7 +44,6 @@ __all__ = [
     "dropped_indexes",
     "forget_versions",
     "keep_dropped_indexes",
-    "mark_deleted",
     "read_state",
     "set_base",
     "set_bases_many",
@@ -70,10 +66,6 @@ _KEYS = {
 #: The search indexes a bootstrap dropped (rows.drop_search_indexes), until it builds them.
 _DROPPED_INDEXES = "sync.bootstrap.indexes"
 _UNSET = object()
-
-#: The ``unseen`` mark of a tombstone (see the module docstring): spaces and angle
-#: brackets are in no ``versionId`` (FHIR's are ``[A-Za-z0-9.-]``; ours are numbers).
-DELETED_HERE = "<deleted here>"
 
 
 @attrs.frozen(kw_only=True)
@@ -229,13 +221,6 @@ def based_ids(conn: apsw.Connection, task_ids: Sequence[str]) -> set[str]:
 def set_unseen(conn: apsw.Connection, task_id: str, version_id: str | None) -> None:
     """Mark (or, with None, unmark) a version the log has not shown yet; the base stays."""
     conn.execute("UPDATE sync_bases SET unseen = ? WHERE task_id = ?", (version_id, task_id))
-
-
-def mark_deleted(conn: apsw.Connection, task_id: str) -> None:
-    """The server took this device's delete of the task: its base (if it has one: the
-    server gave this device a copy, so the log holds the task's writes) becomes a
-    tombstone, :data:`DELETED_HERE`, until the log shows the delete."""
-    conn.execute("UPDATE sync_bases SET unseen = ? WHERE task_id = ?", (DELETED_HERE, task_id))
 
 
 def drop_base(conn: apsw.Connection, task_id: str) -> None:

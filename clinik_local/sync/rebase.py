@@ -281,8 +281,8 @@ def apply_items(
 
     - a version learnt outside the log (``unseen``) makes the items before it older than
       what this device knows: they are skipped, and the mark is cleared by its own item
-      (a page without it is all older); a tombstone (this device's delete, taken by the
-      server) likewise skips every item before the first delete item, which clears it;
+      (a page without it is all older); a task this device deleted keeps its base and
+      mark for this until the log's delete removes them (:func:`record_delivered_delete`);
     - an item of one of this store's own open changes (the server applied it; its answer
       was lost) settles that change: it is delivered, the item's task becomes the base
       and its version the next ``If-Match``; the local task, which already holds the
@@ -294,14 +294,7 @@ def apply_items(
         return Accepted()
     task_id = items[0].task_id
     base = replica.base_of(conn, task_id)
-    if base is not None and base.unseen == replica.DELETED_HERE:
-        deletes = [i for i, item in enumerate(items) if item.deleted]
-        if not deletes:
-            return Accepted()  # older than the delete this device made
-        replica.drop_base(conn, task_id)
-        items = items[deletes[0] + 1 :]
-        base = None
-    elif base is not None and base.unseen is not None:
+    if base is not None and base.unseen is not None:
         seen = [i for i, item in enumerate(items) if item.version == base.unseen]
         if seen:
             items = items[seen[-1] + 1 :]
@@ -551,12 +544,14 @@ def record_delivered_base(
 
 
 def record_delivered_delete(conn: apsw.Connection, ctx: Context, task_id: str) -> None:
-    """The server took this device's delete (or had the task gone already): the base
-    becomes a tombstone until the log shows the delete (log items older than it would
-    otherwise bring the task back); with no pulling, it is simply forgotten."""
-    if ctx.pulls:
-        replica.mark_deleted(conn, task_id)
-    else:
+    """The server took this device's delete (or had the task gone already). A pulling
+    store keeps the base, and its ``unseen`` mark, until the log shows a delete of the
+    task (:func:`_foreign` then drops it): the task's log items up to the version it was
+    deleted on are older than the delete and are skipped, as for any task (with the base
+    dropped, a page ending between the task's create and its delete would bring the task
+    back as a server copy). A push-only store forgets it at once.
+    """
+    if not ctx.pulls:
         replica.drop_base(conn, task_id)
 
 

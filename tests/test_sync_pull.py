@@ -337,6 +337,45 @@ def test_a_task_deleted_here_never_comes_back_from_log_pages_older_than_the_dele
         assert server.tasks() == {}
 
 
+def test_a_delete_answered_404_leaves_the_task_to_the_log_which_may_bring_it_back(
+    tmp_path: Path, server: ReferenceServer
+) -> None:
+    # Another device deleted the task first (404: nothing applied here, so no tombstone)
+    # and then created it again: the log's items after the foreign delete still apply.
+    with TaskStore.open(tmp_path / "a.db", sync=config(server, pull_limit=1)) as a:
+        assert a.sync.flush(timeout=10)
+        task_id = str(a.tasks.create({**REQUEST, "note": "made"}).data.id)
+        assert a.sync.flush(timeout=10)
+        server.delete_task(task_id)
+        a.tasks.delete(task_id)
+        server.faults.read_script = ["error_5xx"]  # the pull after the push fails once
+        a.sync.run_once()
+        assert a.sync.status().pending == 0  # the DELETE was answered 404: delivered
+        server.put_task({**REQUEST, "id": task_id, "note": "again"})
+        assert a.sync.flush(timeout=10)
+        assert a.tasks.get(task_id).data.note == "again"
+        assert local_tasks(a) == server_tasks(server)
+
+
+def test_a_conflict_resolved_by_keeping_the_local_delete_never_brings_the_task_back(
+    tmp_path: Path, server: ReferenceServer
+) -> None:
+    with TaskStore.open(tmp_path / "a.db", sync=config(server, pull_limit=1)) as a:
+        assert a.sync.flush(timeout=10)
+        task_id = str(a.tasks.create({**REQUEST, "note": "made"}).data.id)
+        assert a.sync.flush(timeout=10)
+        server.update_task(task_id, {"note": "theirs"})
+        a.tasks.delete(task_id)
+        server.faults.read_script = ["error_5xx"]  # the log is not read before the resolve
+        a.sync.run_once()  # the DELETE meets the update: 412, a conflict
+        (conflict,) = a.sync.conflicts()
+        a.sync.resolve(conflict.task_id, keep="local")
+        assert a.sync.flush(timeout=10)
+        assert server.tasks() == {}
+        assert [h.origin for h in a.tasks.history(task_id).data].count("server") == 0
+        assert a.table_counts()["sync_bases"] == 0
+
+
 def test_an_answer_lost_after_the_server_applied_it_is_settled_by_the_log(
     tmp_path: Path, server: ReferenceServer
 ) -> None:

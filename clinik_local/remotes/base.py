@@ -129,6 +129,11 @@ class Delivered:
     modified: str | None = None
     task: dict[str, Any] | None = None
     gone: bool = False
+    #: For a delete (``gone``): True when the server applied it just now, so its change
+    #: log will show it after every earlier write of the task; False when nothing was
+    #: written (the server never had the task); None when the remote cannot tell (the
+    #: task was gone already, or its log may not show deletes).
+    applied: bool | None = None
 
 
 @attrs.frozen(kw_only=True)

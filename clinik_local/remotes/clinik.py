@@ -284,7 +284,7 @@ class ClinikRemote:
             return AuthFailed(message="the service refused the token (401), also a fresh one")
         if 200 <= status < 300 or (status == 404 and method == "DELETE"):
             if method == "DELETE":
-                return Delivered(gone=True)
+                return Delivered(gone=True, applied=True if status != 404 else None)
             task = _task_of(answer)
             if task is None:
                 return Delivered()

@@ -8,8 +8,9 @@ over-long texts included), its ``versionId``, and two marks:
   ``412`` answer) that the log has not shown yet. The log is in commit order, so the
   task's log items before that version are older than what this device knows, and are
   skipped (no flicker back to an older version); the item with that version clears it.
-  A task this device deleted keeps its base (and mark) until the log shows a delete of
-  it, so the log items before the delete are known to be older than it.
+  :data:`DELETED_HERE` in its place marks a *tombstone*: the server applied this
+  device's delete of the task, which the log has not shown yet; every item of the task
+  before its first delete item is older than that, and is skipped.
 - ``listed``: the bootstrap generation that last saw the task (a listing page, or any
   server copy accepted while that bootstrap was current). When a bootstrap ends, local
   tasks it did not see and with no undelivered change are removed: the server no longer
@@ -34,6 +35,7 @@ import attrs
 from .connection import fetch_all, fetch_among, ids_among, meta_value, meta_values, set_meta
 
 __all__ = [
+    "DELETED_HERE",
     "Base",
     "PullState",
     "base_of",
@@ -44,6 +46,7 @@ __all__ = [
     "dropped_indexes",
     "forget_versions",
     "keep_dropped_indexes",
+    "mark_deleted",
     "read_state",
     "set_base",
     "set_bases_many",
@@ -66,6 +69,10 @@ _KEYS = {
 #: The search indexes a bootstrap dropped (rows.drop_search_indexes), until it builds them.
 _DROPPED_INDEXES = "sync.bootstrap.indexes"
 _UNSET = object()
+
+#: The ``unseen`` mark of a tombstone (see the module docstring): spaces and angle
+#: brackets are in no ``versionId`` (FHIR's are ``[A-Za-z0-9.-]``; ours are numbers).
+DELETED_HERE = "<deleted here>"
 
 
 @attrs.frozen(kw_only=True)
@@ -221,6 +228,18 @@ def based_ids(conn: apsw.Connection, task_ids: Sequence[str]) -> set[str]:
 def set_unseen(conn: apsw.Connection, task_id: str, version_id: str | None) -> None:
     """Mark (or, with None, unmark) a version the log has not shown yet; the base stays."""
     conn.execute("UPDATE sync_bases SET unseen = ? WHERE task_id = ?", (version_id, task_id))
+
+
+def mark_deleted(conn: apsw.Connection, task_id: str, *, listed: int) -> None:
+    """Make the task's base a tombstone (:data:`DELETED_HERE`), adding one if it has none
+    (a store from before schema 3 had no bases): the server applied this device's
+    delete, and the log will show it."""
+    conn.execute(
+        "INSERT INTO sync_bases (task_id, version_id, body, unseen, listed) "
+        "VALUES (?, NULL, 'null', ?, ?) ON CONFLICT (task_id) DO UPDATE SET "
+        "unseen = excluded.unseen, listed = max(listed, excluded.listed)",
+        (task_id, DELETED_HERE, listed),
+    )
 
 
 def drop_base(conn: apsw.Connection, task_id: str) -> None:

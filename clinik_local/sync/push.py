@@ -97,7 +97,7 @@ def _base_of(row: OutboxRow) -> dict[str, Any] | None:
 def _push(remote: Remote, row: OutboxRow, version: str | None, lane: int) -> PushOutcome:
     if row.op == "delete" and version is None and not row.on_server:
         # The server never acknowledged this task: there is nothing to delete there.
-        return Delivered(gone=True)
+        return Delivered(gone=True, applied=False)
     return remote.push(to_change(row, version), lane=lane)
 
 
@@ -159,7 +159,7 @@ def _delivered(
     if outcome.gone:
         rows_left = outbox.has_open_changes(conn, row.task_id)
         if not rows_left:
-            rebase.record_delivered_delete(conn, ctx, row.task_id)
+            rebase.record_delivered_delete(conn, ctx, row.task_id, applied=outcome.applied)
         return
     task = outcome.task
     if task is None:  # no body in the answer: the server holds what was sent

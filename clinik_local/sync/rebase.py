@@ -281,8 +281,9 @@ def apply_items(
 
     - a version learnt outside the log (``unseen``) makes the items before it older than
       what this device knows: they are skipped, and the mark is cleared by its own item
-      (a page without it is all older); a task this device deleted keeps its base and
-      mark for this until the log's delete removes them (:func:`record_delivered_delete`);
+      (a page without it is all older); a tombstone (a delete of this device the server
+      applied, :func:`record_delivered_delete`) skips every item before the task's
+      first delete item, which drops it;
     - an item of one of this store's own open changes (the server applied it; its answer
       was lost) settles that change: it is delivered, the item's task becomes the base
       and its version the next ``If-Match``; the local task, which already holds the
@@ -294,7 +295,13 @@ def apply_items(
         return Accepted()
     task_id = items[0].task_id
     base = replica.base_of(conn, task_id)
-    if base is not None and base.unseen is not None:
+    if base is not None and base.unseen == replica.DELETED_HERE:
+        deletes = [i for i, item in enumerate(items) if item.deleted]
+        if not deletes:
+            return Accepted()  # older than the delete this device made
+        replica.drop_base(conn, task_id)
+        items = items[deletes[0] + 1 :]
+    elif base is not None and base.unseen is not None:
         seen = [i for i, item in enumerate(items) if item.version == base.unseen]
         if seen:
             items = items[seen[-1] + 1 :]
@@ -543,16 +550,32 @@ def record_delivered_base(
     _record_server(conn, ctx, task_id, task, dumps(task), version, now, unseen=True)
 
 
-def record_delivered_delete(conn: apsw.Connection, ctx: Context, task_id: str) -> None:
-    """The server took this device's delete (or had the task gone already). A pulling
-    store keeps the base, and its ``unseen`` mark, until the log shows a delete of the
-    task (:func:`_foreign` then drops it): the task's log items up to the version it was
-    deleted on are older than the delete and are skipped, as for any task (with the base
-    dropped, a page ending between the task's create and its delete would bring the task
-    back as a server copy). A push-only store forgets it at once.
+def record_delivered_delete(
+    conn: apsw.Connection, ctx: Context, task_id: str, *, applied: bool | None
+) -> None:
+    """The server took this device's delete (``applied``: see
+    :attr:`~clinik_local.remotes.base.Delivered.applied`).
+
+    A pulling store must not take the task's log items older than the delete for new
+    server copies (a page ending between the task's create and its delete would bring
+    the task back). When the server applied the delete just now and the task was in
+    the scope, the log will show it: the base becomes a tombstone, and every item of
+    the task before a delete item is skipped (:func:`apply_items`). When the remote
+    cannot tell (the task was gone already: another device's delete, which may still
+    be ahead in the log), the base stays with its ``unseen`` mark until a delete item
+    drops it. Nothing was written, or no pulling: the base goes.
     """
-    if not ctx.pulls:
+    base = replica.base_of(conn, task_id)
+    if not ctx.pulls or applied is False:
         replica.drop_base(conn, task_id)
+    elif applied and (base is None or _in_scope(ctx, base.body)):
+        replica.mark_deleted(conn, task_id, listed=ctx.generation)
+
+
+def _in_scope(ctx: Context, body: str) -> bool:
+    """Whether a base's task is in the scope (a filtered log shows its next write)."""
+    task = loads_or_none(body)
+    return isinstance(task, dict) and scope_matches(ctx.scope, task)
 
 
 def replica_forget(conn: apsw.Connection, task_id: str) -> None:

@@ -189,6 +189,43 @@ def test_a_put_answered_404_is_an_update_against_a_delete_not_a_dead_letter(
         assert local_tasks(store) == {}
 
 
+def test_a_recreation_meeting_another_devices_recreation_is_a_conflict_not_a_dead_letter(
+    tmp_path: Path, server: ReferenceServer
+) -> None:
+    # Both devices keep their update of a task the server deleted, so both re-create it;
+    # the second POST meets the first one's re-creation (409). It is the same task, not
+    # another one with its id: the server's copy is read and both sides are kept.
+    with (
+        TaskStore.open(tmp_path / "a.db", sync=config(server)) as a,
+        TaskStore.open(tmp_path / "b.db", sync=config(server)) as b,
+    ):
+        task_id = str(a.tasks.create(REQUEST).data.id)
+        assert a.sync.flush(timeout=10)
+        assert b.sync.flush(timeout=10)
+        server.delete_task(task_id)
+        a.tasks.update(task_id, {"note": "from a"})
+        b.tasks.update(task_id, {"priority": "stat"})
+        conflicts = []
+        for store in (a, b):
+            assert store.sync.flush(timeout=10)
+            [conflict] = store.sync.conflicts()
+            assert [r.kind for r in conflict.reasons] == ["update vs delete"]
+            conflicts.append(conflict)
+        for store, conflict in zip((a, b), conflicts, strict=True):
+            store.sync.resolve(task_id, "local", local_version=conflict.local_version)
+            assert store.sync.flush(timeout=10)
+        assert b.sync.dead_letters() == []
+        [conflict] = b.sync.conflicts()
+        assert conflict.server is not None
+        assert conflict.server["note"] == "from a"
+        assert conflict.local is not None
+        assert conflict.local["priority"] == "stat"
+        b.sync.resolve(task_id, "remote", local_version=conflict.local_version)
+        assert b.sync.flush(timeout=10)
+        assert a.sync.flush(timeout=10)
+        assert local_tasks(a) == local_tasks(b) == server_tasks(server)
+
+
 def test_keep_local_never_reverts_a_field_only_the_server_changed(
     tmp_path: Path, server: ReferenceServer, arrival: str
 ) -> None:

@@ -10,7 +10,9 @@ How one change goes on the wire:
 - the body is the wire task without ``versionId``/``lastModified``.
 
 What each answer is (the contract's table): 2xx delivered; 404 on DELETE delivered
-(already gone); 412 a conflict carrying the server's task; 408/425/429/5xx transient
+(already gone); 412 a conflict carrying the server's task (and so is a 409 to an update
+sent as ``POST``, the re-creation of a task another client created again meanwhile:
+the server's copy is read and the change rebased on it); 408/425/429/5xx transient
 (``Retry-After`` honoured, in seconds or as an HTTP date); 401 asks the token provider
 once more and retries once, then is :class:`~.base.AuthFailed`; any other status is
 refused for good. A network failure is transient; no connection at all is
@@ -162,7 +164,20 @@ class ClinikRemote:
         answer = self._exchange(method, path, body, headers, lane)
         if not isinstance(answer, Response):
             return answer
+        if method == "POST" and change.op == "update" and answer.status == 409:
+            return self._recreated(change, answer, lane)
         return self._classify(method, answer, self._get_transport())
+
+    def _recreated(self, change: Change, answer: Response, lane: int) -> PushOutcome:
+        """A 409 to an update sent as ``POST`` (a task the server had deleted, kept here
+        by a resolution): another client created the task again meanwhile. It is the
+        same task, not another one with its id, so like a 412 the change is rebased on
+        the server's copy; if that cannot be read, the 409 stands (refused)."""
+        asked = self._server_copy(change.task_id, lane)
+        if isinstance(asked, tuple):
+            _, server_task, raw = asked
+            return Conflict(server_task=server_task, status=409, body=raw)
+        return self._classify("POST", answer, self._get_transport())
 
     def _exchange(
         self,

@@ -337,15 +337,21 @@ def test_a_task_deleted_here_never_comes_back_from_log_pages_older_than_the_dele
         assert server.tasks() == {}
 
 
+def delivered_task(store: TaskStore) -> str:
+    """A task created on ``store`` and delivered (the log read past it); its id."""
+    assert store.sync.flush(timeout=10)
+    task_id = str(store.tasks.create({**REQUEST, "note": "made"}).data.id)
+    assert store.sync.flush(timeout=10)
+    return task_id
+
+
 def test_a_delete_answered_404_leaves_the_task_to_the_log_which_may_bring_it_back(
     tmp_path: Path, server: ReferenceServer
 ) -> None:
     # Another device deleted the task first (404: nothing applied here, so no tombstone)
     # and then created it again: the log's items after the foreign delete still apply.
     with TaskStore.open(tmp_path / "a.db", sync=config(server, pull_limit=1)) as a:
-        assert a.sync.flush(timeout=10)
-        task_id = str(a.tasks.create({**REQUEST, "note": "made"}).data.id)
-        assert a.sync.flush(timeout=10)
+        task_id = delivered_task(a)
         server.delete_task(task_id)
         a.tasks.delete(task_id)
         server.faults.read_script = ["error_5xx"]  # the pull after the push fails once
@@ -361,9 +367,7 @@ def test_a_conflict_resolved_by_keeping_the_local_delete_never_brings_the_task_b
     tmp_path: Path, server: ReferenceServer
 ) -> None:
     with TaskStore.open(tmp_path / "a.db", sync=config(server, pull_limit=1)) as a:
-        assert a.sync.flush(timeout=10)
-        task_id = str(a.tasks.create({**REQUEST, "note": "made"}).data.id)
-        assert a.sync.flush(timeout=10)
+        task_id = delivered_task(a)
         server.update_task(task_id, {"note": "theirs"})
         a.tasks.delete(task_id)
         server.faults.read_script = ["error_5xx"]  # the log is not read before the resolve

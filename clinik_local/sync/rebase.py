@@ -565,11 +565,12 @@ def record_delivered_delete(
     be ahead in the log), the base stays with its ``unseen`` mark until a delete item
     drops it. Nothing was written, or no pulling: the base goes.
     """
-    base = replica.base_of(conn, task_id)
     if not ctx.pulls or applied is False:
         replica.drop_base(conn, task_id)
-    elif applied and (base is None or _in_scope(ctx, base.body)):
-        replica.mark_deleted(conn, task_id, listed=ctx.generation)
+    elif applied:
+        base = replica.base_of(conn, task_id)
+        if base is None or _in_scope(ctx, base.body):
+            replica.mark_deleted(conn, task_id, listed=ctx.generation)
 
 
 def _in_scope(ctx: Context, body: str) -> bool:

@@ -113,6 +113,7 @@ CREATE INDEX task_io_by_seq ON task_io (seq);
 -- note, businessStatus, code and the input/output values. No prefix indexes (schema
 -- version 2): they wrote every token three times, for a 25% slower write path, while a
 -- prefix query ("cb*") reads about as much either way (benchmarks/lean_levers.py).
+-- A task with no text at all has no row here (storage/rows.py, _insert_rows).
 CREATE VIRTUAL TABLE task_text USING fts5 (
     description, note, business_status, code, io_values,
     content = '', contentless_delete = 1,

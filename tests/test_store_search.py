@@ -154,3 +154,43 @@ def test_pages_concatenate_to_the_single_big_page(
             cursor = str(page.meta["nextCursor"])
         assert pieces == whole
         assert len(whole) == 8
+
+
+def test_a_task_without_text_has_no_text_row_and_gains_and_loses_one_as_its_text_changes(
+    tmp_path: Path,
+) -> None:
+    """No text, no task_text row (nothing to match, and an empty FTS5 row costs a third
+    of a create); text added later is found, text removed is not, and deleting a task
+    with or without a row leaves the file sound and its derived rows exact."""
+    from tests.derived import derived_problems
+
+    path = tmp_path / "text.db"
+    with TaskStore.open(path) as store:
+        bare = store.tasks.create({"status": "requested", "intent": "order"}).data
+        worded = store.tasks.create(
+            {"status": "requested", "intent": "order", "description": "Fasting glucose"}
+        ).data
+        assert bare.id is not None
+        assert worded.id is not None
+
+        def text_rows() -> int:
+            return store.table_counts()["task_text_docsize"]
+
+        assert text_rows() == 1
+        assert [t.id for t in store.tasks.search(text="fasting").data] == [worded.id]
+
+        store.tasks.update(bare.id, {"note": "fasting since midnight"})
+        assert text_rows() == 2
+        found = {t.id for t in store.tasks.search(text="fasting").data}
+        assert found == {bare.id, worded.id}
+
+        store.tasks.update(bare.id, {"note": None})
+        assert text_rows() == 1
+        assert [t.id for t in store.tasks.search(text="fasting").data] == [worded.id]
+
+        store.tasks.delete(bare.id)
+        store.tasks.delete(worded.id)
+        assert text_rows() == 0
+        assert store.tasks.search(text="fasting").data == []
+        assert store.integrity_check() == []
+    assert derived_problems(path) == []

@@ -241,20 +241,30 @@ def _insert_derived(conn: apsw.Connection, items: Iterable[tuple[int, Mapping[st
 def _insert_rows(
     conn: apsw.Connection, items: Sequence[tuple[int, DerivedRows]], *, text: bool = True
 ) -> None:
-    """Bind derived rows (each (seq, rows)); ``text=False``: not their task_text rows."""
+    """Bind derived rows (each (seq, rows)); ``text=False``: not their task_text rows.
+
+    A task with no text at all (no description, note, businessStatus, code or io
+    value) gets no task_text row: no text filter can match it, and an empty row still
+    costs FTS5 a docsize row, its totals and, in a store per test, the reload after
+    the rollback: a third of a text-less create. Deleting a rowid task_text does not
+    hold is a no-op for a contentless_delete table (totals and segments untouched), so
+    the delete paths need not know; files written before keep their empty rows, which
+    read and delete the same.
+    """
     refs = [(kind, ref, seq) for seq, d in items for kind, ref in d.refs]
     io = [(dr, t, v, seq, pos) for seq, d in items for dr, t, v, pos in d.io]
     if refs:
         conn.executemany(_INSERT_REF, refs)
     if io:
         conn.executemany(_INSERT_IO, io)
-    if not text or not items:
+    if not text:
         return
     if len(items) == 1:
         seq, d = items[0]
-        conn.execute(_INSERT_TEXT, (seq, *d.text))
-    else:
-        conn.executemany(_INSERT_TEXT, [(seq, *d.text) for seq, d in items])
+        if any(d.text):
+            conn.execute(_INSERT_TEXT, (seq, *d.text))
+    elif items:
+        conn.executemany(_INSERT_TEXT, [(seq, *d.text) for seq, d in items if any(d.text)])
 
 
 def _rewrite_derived(

@@ -13,6 +13,15 @@ another checkout's interpreter, for a before/after ratio:
 
 Instructions are not time (a cache miss costs far more than an instruction), so the
 I1/D1 misses of a 32 KiB L1 are shown beside them. Needs ``valgrind`` on the PATH.
+
+``--pytest`` counts inside real pytest sessions instead: bench_fixture.py's generated
+modules (one ``create`` and one ``search`` on ``task_store``, against the same on a dict
+in a no-op fixture) of 100 and 300 tests, and prints what one more test costs, store
+minus dict: the deterministic twin of bench_fixture.py's timed ``--pytest`` (which a
+busy neighbour moves by half), pytest's own work slowed by the store's included. About
+five minutes: valgrind runs pytest some 50 times slower.
+
+    python benchmarks/bench_fixture_instructions.py --pytest [--baseline-python ...]
 """
 
 from __future__ import annotations
@@ -23,7 +32,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
+from pathlib import Path
 from typing import Any
+
+from bench_fixture import DICT_MODULE, STORE_MODULE
 
 #: The measured loop (run as ``python -c LOOP MODE N GC``); the warm-up builds the
 #: template. The cyclic GC is off (GC ``off``): a collection falls in one run's count
@@ -59,6 +72,12 @@ COUNTS = {"instr": "I   refs", "I1 miss": "I1  misses", "D1 miss": "D1  misses"}
 
 
 def _counts(python: str, mode: str, n: int, gc: str = "off") -> dict[str, int]:
+    """Cachegrind's totals for :data:`LOOP` in ``mode`` with ``n`` iterations."""
+    return _valgrind(python, ["-c", LOOP, mode, str(n), gc])
+
+
+def _valgrind(python: str, argv: list[str], cwd: str | None = None) -> dict[str, int]:
+    """Cachegrind's totals (:data:`COUNTS`) for ``python argv...`` run in ``cwd``."""
     done = subprocess.run(
         [
             "valgrind",
@@ -69,16 +88,12 @@ def _counts(python: str, mode: str, n: int, gc: str = "off") -> dict[str, int]:
             "--LL=2097152,16,64",
             "--cachegrind-out-file=/dev/null",
             python,
-            "-c",
-            LOOP,
-            mode,
-            str(n),
-            gc,
+            *argv,
         ],
         capture_output=True,
         text=True,
         check=True,
-        **_RUN_IN,
+        **{**_RUN_IN, **({"cwd": cwd} if cwd else {})},
     )
     found: dict[str, int] = {}
     for name, label in COUNTS.items():
@@ -87,6 +102,44 @@ def _counts(python: str, mode: str, n: int, gc: str = "off") -> dict[str, int]:
             raise SystemExit(f"no {label!r} in valgrind's output:\n{done.stderr[-800:]}")
         found[name] = int(match.group(1).replace(",", ""))
     return found
+
+
+def _pytest_counts(
+    python: str, module: str, n: int, *, counted: bool = True
+) -> dict[str, int] | None:
+    """Cachegrind's totals for a whole pytest session of ``module`` with ``n`` tests
+    (``counted=False``: the same session outside valgrind, for its side effects only:
+    the ``.pyc`` of a module edited since its last import is written then)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "test_generated.py"
+        path.write_text(textwrap.dedent(module).replace("N_TESTS", str(n)), encoding="utf-8")
+        argv = ["-m", "pytest", "-q", "-p", "no:cacheprovider", str(path)]
+        if counted:
+            return _valgrind(python, argv, tmp)
+        subprocess.run([python, *argv], check=True, capture_output=True, **{**_RUN_IN, "cwd": tmp})
+        return None
+
+
+def _per_pytest_test(python: str, module: str, low: int, high: int) -> dict[str, float]:
+    _pytest_counts(python, module, 2, counted=False)
+    a, b = _pytest_counts(python, module, low), _pytest_counts(python, module, high)
+    assert a is not None
+    assert b is not None
+    return {k: (b[k] - a[k]) / (high - low) for k in COUNTS}
+
+
+def _pytest_main(args: argparse.Namespace) -> None:
+    low, high = 100, 300
+    runs = [("this", sys.executable)]
+    if args.baseline_python:
+        runs.insert(0, ("baseline", args.baseline_python))
+    plain = _per_pytest_test(sys.executable, DICT_MODULE, low, high)
+    print(f"{'per pytest test':<28}" + "".join(f"{k:>14}" for k in COUNTS))
+    print(f"{'dict fixture':<28}" + "".join(f"{plain[k]:>14,.0f}" for k in COUNTS))
+    for name, python in runs:
+        store = _per_pytest_test(python, STORE_MODULE, low, high)
+        cells = "".join(f"{store[k] - plain[k]:>14,.0f}" for k in COUNTS)
+        print(f"{name + ' task_store, extra':<28}{cells}")
 
 
 def _warm(python: str) -> None:
@@ -120,9 +173,15 @@ def main() -> None:
         "--quick", action="store_true", help="a smoke run (CI): one short loop, counted"
     )
     parser.add_argument("--baseline-python", help="another checkout's interpreter: before")
+    parser.add_argument(
+        "--pytest", action="store_true", help="count inside pytest sessions (about 5 minutes)"
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         print("valgrind is not installed: nothing measured")
+        return
+    if args.pytest and not args.quick:
+        _pytest_main(args)
         return
     if args.quick:
         whole = _counts(sys.executable, "full", 2)

@@ -76,8 +76,9 @@ def _counts(python: str, mode: str, n: int, gc: str = "off") -> dict[str, int]:
     return _valgrind(python, ["-c", LOOP, mode, str(n), gc])
 
 
-def _valgrind(python: str, argv: list[str], cwd: str | None = None) -> dict[str, int]:
-    """Cachegrind's totals (:data:`COUNTS`) for ``python argv...`` run in ``cwd``."""
+def _valgrind(python: str, argv: list[str]) -> dict[str, int]:
+    """Cachegrind's totals (:data:`COUNTS`) for ``python argv...`` (paths in ``argv``
+    absolute: it runs where :data:`_RUN_IN` says)."""
     done = subprocess.run(
         [
             "valgrind",
@@ -93,7 +94,7 @@ def _valgrind(python: str, argv: list[str], cwd: str | None = None) -> dict[str,
         capture_output=True,
         text=True,
         check=True,
-        **{**_RUN_IN, **({"cwd": cwd} if cwd else {})},
+        **_RUN_IN,
     )
     found: dict[str, int] = {}
     for name, label in COUNTS.items():
@@ -104,27 +105,23 @@ def _valgrind(python: str, argv: list[str], cwd: str | None = None) -> dict[str,
     return found
 
 
-def _pytest_counts(
-    python: str, module: str, n: int, *, counted: bool = True
-) -> dict[str, int] | None:
+def _pytest_counts(python: str, module: str, n: int, *, counted: bool = True) -> dict[str, int]:
     """Cachegrind's totals for a whole pytest session of ``module`` with ``n`` tests
     (``counted=False``: the same session outside valgrind, for its side effects only:
-    the ``.pyc`` of a module edited since its last import is written then)."""
+    the ``.pyc`` of a module edited since its last import is written then; no totals)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "test_generated.py"
         path.write_text(textwrap.dedent(module).replace("N_TESTS", str(n)), encoding="utf-8")
         argv = ["-m", "pytest", "-q", "-p", "no:cacheprovider", str(path)]
-        if counted:
-            return _valgrind(python, argv, tmp)
-        subprocess.run([python, *argv], check=True, capture_output=True, **{**_RUN_IN, "cwd": tmp})
-        return None
+        if not counted:
+            subprocess.run([python, *argv], check=True, capture_output=True, **_RUN_IN)
+            return {}
+        return _valgrind(python, argv)
 
 
 def _per_pytest_test(python: str, module: str, low: int, high: int) -> dict[str, float]:
     _pytest_counts(python, module, 2, counted=False)
     a, b = _pytest_counts(python, module, low), _pytest_counts(python, module, high)
-    assert a is not None
-    assert b is not None
     return {k: (b[k] - a[k]) / (high - low) for k in COUNTS}
 
 

@@ -257,14 +257,11 @@ def _insert_rows(
         conn.executemany(_INSERT_REF, refs)
     if io:
         conn.executemany(_INSERT_IO, io)
-    if not text:
-        return
-    if len(items) == 1:
-        seq, d = items[0]
-        if any(d.text):
-            conn.execute(_INSERT_TEXT, (seq, *d.text))
-    elif items:
-        conn.executemany(_INSERT_TEXT, [(seq, *d.text) for seq, d in items if any(d.text)])
+    texts = [(seq, *d.text) for seq, d in items if any(d.text)] if text else []
+    if len(texts) == 1:
+        conn.execute(_INSERT_TEXT, texts[0])
+    elif texts:
+        conn.executemany(_INSERT_TEXT, texts)
 
 
 def _rewrite_derived(

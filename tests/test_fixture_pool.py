@@ -559,7 +559,7 @@ def test_a_store_that_synced_both_ways_hands_on_a_clean_connection(
 def test_a_forked_child_never_uses_its_parents_pooled_connections() -> None:
     parent = TaskStore.open(":memory:")
     parent.close()  # one connection idle in the parent's pool
-    idle = {id(c) for conns in database._POOL._idle.values() for c in conns}
+    idle = {id(p.conn) for conns in database._POOL._idle.values() for p in conns}
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report, then leave without running any cleanup

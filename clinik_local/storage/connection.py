@@ -364,7 +364,7 @@ _CREATED_AT_SQL = "INSERT OR REPLACE INTO meta(key, value) VALUES ('created_at',
 _BEGIN_AND_CREATED_AT_SQL = "BEGIN; " + _CREATED_AT_SQL
 
 
-def stamp_memory_store(conn: apsw.Connection, *, begin: bool) -> None:
+def stamp_memory_store(conn: apsw.Connection | apsw.Cursor, *, begin: bool) -> None:
     """An in-memory store's opening write: its own ``created_at`` (made now), after a
     ``BEGIN`` of its pool transaction when ``begin`` (one call into SQLite for both).
 

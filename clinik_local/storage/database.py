@@ -307,10 +307,10 @@ _STATE_SQL = "PRAGMA query_only; PRAGMA recursive_triggers; SELECT count(*) FROM
 _ROLLBACK_AND_STATE_SQL = "ROLLBACK; " + _STATE_SQL
 
 
-def _pool_state(conn: apsw.Connection, sql: str) -> tuple[object, ...]:
+def _pool_state(conn: apsw.Connection, cursor: apsw.Cursor, sql: str) -> tuple[object, ...]:
     """``sql``'s rows (:data:`_STATE_SQL`, after a ROLLBACK if it starts with one) and
     whether foreign keys are enforced: what :meth:`_MemoryPool.release` compares."""
-    rows = conn.execute(sql).fetchall()
+    rows = cursor.execute(sql).fetchall()
     return (*rows, conn.config(apsw.SQLITE_DBCONFIG_ENABLE_FKEY, -1))
 
 
@@ -328,6 +328,22 @@ class _CommitWatch:
     def __call__(self) -> bool:
         self.committed = True
         return False  # go ahead: lend() commits on purpose (and the pool then closes it)
+
+
+class _Pooled:
+    """A connection that serves pooled stores, with what the pool keeps beside it: its
+    :class:`_CommitWatch`, and the cursor its stores' own transaction statements run on
+    (``BEGIN``, each write's savepoint, the rollback and the state read at close): one
+    cursor reused, not one made and freed per statement, about 0.7 µs each. Used only
+    under the store's lock or the pool's, so never by two threads at once."""
+
+    __slots__ = ("conn", "cursor", "watch")
+
+    def __init__(self, conn: apsw.Connection) -> None:
+        self.conn = conn
+        self.cursor = conn.cursor()
+        self.watch = _CommitWatch()
+        conn.set_commit_hook(self.watch)
 
 
 #: A deferred foreign key is checked at COMMIT, never at a savepoint's RELEASE: a store
@@ -353,7 +369,7 @@ class _MemoryTemplate:
             conn.close()
         self.first = open_connection(MEMORY, "writer", options, image=self.image)
         with translated(MEMORY):
-            self.state = _pool_state(self.first, _STATE_SQL)
+            self.state = _pool_state(self.first, self.first.cursor(), _STATE_SQL)
             ddl = fetch_all(self.first, "SELECT sql FROM sqlite_schema WHERE sql IS NOT NULL")
         self.poolable = not any(_DEFERRED_FK.search(str(sql)) for (sql,) in ddl)
 
@@ -374,18 +390,7 @@ class _MemoryPool:
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._template: _MemoryTemplate | None = None
-        self._idle: dict[ConnectionOptions, list[apsw.Connection]] = {}
-        #: The commit hook of each poolable connection (it lives as long as its connection).
-        self._watches: weakref.WeakKeyDictionary[apsw.Connection, _CommitWatch] = (
-            weakref.WeakKeyDictionary()
-        )
-
-    def _watch(self, conn: apsw.Connection) -> apsw.Connection:
-        """(Under the lock.) Give a connection about to serve pooled stores its commit
-        hook; returns it."""
-        watch = self._watches[conn] = _CommitWatch()
-        conn.set_commit_hook(watch)
-        return conn
+        self._idle: dict[ConnectionOptions, list[_Pooled]] = {}
 
     def _check_fork(self) -> None:
         """(Under the lock.) In a forked child, forget the parent's connections: never
@@ -394,7 +399,6 @@ class _MemoryPool:
             _abandoned.append((self._template, self._idle))
             self._template = None
             self._idle = {}
-            self._watches = weakref.WeakKeyDictionary()
             self._pid = os.getpid()
 
     def template(self, options: ConnectionOptions) -> _MemoryTemplate:
@@ -409,46 +413,46 @@ class _MemoryPool:
         if template is None:
             template = self._template = _MemoryTemplate(options)
             if template.poolable:
-                self._idle.setdefault(options, []).append(self._watch(template.first))
+                self._idle.setdefault(options, []).append(_Pooled(template.first))
             else:
                 template.first.close()
         return template
 
-    def acquire(self, options: ConnectionOptions) -> tuple[apsw.Connection, bool]:
-        """A connection holding exactly what a new in-memory store holds, and whether it
-        is pooled (then inside the store's transaction, see :meth:`release`)."""
-        conn: apsw.Connection | None = None
+    def acquire(self, options: ConnectionOptions) -> tuple[apsw.Connection, _Pooled | None]:
+        """A connection holding exactly what a new in-memory store holds, and its pool
+        entry if it is pooled (then inside the store's transaction, see :meth:`release`)."""
+        pooled: _Pooled | None = None
         with self._lock:  # once: the template and an idle connection
             template = self._template_locked(options)
             if template.poolable:
                 idle = self._idle.get(options)
                 if idle:
-                    conn = idle.pop()  # last in, first out: the one most likely cached
-        if conn is None:
+                    pooled = idle.pop()  # last in, first out: the one most likely cached
+        if pooled is not None:
+            conn = pooled.conn
+        else:
             conn = open_connection(MEMORY, "writer", options, image=template.image)
             if template.poolable:
-                with self._lock:
-                    self._watch(conn)
+                pooled = _Pooled(conn)
         try:
-            stamp_memory_store(conn, begin=template.poolable)
+            stamp_memory_store(conn if pooled is None else pooled.cursor, begin=pooled is not None)
         except apsw.Error as exc:
             conn.close()
             raise storage_error(exc, MEMORY) from exc
         except BaseException:
             conn.close()
             raise
-        return conn, template.poolable
+        return conn, pooled
 
-    def release(self, options: ConnectionOptions, conn: apsw.Connection) -> None:
+    def release(self, options: ConnectionOptions, pooled: _Pooled) -> None:
         """Take back a closed store's connection: roll its transaction back and pool it,
         or close it if it is not provably what a new store's is."""
         template = self._template
+        conn = pooled.conn
         try:
-            watch = self._watches.get(conn)
             reusable = (
                 template is not None
-                and watch is not None
-                and not watch.committed  # the store's transaction never ended
+                and not pooled.watch.committed  # the store's transaction never ended
                 and not conn.get_autocommit()  # and still runs
                 and conn.exec_trace is None
                 and conn.row_trace is None
@@ -456,7 +460,7 @@ class _MemoryPool:
             )
             if reusable:
                 assert template is not None
-                state = _pool_state(conn, _ROLLBACK_AND_STATE_SQL)
+                state = _pool_state(conn, pooled.cursor, _ROLLBACK_AND_STATE_SQL)
                 conn.set_last_insert_rowid(0)
                 reusable = state == template.state
         except apsw.Error as exc:
@@ -466,7 +470,7 @@ class _MemoryPool:
             with self._lock:
                 idle = self._idle.setdefault(options, [])
                 if self._pid == os.getpid() and len(idle) < self.MAX_IDLE:
-                    idle.append(conn)
+                    idle.append(pooled)
                     return
         with contextlib.suppress(apsw.Error):
             conn.close()
@@ -478,7 +482,7 @@ class _MemoryPool:
 
 
 #: What forked children inherited and must neither use nor close.
-_abandoned: list[tuple[_MemoryTemplate | None, dict[ConnectionOptions, list[apsw.Connection]]]] = []
+_abandoned: list[tuple[_MemoryTemplate | None, dict[ConnectionOptions, list[_Pooled]]]] = []
 _POOL = _MemoryPool()
 
 
@@ -545,8 +549,11 @@ class Database:
             self._readers: weakref.WeakSet[_ReaderBox] | None = weakref.WeakSet()
             #: Whether the connection runs in a pool transaction (see :class:`_MemoryPool`).
             self._pooled = False
+            #: A memory store's pool entry (None: file stores, unpoolable schemas).
+            self._lease: _Pooled | None = None
         else:
-            self._conn, self._pooled = _POOL.acquire(options)
+            self._conn, self._lease = _POOL.acquire(options)
+            self._pooled = self._lease is not None
             self._checkpointer = None
             self._readers = None  # one connection, shared under the lock
         self._lock = threading.RLock()
@@ -599,7 +606,8 @@ class Database:
             self._closed = True
             if self.is_memory:
                 if self._pooled and not self._writing and not self._lent:
-                    _POOL.release(self.options, self._conn)
+                    assert self._lease is not None
+                    _POOL.release(self.options, self._lease)
                 else:
                     with contextlib.suppress(apsw.Error):
                         self._conn.close()
@@ -845,9 +853,14 @@ class _Write:
         try:
             db._check_open()
             conn = self._conn = db._conn
-            savepoint = self._savepoint = db._pooled and not db._writing
+            # A pooled store's write: a savepoint, on the connection's own cursor.
+            lease = db._lease if db._pooled and not db._writing else None
+            savepoint = self._savepoint = None if lease is None else lease.cursor
             try:
-                conn.execute(_SAVEPOINT if savepoint else "BEGIN IMMEDIATE")
+                if savepoint is not None:
+                    savepoint.execute(_SAVEPOINT)
+                else:
+                    conn.execute("BEGIN IMMEDIATE")
             except apsw.Error as exc:
                 raise storage_error(exc, db.path) from exc
         except BaseException:
@@ -871,7 +884,10 @@ class _Write:
         db = self._db
         if exc is None:
             try:
-                self._conn.execute(_RELEASE if self._savepoint else "COMMIT")
+                if self._savepoint is not None:
+                    self._savepoint.execute(_RELEASE)
+                else:
+                    self._conn.execute("COMMIT")
             except BaseException as failure:
                 self._undo()
                 if isinstance(failure, apsw.Error):
@@ -899,8 +915,8 @@ class _Write:
         conn = self._conn
         try:
             with contextlib.suppress(apsw.Error):
-                if self._savepoint:
-                    conn.execute(_ROLLBACK_TO)
+                if self._savepoint is not None:
+                    self._savepoint.execute(_ROLLBACK_TO)
                 elif not conn.get_autocommit():
                     conn.execute("ROLLBACK")
             db._after_commit.clear()

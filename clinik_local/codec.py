@@ -637,7 +637,7 @@ def decode_task(request: Mapping[str, object]) -> Task:
     :data:`MAX_WIRE_BYTES` (path ``$``), which the service could never accept. Texts
     come back in NFC (see the module docstring).
     """
-    if not isinstance(request, Mapping):
+    if type(request) is not dict and not isinstance(request, Mapping):  # (dict: no ABC check)
         raise ValidationError.single(
             "$", f"a task request must be a mapping, not {type(request).__name__}", request
         )

@@ -286,7 +286,7 @@ def normalise_filters(
     merged: dict[str, object] = {}
     if filters is None:
         filters = {}
-    if not isinstance(filters, Mapping):
+    if type(filters) is not dict and not isinstance(filters, Mapping):  # (dict: no ABC check)
         raise ValidationError.single(
             "filters", "expected a mapping of filter names to values", filters
         )

@@ -41,7 +41,8 @@ def _file_path(path: object) -> str:
     """``path`` as text: a ValidationError naming ``path`` for anything that is not a
     file path (``str`` or a ``str`` ``os.PathLike``) or that SQLite could not open by
     name (a NUL character)."""
-    text = os.fspath(path) if isinstance(path, os.PathLike) else path
+    # (str first: the common case skips the ABC check, a few hundred ns per open)
+    text = path if type(path) is str or not isinstance(path, os.PathLike) else os.fspath(path)
     if not isinstance(text, str):
         raise ValidationError.single(
             "path", "expected a file path (str or os.PathLike) or ':memory:'", type(text)

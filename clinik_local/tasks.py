@@ -79,7 +79,7 @@ def _read_only_problems(request: Mapping[str, object], prefix: str = "") -> list
 
 def _decode_new(request: object, prefix: str = "") -> Task:
     """Decode a create request, with the create-only rules (no store-managed fields)."""
-    if not isinstance(request, Mapping):
+    if type(request) is not dict and not isinstance(request, Mapping):  # (dict: no ABC check)
         raise ValidationError.single(
             prefix or "$",
             f"a task request must be a mapping, not {type(request).__name__}",

@@ -57,6 +57,7 @@ from .model import (
     ValueKind,
 )
 from .timestamps import InstantError, parse_instant
+from .wire import loads
 
 if TYPE_CHECKING:
     import cattrs
@@ -914,7 +915,7 @@ def task_from_stored(d: dict[str, Any]) -> Task:
 
 
 def tasks_from_bodies(bodies: list[str]) -> list[Task]:
-    """Tasks from many stored wire-JSON bodies, parsed in one ``json.loads`` call."""
+    """Tasks from many stored wire-JSON bodies, parsed in one call (:func:`.wire.loads`)."""
     if not bodies:
         return []
-    return [task_from_stored(d) for d in json.loads("[" + ",".join(bodies) + "]")]
+    return [task_from_stored(d) for d in loads("[" + ",".join(bodies) + "]")]

@@ -1,5 +1,6 @@
 """``wire.dumps`` (one shared encoder) writes exactly what ``json.dumps`` with the wire's
-settings writes, for any JSON value, from any number of threads."""
+settings writes, for any JSON value, from any number of threads; ``wire.loads`` (json's
+scanner, reached directly) reads exactly what ``json.loads`` reads, and refuses alike."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clinik_local.wire import dumps
+from clinik_local.wire import dumps, loads
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -48,3 +49,36 @@ def test_dumps_refuses_what_json_dumps_refuses_and_keeps_no_state_after_a_refusa
         assert str(mine.value) == str(theirs.value)
         # A value seen inside the refused one is not taken for a loop next time.
         assert dumps([shared, shared]) == _reference([shared, shared])
+
+
+def _json_loads_outcome(text: str) -> tuple[str, Any]:
+    try:
+        return "value", json.loads(text)
+    except json.JSONDecodeError as exc:
+        return "error", (exc.msg, exc.pos)
+
+
+def _loads_outcome(text: str) -> tuple[str, Any]:
+    try:
+        return "value", loads(text)
+    except json.JSONDecodeError as exc:
+        return "error", (exc.msg, exc.pos)
+
+
+_noise = st.sampled_from(["", " ", "\n\t ", "\ufeff", "x", ",", "]", "}", "1", '"', "{}"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values, _noise, _noise, st.integers(min_value=0, max_value=40))
+def test_loads_reads_and_refuses_exactly_what_json_loads_does(
+    value: Any, before: str, after: str, cut: int
+) -> None:
+    text = _reference(value)
+    for candidate in (text, before + text + after, text[:cut], text[cut:]):
+        assert repr(_loads_outcome(candidate)) == repr(_json_loads_outcome(candidate))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=30))
+def test_loads_of_any_text_matches_json_loads(text: str) -> None:
+    assert repr(_loads_outcome(text)) == repr(_json_loads_outcome(text))

@@ -66,7 +66,7 @@ from ..ids import new_task_id
 from ..merge import MERGE_FIELDS, SERVER_MANAGED
 from ..model import NO_PRIORITY_RANK, Task
 from ..search import CompiledSearch, count_query, page_query
-from ..wire import dumps, without_server_fields
+from ..wire import dumps, loads, without_server_fields
 from . import outbox, replica
 from .connection import fetch_all, fetch_among, ids_among
 
@@ -276,7 +276,7 @@ def _rewrite_derived(
     io: list[tuple[int, DerivedRows]] = []
     text: list[tuple[int, DerivedRows]] = []
     for seq, wire, old_body in items:
-        new, old = derive_rows(wire), derive_rows(json.loads(old_body))
+        new, old = derive_rows(wire), derive_rows(loads(old_body))
         if new.refs != old.refs:
             refs.append((seq, new))
         if new.io != old.io:
@@ -314,7 +314,7 @@ def _write_task_rows(
     ``wires`` are the wire forms of ``bodies`` when the caller has them (else parsed
     from the body).
     """
-    wire_list = list(wires) if wires is not None else [json.loads(b) for b in bodies]
+    wire_list = list(wires) if wires is not None else [loads(b) for b in bodies]
     if not exists and len(tasks) == 1:
         # One row: SQLite picks max + 1 itself, and says which, without a SELECT.
         conn.execute(INSERT_TASK, task_row(tasks[0], _version_of(tasks[0]), bodies[0]))
@@ -439,7 +439,7 @@ def get_with_state(
     if not rows:
         return None
     body, rank = rows[0]
-    return json.loads(body), outbox.STATE_BY_RANK[rank]
+    return loads(body), outbox.STATE_BY_RANK[rank]
 
 
 def top_version(conn: apsw.Connection, task_id: str) -> int:

@@ -96,7 +96,8 @@ def dump(store: TaskStore, opened_after: str) -> dict[str, Any]:
             "modules": sorted(conn.execute("PRAGMA module_list").fetchall()),
             "pragmas": [conn.pragma(p) for p in PRAGMAS],
             "dbconfig": [conn.config(op, -1) for op in DBCONFIG],
-            "hooks": (conn.exec_trace, conn.row_trace, conn.authorizer),
+            # (the pool's own PRAGMA watch, which allows everything, is not a user's hook)
+            "hooks": (conn.exec_trace, conn.row_trace, _user_authorizer(conn)),
             "plans": [
                 conn.execute(
                     f"EXPLAIN QUERY PLAN {sql}", ("pt_1",) if "?" in sql else ()
@@ -346,10 +347,22 @@ def test_a_lent_connection_behaves_as_an_unpooled_one_and_is_never_reused(
         again.close()
 
 
+def _user_authorizer(conn: apsw.Connection) -> object:
+    found = conn.authorizer
+    return None if isinstance(found, database._PragmaWatch) else found
+
+
 def test_a_connection_with_hooks_or_pragmas_set_behind_the_api_is_closed(
     fresh: dict[str, Any],
 ) -> None:
-    changes = ("trace", "pragma", "foreign keys", "committed", "committed and begun again")
+    changes = (
+        "trace",
+        "pragma",
+        "authorizer",
+        "foreign keys",
+        "committed",
+        "committed and begun again",
+    )
     for change in changes:
         store = TaskStore.open(":memory:")
         conn = store._db._conn
@@ -357,6 +370,8 @@ def test_a_connection_with_hooks_or_pragmas_set_behind_the_api_is_closed(
             conn.exec_trace = lambda *_: True
         elif change == "pragma":
             conn.execute("PRAGMA recursive_triggers = ON")
+        elif change == "authorizer":  # (the pool's own watch replaced: it cannot see)
+            conn.authorizer = lambda *_: apsw.SQLITE_OK
         elif change == "foreign keys":  # (no PRAGMA can: it is a no-op in a transaction)
             conn.config(apsw.SQLITE_DBCONFIG_ENABLE_FKEY, 0)
         elif change == "committed":
@@ -371,6 +386,60 @@ def test_a_connection_with_hooks_or_pragmas_set_behind_the_api_is_closed(
             assert dump(again, before) == fresh, change
         finally:
             again.close()
+
+
+@pytest.mark.parametrize(
+    "pragma",
+    [
+        "ignore_check_constraints = ON",  # a new store would then accept any status
+        "case_sensitive_like = ON",  # (no PRAGMA reads it back)
+        "reverse_unordered_selects = ON",
+        "cache_size = 7",
+        "main.cell_size_check(1)",
+        "query_only = 1",
+    ],
+)
+def test_a_connection_whose_settings_a_pragma_changed_is_never_pooled_again(
+    fresh: dict[str, Any], pragma: str
+) -> None:
+    store = TaskStore.open(":memory:")
+    conn = store._db._conn
+    conn.execute(f"PRAGMA {pragma}")
+    store.close()
+    again, before = opened()
+    try:
+        assert again._db._conn is not conn
+        assert dump(again, before) == fresh
+        with again._db.write() as c, pytest.raises(apsw.ConstraintError):
+            c.execute(
+                "INSERT INTO task_history (task_id, version, op, body, changed_at) "
+                "VALUES ('t', 1, 'bogus', NULL, '2026-01-01T00:00:00.000Z')"
+            )
+        with again._db.read() as c:
+            assert c.execute("SELECT 'a' LIKE 'A'").fetchall() == [(1,)]
+    finally:
+        again.close()
+
+
+def test_reading_a_pragma_or_running_the_stores_own_leaves_the_connection_pooled(
+    fresh: dict[str, Any],
+) -> None:
+    store = TaskStore.open(":memory:")
+    conn = store._db._conn
+    store.tasks.create(REQUEST)
+    assert store.integrity_check() == []
+    assert store.schema_version() > 0
+    store.optimize()
+    with store._db.read() as c:
+        c.execute("PRAGMA ignore_check_constraints").fetchall()
+        c.execute("PRAGMA query_only").fetchall()
+    store.close()
+    again, before = opened()
+    try:
+        assert again._db._conn is conn
+        assert dump(again, before) == fresh
+    finally:
+        again.close()
 
 
 def _shadow_after_each_step(store: TaskStore) -> list[Any]:

@@ -295,15 +295,15 @@ _SAVEPOINT = "SAVEPOINT clinik_write"
 _RELEASE = "SAVEPOINT clinik_flush; RELEASE clinik_write"
 _ROLLBACK_TO = "ROLLBACK TO clinik_write; RELEASE clinik_write"
 #: What a connection must still show after the rollback to be pooled again: no TEMP
-#: object, and the connection-level settings SQL can change inside a transaction, which
-#: the rollback does not undo. (Pages, the schema, ``defer_foreign_keys`` and everything
-#: else transactional the rollback restores; ``foreign_keys`` cannot change inside a
-#: transaction, and :func:`_pool_state` reads it without compiling a statement; a
-#: commit, after which pages and schema are no longer the image's whatever a rollback
-#: does, is seen by the connection's :class:`_CommitWatch`.) A PRAGMA is compiled
-#: again at every run, so each one read here costs about 7k instructions per store.
+#: object, and foreign keys enforced as on a fresh copy (a connection setting, read
+#: without compiling a statement). Pages, the schema, ``defer_foreign_keys`` and
+#: everything else transactional the rollback restores. What it does not restore is
+#: seen as it happens: a commit (after which pages and schema are no longer the
+#: image's, whatever a rollback does) by the connection's :class:`_CommitWatch`, and a
+#: connection setting changed by SQL (``PRAGMA ignore_check_constraints = ON``, or any
+#: other PRAGMA given a value) by its :class:`_PragmaWatch`.
 #: ``TaskStore.read`` never hands out a pooled connection (see Database.lend).
-_STATE_SQL = "PRAGMA query_only; PRAGMA recursive_triggers; SELECT count(*) FROM temp.sqlite_schema"
+_STATE_SQL = "SELECT count(*) FROM temp.sqlite_schema"
 _ROLLBACK_AND_STATE_SQL = "ROLLBACK; " + _STATE_SQL
 
 
@@ -330,20 +330,48 @@ class _CommitWatch:
         return False  # go ahead: lend() commits on purpose (and the pool then closes it)
 
 
+class _PragmaWatch:
+    """A pooled connection's authorizer: notes a PRAGMA given a value or an argument
+    (``PRAGMA query_only = 1``, ``PRAGMA cache_size(7)``), which may change a setting
+    of the connection that no rollback undoes, and allows everything.
+
+    SQLite asks an authorizer when it compiles a statement, never when it runs one
+    compiled before; a PRAGMA is compiled at every run. So a store's own statements,
+    compiled once per connection and reused, cost nothing here, and the pool need not
+    read each setting back at every close (each PRAGMA read costs a compile). Reading
+    pragmas (``PRAGMA user_version``, ``PRAGMA optimize``) change nothing and pass.
+    """
+
+    __slots__ = ("changed",)
+
+    def __init__(self) -> None:
+        self.changed = False
+
+    def __call__(
+        self, action: int, arg1: str | None, arg2: str | None, db: str | None, via: str | None
+    ) -> int:
+        if action == apsw.SQLITE_PRAGMA and arg2 is not None:
+            self.changed = True
+        return apsw.SQLITE_OK
+
+
 class _Pooled:
     """A connection that serves pooled stores, with what the pool keeps beside it: its
-    :class:`_CommitWatch`, and the cursor its stores' own transaction statements run on
-    (``BEGIN``, each write's savepoint, the rollback and the state read at close): one
-    cursor reused, not one made and freed per statement, about 0.7 µs each. Used only
-    under the store's lock or the pool's, so never by two threads at once."""
+    :class:`_CommitWatch` and :class:`_PragmaWatch`, and the cursor its stores' own
+    transaction statements run on (``BEGIN``, each write's savepoint, the rollback and
+    the state read at close): one cursor reused, not one made and freed per statement,
+    about 0.7 µs each. Used only under the store's lock or the pool's, so never by two
+    threads at once."""
 
-    __slots__ = ("conn", "cursor", "watch")
+    __slots__ = ("conn", "cursor", "pragmas", "watch")
 
     def __init__(self, conn: apsw.Connection) -> None:
         self.conn = conn
         self.cursor = conn.cursor()
         self.watch = _CommitWatch()
         conn.set_commit_hook(self.watch)
+        self.pragmas = _PragmaWatch()
+        conn.authorizer = self.pragmas
 
 
 #: A deferred foreign key is checked at COMMIT, never at a savepoint's RELEASE: a store
@@ -452,11 +480,12 @@ class _MemoryPool:
         try:
             reusable = (
                 template is not None
-                and not pooled.watch.committed  # the store's transaction never ended
+                and not pooled.watch.committed
+                and not pooled.pragmas.changed  # the store's transaction never ended
                 and not conn.get_autocommit()  # and still runs
                 and conn.exec_trace is None
                 and conn.row_trace is None
-                and conn.authorizer is None
+                and conn.authorizer is pooled.pragmas
             )
             if reusable:
                 assert template is not None
@@ -688,6 +717,7 @@ class Database:
             with self._lock:
                 self._check_open()
                 self._lent = True
+                self._conn.authorizer = None  # the pool's watch: not for code outside
                 if not self._writing:
                     with translated(self.path):
                         self._conn.execute("COMMIT")

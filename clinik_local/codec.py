@@ -545,6 +545,7 @@ def _build_codec() -> _Codec:
             return _codec
         import cattrs
         from cattrs.errors import ClassValidationError
+        from cattrs.fns import identity
         from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
         converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
@@ -553,11 +554,16 @@ def _build_codec() -> _Codec:
         converter.register_unstructure_hook(TaskInputOutput, _unstructure_io)
         converter.register_unstructure_hook(Period, _unstructure_period)
         converter.register_unstructure_hook(Restriction, _unstructure_restriction)
+        # A ``str | None`` field is written as it is (None is the default, so omitted):
+        # cattrs inlines an identity hook as a plain attribute read, where its own
+        # optional hook would be two calls per field present.
+        attrs.resolve_types(Task)
+        plain = {a.name for a in attrs.fields(Task) if a.type == str | None}
         unstructure_overrides: dict[str, Any] = {
             name: override(
                 rename=ov.rename,
                 omit_if_default=ov.omit_if_default,
-                unstruct_hook=_unstruct_hooks.get(name),
+                unstruct_hook=identity if name in plain else _unstruct_hooks.get(name),
             )
             for name, ov in overrides.items()
         }

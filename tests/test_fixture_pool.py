@@ -654,6 +654,37 @@ def test_a_forked_child_never_uses_its_parents_pooled_connections() -> None:
         again.close()
 
 
+def test_a_store_its_parent_opened_is_left_untouched_when_a_forked_child_closes_it() -> None:
+    store = TaskStore.open(":memory:")
+    store.tasks.create(REQUEST)  # inside the store's pool transaction
+    conn = store._db._conn
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: close the inherited store, report, leave without cleanup
+        code = 1
+        try:
+            store.close()
+            untouched = not conn.get_autocommit()  # no rollback ran in the child
+            idle = [p.conn for conns in database._POOL._idle.values() for p in conns]
+            code = 0 if untouched and all(c is not conn for c in idle) else 2
+        finally:
+            os.write(write, bytes([code]))
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        answer = pipe.read()
+    os.waitpid(pid, 0)
+    assert answer == bytes([0])
+    assert store.tasks.count().data == 1  # the parent's store is as it was
+    store.close()
+    again = TaskStore.open(":memory:")  # and goes back to the parent's pool
+    try:
+        assert again._db._conn is conn
+        assert again.tasks.count().data == 0
+    finally:
+        again.close()
+
+
 class PoolSequence(RuleBasedStateMachine):
     """Random sequences of 'tests' on pooled stores; each test's first look at its store
     must equal a brand-new store's (the model: one dump, made once)."""

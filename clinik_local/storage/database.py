@@ -363,10 +363,12 @@ class _Pooled:
     about 0.7 µs each. Used only under the store's lock or the pool's, so never by two
     threads at once."""
 
-    __slots__ = ("conn", "cursor", "pragmas", "watch")
+    __slots__ = ("conn", "cursor", "pid", "pragmas", "watch")
 
     def __init__(self, conn: apsw.Connection) -> None:
         self.conn = conn
+        #: The process it belongs to: a forked child never touches it.
+        self.pid = os.getpid()
         self.cursor = conn.cursor()
         self.watch = _CommitWatch()
         conn.set_commit_hook(self.watch)
@@ -474,15 +476,20 @@ class _MemoryPool:
 
     def release(self, options: ConnectionOptions, pooled: _Pooled) -> None:
         """Take back a closed store's connection: roll its transaction back and pool it,
-        or close it if it is not provably what a new store's is."""
+        or close it if it is not provably what a new store's is. A forked child closing
+        a store its parent opened leaves the connection be: its SQLite state may be
+        mid-call in a parent thread, and the parent still owns it."""
+        if pooled.pid != os.getpid():
+            _abandoned.append(pooled)
+            return
         template = self._template
         conn = pooled.conn
         try:
             reusable = (
                 template is not None
-                and not pooled.watch.committed
-                and not pooled.pragmas.changed  # the store's transaction never ended
+                and not pooled.watch.committed  # the store's transaction never ended
                 and not conn.get_autocommit()  # and still runs
+                and not pooled.pragmas.changed  # nor did SQL change a setting
                 and conn.exec_trace is None
                 and conn.row_trace is None
                 and conn.authorizer is pooled.pragmas
@@ -498,7 +505,7 @@ class _MemoryPool:
         if reusable:
             with self._lock:
                 idle = self._idle.setdefault(options, [])
-                if self._pid == os.getpid() and len(idle) < self.MAX_IDLE:
+                if len(idle) < self.MAX_IDLE:  # (this process's: checked above)
                     idle.append(pooled)
                     return
         with contextlib.suppress(apsw.Error):
@@ -510,8 +517,10 @@ class _MemoryPool:
             return sum(len(idle) for idle in self._idle.values())
 
 
-#: What forked children inherited and must neither use nor close.
-_abandoned: list[tuple[_MemoryTemplate | None, dict[ConnectionOptions, list[_Pooled]]]] = []
+#: What forked children inherited and must neither use nor close (kept, so that no
+#: destructor closes it either): the parent's template and idle connections, and the
+#: connections of stores the parent opened and the child closed.
+_abandoned: list[object] = []
 _POOL = _MemoryPool()
 
 

@@ -585,13 +585,12 @@ class Database:
             self._conn.set_wal_hook(self._checkpointer.wal_hook)
             self._local = threading.local()
             self._readers: weakref.WeakSet[_ReaderBox] | None = weakref.WeakSet()
-            #: Whether the connection runs in a pool transaction (see :class:`_MemoryPool`).
-            self._pooled = False
-            #: A memory store's pool entry (None: file stores, unpoolable schemas).
+            #: The pool entry of a connection that runs in a pool transaction (see
+            #: :class:`_MemoryPool`); None for file stores, unpoolable schemas, and a
+            #: memory store whose transaction lend() committed.
             self._lease: _Pooled | None = None
         else:
             self._conn, self._lease = _POOL.acquire(options)
-            self._pooled = self._lease is not None
             self._checkpointer = None
             self._readers = None  # one connection, shared under the lock
         self._lock = threading.RLock()
@@ -643,8 +642,7 @@ class Database:
                 return
             self._closed = True
             if self.is_memory:
-                if self._pooled and not self._writing and not self._lent:
-                    assert self._lease is not None
+                if self._lease is not None and not self._writing and not self._lent:
                     _POOL.release(self.options, self._lease)
                 else:
                     with contextlib.suppress(apsw.Error):
@@ -722,7 +720,7 @@ class Database:
         connection behaves exactly as an unpooled store's; it is then closed with the
         store, never pooled again.
         """
-        if self._pooled:
+        if self._lease is not None:
             with self._lock:
                 self._check_open()
                 self._lent = True
@@ -730,7 +728,7 @@ class Database:
                 if not self._writing:
                     with translated(self.path):
                         self._conn.execute("COMMIT")
-                    self._pooled = False
+                    self._lease = None
         with self.read() as conn:
             yield conn
 
@@ -893,7 +891,7 @@ class _Write:
             db._check_open()
             conn = self._conn = db._conn
             # A pooled store's write: a savepoint, on the connection's own cursor.
-            lease = db._lease if db._pooled and not db._writing else None
+            lease = None if db._writing else db._lease
             savepoint = self._savepoint = None if lease is None else lease.cursor
             try:
                 if savepoint is not None:

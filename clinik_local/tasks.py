@@ -10,7 +10,6 @@ back) anything is written.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -34,7 +33,7 @@ from .model import ApiResponse, Task, TaskVersion
 from .search import check_at_most, compile_search, next_cursor, normalise_filters
 from .storage import outbox, rows
 from .storage.database import Database
-from .wire import SERVER_FIELDS, dumps
+from .wire import SERVER_FIELDS, dumps, loads
 
 __all__ = ["TasksResource"]
 
@@ -241,7 +240,7 @@ class TasksResource:
             body, version = found
             if expected is not None and expected != str(version):
                 raise VersionConflictError(task_id, expected, str(version))
-            current: dict[str, Any] = json.loads(body)
+            current: dict[str, Any] = loads(body)
             # Fields this version does not know (a newer server's, kept in a server
             # copy) are carried through untouched, so the next push does not erase them.
             unknown = {k: v for k, v in current.items() if k not in rows.KNOWN_FIELDS}
@@ -376,7 +375,7 @@ class TasksResource:
                 op=h.op,
                 changed_at=h.changed_at,
                 override_reason=h.override_reason,
-                task=task_from_stored(json.loads(h.body)),
+                task=task_from_stored(loads(h.body)),
                 origin=h.origin,
             )
             for h in found

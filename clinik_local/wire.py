@@ -88,6 +88,6 @@ def loads_or_none(text: str | None) -> Any:
     if not text:
         return None
     try:
-        return json.loads(text)
+        return loads(text)
     except ValueError:
         return None

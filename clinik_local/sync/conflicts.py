@@ -17,7 +17,6 @@ task is refused (VersionConflictError) instead of discarding an edit it did not 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -28,7 +27,7 @@ from ..codec import decode_task, encode_task, task_from_stored
 from ..errors import NotFoundError, ValidationError, VersionConflictError
 from ..storage import outbox, replica, rows
 from ..storage.database import Database
-from ..wire import dumps, loads_or_none, without_server_fields
+from ..wire import dumps, loads, loads_or_none, without_server_fields
 
 __all__ = ["DeadLetter", "SyncConflict", "conflicts", "dead_letters", "discard", "resolve", "retry"]
 
@@ -263,7 +262,7 @@ def resolve(
                 if server is not None:
                     outbox.enqueue(conn, task_id, "delete", None, top, now)
             else:
-                local = _local_side(base_body, server, json.loads(current[0]))
+                local = _local_side(base_body, server, loads(current[0]))
                 _write_local(conn, task_id, server, local, top, now, exists=True)
         else:
             task = rows.stamp(merged, top + 1, now)

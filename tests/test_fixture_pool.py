@@ -157,6 +157,40 @@ def opened() -> tuple[TaskStore, str]:
     return TaskStore.open(":memory:"), before
 
 
+@contextlib.contextmanager
+def next_store(
+    fresh: dict[str, Any],
+    *,
+    reuses: apsw.Connection | None = None,
+    avoids: apsw.Connection | None = None,
+    note: str = "",
+) -> Iterator[TaskStore]:
+    """The next memory store, checked to look exactly like a brand-new one (and to be
+    on the connection ``reuses``, or on another than ``avoids``); closed after."""
+    again, before = opened()
+    try:
+        if reuses is not None:
+            assert again._db._conn is reuses, note
+        if avoids is not None:
+            assert again._db._conn is not avoids, note
+        assert dump(again, before) == fresh, note
+        yield again
+    finally:
+        again.close()
+
+
+def assert_next_store_is_fresh(
+    fresh: dict[str, Any],
+    *,
+    reuses: apsw.Connection | None = None,
+    avoids: apsw.Connection | None = None,
+    note: str = "",
+) -> None:
+    """:func:`next_store`'s checks, and nothing more."""
+    with next_store(fresh, reuses=reuses, avoids=avoids, note=note):
+        pass
+
+
 def test_a_pooled_stores_first_look_is_an_unpooled_stores(
     fresh: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -180,12 +214,7 @@ def test_a_closed_store_gives_its_connection_to_the_next_one_byte_for_byte_reset
     store.close()
     # The rollback puts back every page of the image: the connection is the image again.
     assert bytes(conn.serialize("main")) == database._POOL.template(store._db.options).image
-    again, before = opened()
-    try:
-        assert again._db._conn is conn
-        assert dump(again, before) == fresh
-    finally:
-        again.close()
+    assert_next_store_is_fresh(fresh, reuses=conn)
 
 
 def test_a_closed_store_stays_closed_after_its_connection_serves_another() -> None:
@@ -221,11 +250,7 @@ def test_every_table_written_behind_the_api_is_empty_again(fresh: dict[str, Any]
         conn.execute("UPDATE meta SET value = 'changed' WHERE key = 'schema_created'")
         conn.execute("INSERT INTO meta VALUES ('sync.cursor', 'c1'), ('lease.owner', 'me')")
     store.close()
-    again, before = opened()
-    try:
-        assert dump(again, before) == fresh
-    finally:
-        again.close()
+    assert_next_store_is_fresh(fresh)
 
 
 def _raw_value(table: str, name: str, kind: str) -> object:
@@ -255,12 +280,7 @@ def test_ddl_and_statistics_of_a_store_are_rolled_back_with_it(fresh: dict[str, 
         c.execute("CREATE TEMP TABLE scratch_temp(x)")
     store.optimize()
     store.close()
-    again, before = opened()
-    try:
-        assert again._db._conn is conn
-        assert dump(again, before) == fresh
-    finally:
-        again.close()
+    assert_next_store_is_fresh(fresh, reuses=conn)
 
 
 def test_a_write_that_fails_midway_is_undone_and_the_next_store_is_clean(
@@ -283,11 +303,7 @@ def test_a_write_that_fails_midway_is_undone_and_the_next_store_is_clean(
     with store._db.read() as conn:
         assert "half" not in {row[0] for row in conn.execute("SELECT * FROM meta")}
     store.close()
-    again, before = opened()
-    try:
-        assert dump(again, before) == fresh
-    finally:
-        again.close()
+    assert_next_store_is_fresh(fresh)
 
 
 def test_a_write_inside_a_write_is_refused_as_by_a_file_store(tmp_path: Any) -> None:
@@ -316,12 +332,7 @@ def test_a_store_closed_inside_its_own_write_block_never_hands_on_its_connection
     with pytest.raises(StorageError):
         close_inside_a_write()
     assert store.closed
-    again, before = opened()
-    try:
-        assert again._db._conn is not conn
-        assert dump(again, before) == fresh
-    finally:
-        again.close()
+    assert_next_store_is_fresh(fresh, avoids=conn)
 
 
 def test_a_lent_connection_behaves_as_an_unpooled_one_and_is_never_reused(
@@ -339,12 +350,7 @@ def test_a_lent_connection_behaves_as_an_unpooled_one_and_is_never_reused(
     assert store.tasks.count().data == 1  # the store goes on as before
     store.tasks.create(REQUEST)
     store.close()
-    again, before = opened()
-    try:
-        assert again._db._conn is not conn
-        assert dump(again, before) == fresh
-    finally:
-        again.close()
+    assert_next_store_is_fresh(fresh, avoids=conn)
 
 
 def _user_authorizer(conn: apsw.Connection) -> object:
@@ -380,12 +386,7 @@ def test_a_connection_with_hooks_or_pragmas_set_behind_the_api_is_closed(
         else:  # ... and a new one looks like it: only the commit itself tells
             conn.execute("COMMIT; INSERT INTO meta VALUES ('committed', 'x'); BEGIN")
         store.close()
-        again, before = opened()
-        try:
-            assert again._db._conn is not conn, change
-            assert dump(again, before) == fresh, change
-        finally:
-            again.close()
+        assert_next_store_is_fresh(fresh, avoids=conn, note=change)
 
 
 @pytest.mark.parametrize(
@@ -406,10 +407,7 @@ def test_a_connection_whose_settings_a_pragma_changed_is_never_pooled_again(
     conn = store._db._conn
     conn.execute(f"PRAGMA {pragma}")
     store.close()
-    again, before = opened()
-    try:
-        assert again._db._conn is not conn
-        assert dump(again, before) == fresh
+    with next_store(fresh, avoids=conn) as again:
         with again._db.write() as c, pytest.raises(apsw.ConstraintError):
             c.execute(
                 "INSERT INTO task_history (task_id, version, op, body, changed_at) "
@@ -417,8 +415,6 @@ def test_a_connection_whose_settings_a_pragma_changed_is_never_pooled_again(
             )
         with again._db.read() as c:
             assert c.execute("SELECT 'a' LIKE 'A'").fetchall() == [(1,)]
-    finally:
-        again.close()
 
 
 def test_reading_a_pragma_or_running_the_stores_own_leaves_the_connection_pooled(
@@ -434,12 +430,7 @@ def test_reading_a_pragma_or_running_the_stores_own_leaves_the_connection_pooled
         c.execute("PRAGMA ignore_check_constraints").fetchall()
         c.execute("PRAGMA query_only").fetchall()
     store.close()
-    again, before = opened()
-    try:
-        assert again._db._conn is conn
-        assert dump(again, before) == fresh
-    finally:
-        again.close()
+    assert_next_store_is_fresh(fresh, reuses=conn)
 
 
 def _shadow_after_each_step(store: TaskStore) -> list[Any]:
@@ -618,11 +609,7 @@ def test_a_store_that_synced_both_ways_hands_on_a_clean_connection(
             assert conn.execute("SELECT count(*) FROM sync_bases").fetchall() != [(0,)]
             assert conn.execute("SELECT count(*) FROM meta WHERE key LIKE 'sync.%'").fetchall()
         store.close()
-    again, before = opened()
-    try:
-        assert dump(again, before) == fresh
-    finally:
-        again.close()
+    assert_next_store_is_fresh(fresh)
 
 
 def test_a_forked_child_never_uses_its_parents_pooled_connections() -> None:
